@@ -1,0 +1,63 @@
+"""Gradient analysis (DESIGN §1): backward sensitivity matrices and symplecticity.
+
+The backward sensitivity matrix (BSM) of layer ``j`` is ``dy_L/dy_j``. For H2 (``X = I``)
+every BSM is symplectic, ``M^T S M = S`` with ``S = [[0, I], [-I, 0]]``, so its spectral
+norm is at least 1 at any depth. Checks are relative, since ``||M||`` itself can be huge.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .models.hamiltonian import ODENet
+
+
+def layer_jacobians(model: ODENet, y0: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    """Jacobians ``M_j = dy_{j+1}/dy_j`` (dim x dim) of every layer along the trajectory of
+    the single state ``y0`` (shape ``(dim,)``); returns (jacobians, states)."""
+    if y0.dim() != 1 or y0.shape[0] != model.dim:
+        raise ValueError(f"y0: expected a single state of shape ({model.dim},), got {tuple(y0.shape)}")
+    P = {k: v.detach() for k, v in model.effective().items()}
+    states, jacs = [y0.detach()], []
+    for j in range(model.layers):
+        f = lambda y, j=j: model.step(y[None], j, P)[0]  # noqa: E731
+        jacs.append(torch.autograd.functional.jacobian(f, states[-1], vectorize=True))
+        with torch.no_grad():
+            states.append(f(states[-1]))
+    return jacs, states
+
+
+def sensitivity_matrices(model: ODENet, y0: Tensor) -> list[Tensor]:
+    """BSMs ``[dy_L/dy_0, ..., dy_L/dy_L]`` (the last one is the identity)."""
+    jacs, _ = layer_jacobians(model, y0)
+    out = [torch.eye(model.dim, dtype=y0.dtype)]
+    for M in reversed(jacs):
+        out.append(out[-1] @ M)
+    return out[::-1]
+
+
+def sensitivity_norms(model: ODENet, y0: Tensor) -> Tensor:
+    """Spectral norms ``||dy_L/dy_j||_2`` for ``j = 0..L``."""
+    return torch.stack([torch.linalg.matrix_norm(M, ord=2) for M in sensitivity_matrices(model, y0)])
+
+
+def symplectic_form(dim: int, dtype=torch.float64, X: Tensor | None = None) -> Tensor:
+    """``S = [[0, I], [-I, 0]]``, or ``J^{-1}`` for H2's ``J = [[0, -X^T], [X, 0]]`` with general ``X``."""
+    m = dim // 2
+    if X is None:
+        S = torch.zeros(dim, dim, dtype=dtype)
+        S[:m, m:] = torch.eye(m, dtype=dtype)
+        S[m:, :m] = -torch.eye(m, dtype=dtype)
+        return S
+    X = X.to(dtype)
+    J = torch.zeros(dim, dim, dtype=dtype)
+    J[:m, m:] = -X.T
+    J[m:, :m] = X
+    return torch.linalg.inv(J)
+
+
+def symplecticity_error(M: Tensor, S: Tensor | None = None) -> float:
+    """``||M^T S M - S||_max / max(1, ||M||_2^2)``: round-off level for a symplectic ``M``."""
+    S = symplectic_form(M.shape[0], M.dtype) if S is None else S
+    num = (M.T @ S @ M - S).abs().max()
+    return float(num / max(1.0, float(torch.linalg.matrix_norm(M, ord=2)) ** 2))

@@ -1,0 +1,121 @@
+"""The ``dhdnn`` command: parse, call the library, print. No logic of its own."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, KeyError)
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override any config key, e.g. --set train.lr=0.01 (repeatable)")
+    p.add_argument("--dtype", choices=["float32", "float64"], help="shorthand for --set run.dtype=...")
+    p.add_argument("--workers", type=int, help="shorthand for --set run.workers=N (local gloo workers)")
+    p.add_argument("--out", help="shorthand for --set run.out_dir=DIR")
+
+
+def _overrides(args) -> list[str]:
+    extra = list(args.overrides)
+    if args.dtype:
+        extra.append(f"run.dtype={args.dtype}")
+    if args.workers is not None:
+        extra.append(f"run.workers={args.workers}")
+    if args.out:
+        extra.append(f"run.out_dir={args.out}")
+    return extra
+
+
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .train import train_from_config
+
+    cfg = load_config(args.config, _overrides(args))
+    if args.no_progress:
+        cfg.run.progress = False
+    summary = train_from_config(cfg, resume=args.resume)
+    if summary is not None:
+        print(f"train_acc {summary['train_acc']:.4f}  test_acc {summary['test_acc']:.4f}  "
+              f"epochs {summary['epochs']}  wall {summary['wall_seconds']:.1f}s  -> {cfg.run.out_dir}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from . import plots
+    from .train import load_dense_run
+
+    run = Path(args.run_dir)
+    written = []
+    if (run / "grad_norms.jsonl").exists():
+        written.append(plots.grad_norm_heatmap(run, run / "grad_norms.png"))
+    _, model, data = load_dense_run(run)
+    if data.n_features == 2:
+        written.append(plots.decision_boundary(model, data, run / "decision_boundary.png"))
+    if not written:
+        raise ValueError(f"{run}: nothing to plot (no gradient norms recorded and the data is not 2-D)")
+    for w in written:
+        print(w)
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    import torch
+
+    from .analysis import sensitivity_matrices, symplecticity_error
+    from .models import build_model
+
+    torch.manual_seed(args.seed)
+    opts = {"J": args.J} if args.arch == "H1" else {}
+    model = build_model(args.arch, args.dim, args.layers, args.h, **opts).double()
+    bsm = sensitivity_matrices(model, torch.randn(args.dim, dtype=torch.float64))
+    norms = [float(torch.linalg.matrix_norm(M, ord=2)) for M in bsm]
+    out = {"arch": args.arch, "layers": args.layers, "h": args.h, "dim": args.dim,
+           "symplecticity_error": symplecticity_error(bsm[0]), "min_bsm_norm": min(norms),
+           "max_bsm_norm": max(norms), "bsm_norms": norms}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"{args.arch}: {args.layers} layers, h={args.h}, dim={args.dim}")
+        print(f"  relative symplecticity error of dy_L/dy_0: {out['symplecticity_error']:.3e}")
+        print(f"  ||dy_L/dy_j||_2 over j: min {out['min_bsm_norm']:.4g}  max {out['max_bsm_norm']:.4g}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="dhdnn", description="Sparse Hamiltonian deep neural networks, "
+                                 "trained with neighbour-only messages across processes.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train from a run config YAML")
+    p.add_argument("config", help="run config file (sections model, topology, data, train, run)")
+    _config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plot", help="decision boundary and gradient-norm heatmap of a run directory")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("analyze", help="backward sensitivity norms and symplecticity of a random network")
+    p.add_argument("--arch", default="H2")
+    p.add_argument("--layers", type=int, default=512)
+    p.add_argument("--dim", type=int, default=8)
+    p.add_argument("--h", type=float, default=0.1)
+    p.add_argument("--J", default="J1")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_analyze)
+
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        print(f"dhdnn: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,158 @@
+"""Datasets: seeded 2-D generators, scikit-learn's 8x8 digits and a local MNIST IDX reader.
+
+Everything is generated in code or read from local files: nothing is downloaded.
+A :class:`Dataset` holds float train/test tensors and integer labels.
+"""
+from __future__ import annotations
+
+import gzip
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Dataset:
+    name: str
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    n_classes: int
+    domain: tuple[float, float, float, float] | None = None  # plot window for 2-D sets
+
+    @property
+    def n_features(self) -> int:
+        return self.x_train.shape[1]
+
+    def to(self, dtype: torch.dtype) -> "Dataset":
+        return Dataset(self.name, self.x_train.to(dtype), self.y_train, self.x_test.to(dtype),
+                       self.y_test, self.n_classes, self.domain)
+
+
+def _split(name, x, y, train_fraction, rng, n_classes, domain=None) -> Dataset:
+    perm = rng.permutation(len(x))
+    x, y = x[perm], y[perm]
+    n_train = int(round(train_fraction * len(x)))
+    if not 0 < n_train < len(x):
+        raise ValueError(f"data.train_fraction: {train_fraction} leaves an empty train or test split")
+    xt = torch.as_tensor(x, dtype=torch.float64)
+    yt = torch.as_tensor(y, dtype=torch.long)
+    return Dataset(name, xt[:n_train], yt[:n_train], xt[n_train:], yt[n_train:], n_classes, domain)
+
+
+def swiss_roll(n_samples=8000, noise=0.0, rng=None):
+    """Two interleaved spirals, radius 0-1 and 0.2-1.2, two turns each."""
+    half = n_samples // 2
+    theta = np.linspace(0, 4 * math.pi, half, endpoint=False)
+    r1, r2 = np.linspace(0, 1, half), np.linspace(0.2, 1.2, half)
+    x = np.concatenate([np.stack([r1 * np.cos(theta), r1 * np.sin(theta)], 1),
+                        np.stack([r2 * np.cos(theta), r2 * np.sin(theta)], 1)])
+    y = np.concatenate([np.ones(half), np.zeros(half)]).astype(np.int64)
+    return x + noise * rng.standard_normal(x.shape), y, (-1.2, 1.2, -1.2, 1.2)
+
+
+def double_circles(n_samples=8000, noise=0.0, rng=None):
+    """Four jittered rings of radius 1-4 with alternating labels."""
+    quarter = n_samples // 4
+    theta = np.arange(quarter) / quarter * 4 * math.pi
+    xs, ys = [], []
+    for k, r in enumerate((1, 2, 3, 4)):
+        jitter = 0.6 * (rng.random((quarter, 2)) - 0.5)
+        xs.append(np.stack([r * np.cos(theta), r * np.sin(theta)], 1) + jitter)
+        ys.append(np.full(quarter, k % 2))
+    x = np.concatenate(xs)
+    return x + noise * rng.standard_normal(x.shape), np.concatenate(ys).astype(np.int64), (-5, 5, -5, 5)
+
+
+def double_moons(n_samples=8000, noise=0.0, rng=None):
+    """Two pairs of interleaved half-moons."""
+    quarter = n_samples // 4
+    theta = np.arange(quarter) / quarter * math.pi
+    j = lambda: 0.3 * (rng.random(quarter) - 0.5)  # noqa: E731
+    parts = [
+        (np.cos(theta) + j(), np.sin(theta) + j(), 0),
+        (1 - np.cos(theta) + j(), 0.5 - np.sin(theta) + j(), 1),
+        (np.cos(theta) + j() + 2, np.sin(theta) + j(), 0),
+        (3 - np.cos(theta) + j(), 0.5 - np.sin(theta) + j(), 1),
+    ]
+    x = np.concatenate([np.stack([a, b], 1) for a, b, _ in parts])
+    y = np.concatenate([np.full(quarter, c) for *_, c in parts]).astype(np.int64)
+    return x + noise * rng.standard_normal(x.shape), y, (-2, 5, -1, 2)
+
+
+GENERATORS_2D = {"swiss_roll": swiss_roll, "double_circles": double_circles, "double_moons": double_moons}
+DATASETS = (*GENERATORS_2D, "digits", "mnist")
+
+
+def load_dataset(name: str, n_samples: int = 8000, train_fraction: float = 0.5, noise: float = 0.0,
+                 seed: int = 0, path: str | None = None) -> Dataset:
+    """Load a dataset by name; every split is a deterministic function of ``seed``."""
+    rng = np.random.default_rng(seed)
+    if name in GENERATORS_2D:
+        x, y, domain = GENERATORS_2D[name](n_samples, noise, rng)
+        return _split(name, x, y, train_fraction, rng, 2, domain)
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        return _split(name, d.data / 16.0, d.target, train_fraction, rng, 10)
+    if name == "mnist":
+        return load_mnist(path)
+    raise ValueError(f"data.name: unknown dataset {name!r}; expected one of {list(DATASETS)}")
+
+
+# ---- MNIST IDX ---------------------------------------------------------------------------
+_IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+MNIST_FILES = {
+    "x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx1-ubyte",
+    "x_test": "t10k-images-idx3-ubyte", "y_test": "t10k-labels-idx1-ubyte",
+}
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read one IDX file (plain or gzip-compressed) into a numpy array."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
+        raise ValueError(f"{path}: not an IDX file (bad magic number)")
+    ndim = raw[3]
+    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    dtype = np.dtype(_IDX_TYPES[raw[2]])
+    count = int(np.prod(dims))
+    body = raw[4 + 4 * ndim:]
+    if len(body) != count * dtype.itemsize:
+        raise ValueError(f"{path}: header promises {dims} items of {dtype.itemsize} bytes, "
+                         f"file holds {len(body)} bytes")
+    return np.frombuffer(body, dtype=dtype).reshape(dims)
+
+
+def _find(directory: Path, stem: str) -> Path:
+    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+        if (directory / name).exists():
+            return directory / name
+    raise FileNotFoundError(f"data.path: MNIST file {stem}[.gz] not found in {directory}; "
+                            "place the four IDX files there (nothing is downloaded)")
+
+
+def load_mnist(path: str | None) -> Dataset:
+    """MNIST from the four IDX files in directory ``path``; pixels scaled to [0, 1], flattened."""
+    if not path:
+        raise ValueError("data.path: the mnist dataset needs a directory holding the IDX files")
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"data.path: {directory} is not a directory")
+    arrays = {k: read_idx(_find(directory, stem)) for k, stem in MNIST_FILES.items()}
+    for split in ("train", "test"):
+        if len(arrays[f"x_{split}"]) != len(arrays[f"y_{split}"]):
+            raise ValueError(f"{directory}: {split} images and labels differ in count")
+    x = {k: torch.as_tensor(arrays[k].reshape(len(arrays[k]), -1) / 255.0) for k in ("x_train", "x_test")}
+    y = {k: torch.as_tensor(arrays[k].astype(np.int64)) for k in ("y_train", "y_test")}
+    return Dataset("mnist", x["x_train"], y["y_train"], x["x_test"], y["y_test"], 10)

@@ -1,0 +1,258 @@
+"""H-DNN layer stacks (DESIGN §1): the shared ODE-network base, H1, H2 and the registry.
+
+Every architecture is a stack of ``layers`` residual steps of size ``h``. A class
+declares its per-layer parameters and supplies ``step``; the base class owns
+initialisation, masking, the layer loop and the smoothness regulariser. H1 and H2
+also provide a fused forward (``_fused.py``) whose hand-written adjoint is checked
+against the autograd path through ``step``.
+
+Pure maths: this module never imports ``torch.distributed``.
+"""
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from . import _fused
+
+ARCHITECTURES: dict[str, type["ODENet"]] = {}
+
+
+def register(name: str):
+    """Class decorator adding an architecture to :data:`ARCHITECTURES` under ``name``."""
+
+    def deco(cls):
+        cls.arch_name = name
+        ARCHITECTURES[name] = cls
+        return cls
+
+    return deco
+
+
+class ODENet(nn.Module):
+    """Base class: ``layers`` steps of an ODE-inspired residual network on ``(B, dim)`` states.
+
+    Subclasses set :attr:`param_shapes` (parameter name -> per-layer shape, written with the
+    symbols ``n`` = dim and ``m`` = dim // 2), :attr:`masked` (which parameters take a mask
+    and under which key) and implement :meth:`step`.
+    """
+
+    arch_name: ClassVar[str] = "?"
+    param_shapes: ClassVar[Mapping[str, tuple[str, ...]]] = {}
+    masked: ClassVar[Mapping[str, str]] = {}  # parameter name -> mask key
+    smooth_params: ClassVar[tuple[str, ...]] = ()  # entering the smoothness regulariser
+    needs_even_dim: ClassVar[bool] = False
+    default_std: ClassVar[float | None] = 1.0  # None: torch.nn.Linear's default uniform init
+
+    def __init__(self, dim: int, layers: int, h: float, mask=None, init_std: float | None = None,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        _check_positive_int("dim", dim)
+        _check_positive_int("layers", layers)
+        if not (isinstance(h, (int, float)) and math.isfinite(h) and h > 0):
+            raise ValueError(f"h: expected a positive finite step size, got {h!r}")
+        if self.needs_even_dim and dim % 2:
+            raise ValueError(f"dim: {self.arch_name} splits the state into (p, q) halves, "
+                             f"so dim must be even, got {dim}")
+        self.dim, self.layers, self.h = dim, layers, float(h)
+        self.half = dim // 2
+        std = self.default_std if init_std is None else init_std
+        for name, shape in self.param_shapes.items():
+            self.register_parameter(name, nn.Parameter(self._init((layers, *self._dims(shape)), std, generator)))
+        for name, m in self._normalize_mask(mask).items():
+            self.register_buffer(f"mask_{name}", m)
+
+    # ---- construction helpers -------------------------------------------------------
+    def _dims(self, shape: tuple[str, ...]) -> tuple[int, ...]:
+        return tuple({"n": self.dim, "m": self.half}[s] for s in shape)
+
+    def _init(self, shape, std, generator) -> Tensor:
+        if std is None:  # nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+            bound = 1.0 / math.sqrt(shape[-1] if len(shape) > 2 else self.dim)
+            return (torch.rand(shape, generator=generator) * 2 - 1) * bound
+        return torch.randn(shape, generator=generator) * std
+
+    def _normalize_mask(self, mask) -> dict[str, Tensor]:
+        """Map a user mask (tensor, or dict keyed by mask key) to {parameter: bool tensor}."""
+        if mask is None:
+            return {}
+        keys = sorted(set(self.masked.values()))
+        if not keys:
+            raise ValueError(f"mask: {self.arch_name} takes no mask")
+        if isinstance(mask, Mapping):
+            unknown = set(mask) - set(keys)
+            if unknown:
+                raise ValueError(f"mask: unknown key(s) {sorted(unknown)} for {self.arch_name}; expected {keys}")
+            by_key = dict(mask)
+        elif isinstance(mask, (tuple, list)):
+            if len(mask) != len(keys):
+                raise ValueError(f"mask: expected {len(keys)} masks {keys} for {self.arch_name}, got {len(mask)}")
+            by_key = dict(zip(keys, mask))
+        else:
+            by_key = {k: mask for k in keys}
+        out = {}
+        for pname, key in self.masked.items():
+            if key not in by_key:
+                continue
+            m = torch.as_tensor(by_key[key])
+            want = self._dims(self.param_shapes[pname])
+            if tuple(m.shape) != want:
+                raise ValueError(f"mask[{key!r}]: expected shape {want} for {self.arch_name} "
+                                 f"with dim={self.dim}, got {tuple(m.shape)}")
+            out[pname] = m.to(torch.bool).clone()
+            with torch.no_grad():  # start from an exactly sparse point
+                getattr(self, pname).mul_(out[pname])
+        return out
+
+    # ---- the maths ------------------------------------------------------------------
+    def effective(self) -> dict[str, Tensor]:
+        """All per-layer parameters with masks applied (masked entries get zero gradient)."""
+        out = {}
+        for name in self.param_shapes:
+            p = getattr(self, name)
+            m = getattr(self, f"mask_{name}", None)
+            out[name] = p if m is None else p * m
+        return out
+
+    def step(self, y: Tensor, j: int, P: Mapping[str, Tensor]) -> Tensor:
+        """One layer: map state ``y`` (B, dim) through layer ``j`` using effective params ``P``."""
+        raise NotImplementedError
+
+    def _check_input(self, y: Tensor) -> None:
+        if y.dim() != 2 or y.shape[1] != self.dim:
+            raise ValueError(f"input: expected a (batch, {self.dim}) state tensor, got shape {tuple(y.shape)}")
+
+    def forward(self, y: Tensor) -> Tensor:
+        self._check_input(y)
+        P = self.effective()
+        for j in range(self.layers):
+            y = self.step(y, j, P)
+        return y
+
+    def trajectory(self, y: Tensor) -> list[Tensor]:
+        """All ``layers + 1`` states ``[y_0, ..., y_L]`` via the step-by-step autograd path."""
+        self._check_input(y)
+        P = self.effective()
+        states = [y]
+        for j in range(self.layers):
+            states.append(self.step(states[-1], j, P))
+        return states
+
+    def regularizer(self, alpha: float) -> Tensor:
+        """Smoothness across depth: ``alpha h sum_j 1/2 ||theta_{j+1} - theta_j||_F^2``."""
+        P = self.effective()
+        total = sum(((P[n][1:] - P[n][:-1]) ** 2).sum() for n in self.smooth_params)
+        return alpha * self.h * 0.5 * total
+
+    def extra_repr(self) -> str:
+        return f"arch={self.arch_name}, dim={self.dim}, layers={self.layers}, h={self.h}"
+
+
+def _check_positive_int(name: str, v) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+
+
+def j_matrix(kind: str, dim: int) -> Tensor:
+    """The fixed skew matrices of DESIGN §1: ``J1 = [[0, I], [-I, 0]]``; ``J2`` = +1 above, -1 below."""
+    if kind == "J1":
+        if dim % 2:
+            raise ValueError(f"J: J1 pairs p with q, so dim must be even, got {dim}")
+        m = dim // 2
+        J = torch.zeros(dim, dim)
+        J[:m, m:] = torch.eye(m)
+        J[m:, :m] = -torch.eye(m)
+        return J
+    if kind == "J2":
+        return torch.ones(dim, dim).triu(1) - torch.ones(dim, dim).tril(-1)
+    raise ValueError(f"J: expected 'J1' or 'J2', got {kind!r}")
+
+
+@register("H1")
+class H1(ODENet):
+    """Forward Euler: ``y <- y + h J K_j^T tanh(K_j y + b_j)``."""
+
+    param_shapes = {"K": ("n", "n"), "b": ("n",)}
+    masked = {"K": "K"}
+    smooth_params = ("K", "b")
+
+    def __init__(self, dim, layers, h, mask=None, J: str = "J1", **kw):
+        super().__init__(dim, layers, h, mask=mask, **kw)
+        self.J_kind = J
+        self.register_buffer("J", j_matrix(J, dim))
+
+    def step(self, y, j, P):
+        K = P["K"][j]
+        return y + self.h * (torch.tanh(y @ K.T + P["b"][j]) @ K) @ self.J.T
+
+    def forward(self, y):
+        self._check_input(y)
+        P = self.effective()
+        # y J^T K-form folded into one matrix so the fused kernel does one product per update
+        A = P["K"] @ self.J.T.to(P["K"].dtype)
+        return _fused.H1Stack.apply(y, P["K"], A, P["b"], self.h)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", J={self.J_kind}"
+
+
+@register("H2")
+class H2(ODENet):
+    """Semi-implicit (symplectic) Euler on ``y = (p, q)``:
+
+    ``p <- p - h X^T K_q^T tanh(K_q q + b_q)``, then ``q <- q + h X K_p^T tanh(K_p p + b_p)``
+    with the new ``p``. Each layer map is symplectic, so no backward sensitivity vanishes.
+    """
+
+    param_shapes = {"K_p": ("m", "m"), "K_q": ("m", "m"), "b_p": ("m",), "b_q": ("m",)}
+    masked = {"K_p": "K_p", "K_q": "K_q"}
+    smooth_params = ("K_p", "K_q", "b_p", "b_q")
+    needs_even_dim = True
+
+    def __init__(self, dim, layers, h, mask=None, X=None, **kw):
+        super().__init__(dim, layers, h, mask=mask, **kw)
+        m = self.half
+        X = torch.eye(m) if X is None else torch.as_tensor(X, dtype=torch.get_default_dtype())
+        if tuple(X.shape) != (m, m):
+            raise ValueError(f"X: expected a ({m}, {m}) matrix for dim={dim}, got shape {tuple(X.shape)}")
+        if torch.linalg.matrix_rank(X.double()) < m:
+            raise ValueError("X: expected an invertible matrix")
+        self.register_buffer("X", X.clone())
+
+    def step(self, y, j, P):
+        m = self.half
+        p, q = y[:, :m], y[:, m:]
+        Kq, Kp = P["K_q"][j], P["K_p"][j]
+        p = p - self.h * (torch.tanh(q @ Kq.T + P["b_q"][j]) @ Kq) @ self.X
+        q = q + self.h * (torch.tanh(p @ Kp.T + P["b_p"][j]) @ Kp) @ self.X.T
+        return torch.cat([p, q], dim=1)
+
+    def forward(self, y):
+        self._check_input(y)
+        P = self.effective()
+        X = self.X.to(P["K_p"].dtype)
+        # the p-update uses rows (K_q X), the q-update (K_p X^T): fold X in once per forward
+        Aq, Ap = P["K_q"] @ X, P["K_p"] @ X.T
+        return _fused.H2Stack.apply(y, P["K_p"], Ap, P["K_q"], Aq, P["b_p"], P["b_q"], self.h)
+
+
+def build_model(name: str, dim: int, layers: int, h: float, mask=None, **options) -> ODENet:
+    """Build an architecture from :data:`ARCHITECTURES` (``H1``, ``H2``, ``MS1``-``MS3``, ``ResNet``, ``MLP``).
+
+    ``mask`` is a boolean tensor (or, for H2, a dict/tuple with ``K_p`` and ``K_q``) fixing the
+    sparsity of the weight matrices; options such as ``J`` (H1), ``X`` (H2) and ``init_std``
+    are passed to the class.
+    """
+    from . import baselines  # noqa: F401  (registers the baselines)
+
+    try:
+        cls = ARCHITECTURES[name]
+    except KeyError:
+        raise ValueError(f"arch: unknown architecture {name!r}; expected one of {sorted(ARCHITECTURES)}") from None
+    try:
+        return cls(dim, layers, h, mask=mask, **options)
+    except TypeError as e:  # an option the class does not take
+        raise ValueError(f"{name}: {e}") from None

@@ -1,0 +1,78 @@
+"""Layer 1: the trainer end to end (dense engine), checkpoints, resume, plots and the CLI."""
+import json
+
+import pytest
+import torch
+
+from dhdnn import checkpoint as ckpt
+from dhdnn.cli import main
+from dhdnn.config import load_config
+from dhdnn.train import load_dense_run, train_from_config
+
+SMALL = ["data.n_samples=400", "model.layers=4", "model.dim=4", "train.epochs=3", "train.batch_size=50",
+         "run.progress=false", "train.lr=0.02"]
+
+
+def small_cfg(tmp_path, *extra):
+    return load_config(None, SMALL + [f"run.out_dir={tmp_path / 'run'}", *extra])
+
+
+def test_train_writes_metrics_summary_and_checkpoints(tmp_path):
+    cfg = small_cfg(tmp_path, "train.grad_norm_every=4")
+    summary = train_from_config(cfg)
+    run = tmp_path / "run"
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [1, 2, 3]
+    assert {"loss", "train_acc", "test_acc", "seconds"} <= set(lines[0])
+    s = json.loads((run / "summary.json").read_text())
+    assert s["test_acc"] == summary["test_acc"] and s["config"]["model"]["layers"] == 4
+    norms = [json.loads(x) for x in (run / "grad_norms.jsonl").read_text().splitlines()]
+    assert len(norms[0]["norms"]) == 5 and norms[1]["step"] == 4
+    assert (run / "config.yaml").exists()
+    assert ckpt.latest(run).name == "step-00000012"
+
+
+def test_resume_continues_exactly(tmp_path):
+    full = small_cfg(tmp_path / "a", "train.epochs=4")
+    train_from_config(full)
+    part = small_cfg(tmp_path / "b", "train.epochs=2")
+    train_from_config(part)
+    resumed = small_cfg(tmp_path / "b", "train.epochs=4")
+    train_from_config(resumed, resume=True)
+    _, m_full, _ = load_dense_run(tmp_path / "a" / "run")
+    _, m_res, _ = load_dense_run(tmp_path / "b" / "run")
+    for (n, a), (_, b) in zip(m_full.named_parameters(), m_res.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
+    assert len((tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_refuses_to_overwrite_a_run_and_rejects_mismatched_resume(tmp_path):
+    train_from_config(small_cfg(tmp_path))
+    with pytest.raises(ckpt.CheckpointError, match="already holds a run"):
+        train_from_config(small_cfg(tmp_path))
+    with pytest.raises(ckpt.CheckpointError, match="key 'model' differs"):
+        train_from_config(small_cfg(tmp_path, "model.layers=5", "train.epochs=5"), resume=True)
+
+
+def test_corrupt_checkpoint_is_reported(tmp_path):
+    train_from_config(small_cfg(tmp_path))
+    d = ckpt.latest(tmp_path / "run")
+    (d / "shard-0.pt").write_bytes(b"garbage")
+    with pytest.raises(ckpt.CheckpointError, match="shard-0.pt: cannot be read"):
+        ckpt.load(d)
+
+
+def test_cli_train_plot_analyze(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: {arch: H1, dim: 4, layers: 3}\ndata: {n_samples: 200}\ntrain: {epochs: 2}\n")
+    out = tmp_path / "r"
+    assert main(["train", str(cfg), "--out", str(out), "--no-progress", "--set", "train.grad_norm_every=2"]) == 0
+    assert "test_acc" in capsys.readouterr().out
+    assert main(["plot", str(out)]) == 0
+    assert (out / "decision_boundary.png").stat().st_size > 1000 and (out / "grad_norms.png").exists()
+    capsys.readouterr()
+    assert main(["analyze", "--arch", "H2", "--layers", "32", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["min_bsm_norm"] >= 1 - 1e-9
+    assert main(["train", str(cfg), "--set", "model.arch=Nope"]) == 2
+    assert "key 'model.arch'" in capsys.readouterr().err
