@@ -83,6 +83,55 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def cmd_topology_show(args) -> int:
+    from .topology import load_topology
+
+    topo = load_topology(args.file)
+    s = topo.summary()
+    print(f"{s['name']}: {s['agents']} agents, {s['edges']} edges, state dim {s['state_dim']} "
+          f"(agent dims {s['dims']}), degree {s['degree_min']}-{s['degree_max']}, diameter {s['diameter']}")
+    if s["description"]:
+        print(f"  {s['description']}")
+    print(f"  inputs {s['inputs']}, embeddings {s['embeddings']}, readout agents {s['readout_agents']}, "
+          f"pinned {s['pinned']}")
+    if args.plot:
+        from .plots import topology_plot
+
+        print(topology_plot(topo, None, args.plot))
+    return 0
+
+
+def cmd_partition(args) -> int:
+    from .partition import build_plans, partition, predicted_bytes
+    from .topology import load_topology
+
+    topo = load_topology(args.file)
+    part = partition(topo, args.workers, args.method)
+    loads, cut = part.loads(topo), part.cut_edges(topo)
+    rank_edges = sorted(part.rank_graph(topo).edges)
+    b = predicted_bytes(topo, part, args.batch, args.dtype, args.arch, args.layers)
+    if args.json:
+        print(json.dumps({"assignment": {str(topo.ids[i]): r for i, r in enumerate(part.assignment)},
+                          "loads": loads, "cut_edges": [[topo.ids[i], topo.ids[k]] for i, k in cut],
+                          "rank_edges": [list(e) for e in rank_edges], "bytes_per_exchange": b["per_exchange"],
+                          "bytes_per_step": b["per_step"], "method": part.method,
+                          "imbalance": part.imbalance(topo)}))
+    else:
+        plans = build_plans(topo, part)
+        print(f"{topo.name}: {topo.n_agents} agents on {args.workers} workers ({part.method}); "
+              f"cut edges {len(cut)}; max/mean load {part.imbalance(topo):.3f}")
+        print(f"{'rank':>4} {'agents':>6} {'load':>6}  neighbour ranks")
+        for p in plans:
+            print(f"{p.rank:>4} {len(p.local):>6} {loads[p.rank]:>6}  {p.neighbor_ranks}")
+        print(f"halo bytes ({args.arch}, batch {args.batch}, {args.dtype}): {b['per_exchange']} per exchange, "
+              f"{b['per_step']} per training step ({args.layers} layers, forward + backward + readout)")
+    if args.plot:
+        from .plots import topology_plot
+
+        print(topology_plot(topo, part, args.plot), file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dhdnn", description="Sparse Hamiltonian deep neural networks, "
                                  "trained with neighbour-only messages across processes.")
@@ -109,6 +158,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_analyze)
 
+    p = sub.add_parser("topology", help="inspect topology files")
+    tsub = p.add_subparsers(dest="topology_command", required=True)
+    t = tsub.add_parser("show", help="summary of a topology (and --plot of its graph)")
+    t.add_argument("file")
+    t.add_argument("--plot", metavar="OUT.png")
+    t.set_defaults(func=cmd_topology_show)
+
+    p = sub.add_parser("partition", help="assign a topology's agents to workers and show the halo plan")
+    p.add_argument("file")
+    p.add_argument("--workers", type=int, required=True)
+    p.add_argument("--method", choices=["auto", "metis", "bisection"], default="auto")
+    p.add_argument("--batch", type=int, default=125, help="batch size for the byte figures")
+    p.add_argument("--layers", type=int, default=64)
+    p.add_argument("--arch", choices=["H1", "H2"], default="H2")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--plot", metavar="OUT.png", help="agents coloured by worker, cut edges dashed")
+    p.set_defaults(func=cmd_partition)
     return ap
 
 

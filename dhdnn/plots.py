@@ -50,3 +50,28 @@ def grad_norm_heatmap(run_dir: Path, out: Path) -> Path:
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def topology_plot(topo, part, out) -> Path:
+    """The agent graph; with a partition, agents coloured by worker and cut edges dashed."""
+    import networkx as nx
+
+    g = topo.graph
+    pos = nx.kamada_kawai_layout(g) if topo.n_agents <= 64 else nx.spring_layout(g, seed=0)
+    fig, ax = plt.subplots(figsize=(6, 6))
+    colors = [part.assignment[i] for i in g.nodes] if part is not None else "#6baed6"
+    cut = set(part.cut_edges(topo)) if part is not None else set()
+    nx.draw_networkx_edges(g, pos, edgelist=[e for e in g.edges if tuple(sorted(e)) not in cut], ax=ax, width=0.8)
+    if cut:
+        nx.draw_networkx_edges(g, pos, edgelist=sorted(cut), ax=ax, style="dashed", edge_color="#d62728", width=1.2)
+    cmap = {"cmap": "tab10", "vmin": 0, "vmax": 9} if part is not None else {}
+    nx.draw_networkx_nodes(g, pos, node_color=colors, node_size=max(20, 300 - topo.n_agents), ax=ax, **cmap)
+    if topo.n_agents <= 32:
+        nx.draw_networkx_labels(g, pos, {i: str(a) for i, a in enumerate(topo.ids)}, font_size=8, ax=ax)
+    title = topo.name if part is None else f"{topo.name}: {part.workers} workers, {len(cut)} cut edges"
+    ax.set_title(title)
+    ax.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return Path(out)

@@ -342,4 +342,9 @@ def load_dense_run(run_dir: str | Path) -> tuple[Config, Classifier, Dataset]:
 def train_from_config(cfg: Config, resume: bool = False) -> dict | None:
     """Entry point of ``dhdnn train``: the dense engine in this process, or the sharded
     engine on local workers / under torchrun. Returns the summary (None on non-main ranks)."""
-    return train_dense(cfg, resume=resume)
+    topology = None
+    if cfg.topology is not None:
+        from .topology import load_topology
+
+        topology = load_topology(cfg.topology)
+    return train_dense(cfg, resume=resume, topology=topology)
