@@ -100,9 +100,9 @@ class Topology:
         d = torch.tensor(self.dims)
         return adj.repeat_interleave(d, 0).repeat_interleave(d, 1)
 
-    def placement(self, n_features: int) -> InputPlacement:
-        """Where the data's features enter the global state (validated against ``n_features``)."""
-        off, m = self.offsets(), self.half_dim
+    def input_feeds(self, n_features: int) -> tuple[InputFeed, ...]:
+        """The direct feeds for data with ``n_features`` features (validated). Without ``inputs``
+        or ``embeddings`` feature ``f`` enters the first ``p`` entry of the ``f``-th agent."""
         feeds = self.inputs
         if not feeds and not self.embeddings:
             if n_features > self.n_agents:
@@ -118,6 +118,12 @@ class Topology:
             if bad:
                 raise TopologyError(f"{self.source}: key 'embeddings[{k}].features': expected indices in "
                                     f"[0, {n_features}) for this dataset, got {bad[:3]}")
+        return feeds
+
+    def placement(self, n_features: int) -> InputPlacement:
+        """Where the data's features enter the global state (validated against ``n_features``)."""
+        off, m = self.offsets(), self.half_dim
+        feeds = self.input_feeds(n_features)
         index = tuple(off[f.agent] + f.index + (m if f.part == "q" else 0) for f in feeds)
         embeds = tuple(Embedding(e.features, tuple(range(off[e.agent], off[e.agent] + self.dims[e.agent]))
                                  + tuple(range(m + off[e.agent], m + off[e.agent] + self.dims[e.agent])))

@@ -67,8 +67,8 @@ class Engine:
         """(canonical name, parameter, index into it) for every block this rank owns."""
         raise NotImplementedError
 
-    def close(self) -> None:
-        pass
+    def end_epoch(self) -> None:
+        """Called after every epoch (flush traces, ...)."""
 
 
 def stats_of(logits: Tensor, y: Tensor) -> Tensor:
@@ -232,6 +232,7 @@ class Trainer:
             self.step += 1
         seconds = time.perf_counter() - t0
         self.epoch += 1
+        self.engine.end_epoch()
         acc = self.engine.reduce_sum(acc)
         train = self.engine.reduce_sum(self.engine.eval_stats(d.x_train, d.y_train).double().cpu())
         test = self.engine.reduce_sum(self.engine.eval_stats(d.x_test, d.y_test).double().cpu())
@@ -342,6 +343,14 @@ def load_dense_run(run_dir: str | Path) -> tuple[Config, Classifier, Dataset]:
 def train_from_config(cfg: Config, resume: bool = False) -> dict | None:
     """Entry point of ``dhdnn train``: the dense engine in this process, or the sharded
     engine on local workers / under torchrun. Returns the summary (None on non-main ranks)."""
+    from .distributed.launch import torchrun_env
+
+    sharded = cfg.run.engine == "sharded" or (cfg.run.engine == "auto" and (cfg.run.workers > 1 or torchrun_env()))
+    if sharded:
+        from .distributed.launch import train_sharded
+
+        check_fresh_run_dir(Path(cfg.run.out_dir), resume)
+        return train_sharded(cfg, resume=resume)
     topology = None
     if cfg.topology is not None:
         from .topology import load_topology

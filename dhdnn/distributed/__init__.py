@@ -1,0 +1,4 @@
+"""The multi-process engine: neighbour exchanges, sharded layers, process launch.
+
+Only this package imports ``torch.distributed``.
+"""
