@@ -44,13 +44,15 @@ def cmd_train(args) -> int:
 
 def cmd_plot(args) -> int:
     from . import plots
-    from .train import load_dense_run
+    from .export import dense_model_of_run
+    from .train import load_data
 
     run = Path(args.run_dir)
     written = []
     if (run / "grad_norms.jsonl").exists():
         written.append(plots.grad_norm_heatmap(run, run / "grad_norms.png"))
-    _, model, data = load_dense_run(run)
+    cfg, model, _ = dense_model_of_run(run)
+    data = load_data(cfg)
     if data.n_features == 2:
         written.append(plots.decision_boundary(model, data, run / "decision_boundary.png"))
     if not written:
@@ -132,6 +134,44 @@ def cmd_partition(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import dense_model_of_run, export_model
+
+    cfg, model, topo = dense_model_of_run(args.run_dir)
+    out = export_model(model, cfg, topo, args.out)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"exported {model.body.arch_name} ({model.body.layers} layers, dim {model.body.dim}, {n} parameters) "
+          f"-> {out}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    import torch
+
+    from .config import apply_overrides, config_from_dict
+    from .export import dense_model_of_run, load_exported
+    from .train import DTYPES, DenseEngine, load_data
+
+    src = Path(args.model)
+    if src.is_dir():
+        cfg, model, _ = dense_model_of_run(src)
+        raw = cfg.to_dict()
+    else:
+        model = load_exported(src)
+        raw = torch.load(src, map_location="cpu", weights_only=True)["config"]
+    cfg = config_from_dict(apply_overrides(raw, args.overrides), str(src))
+    data = load_data(cfg)
+    model = model.to(DTYPES[cfg.run.dtype])
+    x, y = (data.x_test, data.y_test) if args.split == "test" else (data.x_train, data.y_train)
+    ce, correct, count = DenseEngine(model).eval_stats(x, y).tolist()
+    result = {"split": args.split, "dataset": data.name, "accuracy": correct / count, "loss": ce / count,
+              "samples": int(count)}
+    print(json.dumps(result) if args.json else
+          f"{data.name} {args.split}: accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}  "
+          f"({int(count)} samples)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dhdnn", description="Sparse Hamiltonian deep neural networks, "
                                  "trained with neighbour-only messages across processes.")
@@ -157,6 +197,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("export", help="write a run's network as one dense, partition-free file")
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True, help="output file (e.g. model.pt)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("evaluate", help="accuracy and loss of a run directory or exported model on a data split")
+    p.add_argument("model", help="run directory or exported .pt file")
+    p.add_argument("--split", choices=["train", "test"], default="test")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="change the data section, e.g. --set data.name=double_moons")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("topology", help="inspect topology files")
     tsub = p.add_subparsers(dest="topology_command", required=True)

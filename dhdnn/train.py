@@ -308,38 +308,6 @@ def train_dense(cfg: Config, resume: bool = False, topology=None) -> dict:
     return Trainer(cfg, DenseEngine(model), data, resume=resume).fit()
 
 
-def load_dense_run(run_dir: str | Path) -> tuple[Config, Classifier, Dataset]:
-    """Rebuild a finished dense run's classifier from its config and latest checkpoint."""
-    from .config import config_from_dict
-
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"{run_dir}: no config.yaml; is this a dhdnn run directory?")
-    raw = yaml.safe_load(cfg_path.read_text())
-    cfg = config_from_dict(raw, str(cfg_path))
-    topology = None
-    if cfg.topology is not None:
-        from .topology import load_topology
-
-        topology = load_topology(cfg.topology)
-    data = load_data(cfg)
-    model = build_classifier(cfg, data.n_features, data.n_classes, topology).to(DTYPES[cfg.run.dtype])
-    d = ckpt.latest(run_dir)
-    if d is None:
-        raise ckpt.CheckpointError(f"{run_dir}: no complete checkpoint")
-    _, blocks, _ = ckpt.load(d)
-    missing = [n for n, _ in model.named_parameters() if n not in blocks]
-    if missing:
-        raise ckpt.CheckpointError(f"{d}: not a dense checkpoint (missing {missing[:3]}); "
-                                   "export sharded runs with `dhdnn export`")
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            p.copy_(blocks[n])
-    return cfg, model, data
-
-
-
 def train_from_config(cfg: Config, resume: bool = False) -> dict | None:
     """Entry point of ``dhdnn train``: the dense engine in this process, or the sharded
     engine on local workers / under torchrun. Returns the summary (None on non-main ranks)."""

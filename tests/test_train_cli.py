@@ -7,7 +7,8 @@ import torch
 from dhdnn import checkpoint as ckpt
 from dhdnn.cli import main
 from dhdnn.config import load_config
-from dhdnn.train import load_dense_run, train_from_config
+from dhdnn.export import dense_model_of_run
+from dhdnn.train import train_from_config
 
 SMALL = ["data.n_samples=400", "model.layers=4", "model.dim=4", "train.epochs=3", "train.batch_size=50",
          "run.progress=false", "train.lr=0.02"]
@@ -39,8 +40,8 @@ def test_resume_continues_exactly(tmp_path):
     train_from_config(part)
     resumed = small_cfg(tmp_path / "b", "train.epochs=4")
     train_from_config(resumed, resume=True)
-    _, m_full, _ = load_dense_run(tmp_path / "a" / "run")
-    _, m_res, _ = load_dense_run(tmp_path / "b" / "run")
+    _, m_full, _ = dense_model_of_run(tmp_path / "a" / "run")
+    _, m_res, _ = dense_model_of_run(tmp_path / "b" / "run")
     for (n, a), (_, b) in zip(m_full.named_parameters(), m_res.named_parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
     assert len((tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()) == 4

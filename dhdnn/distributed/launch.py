@@ -214,7 +214,7 @@ def fault_from_env() -> tuple[int, int, str] | None:
 
 
 def sharded_worker(rank: int, world: int, cfg_dict: dict, resume: bool, source: str = "<config>",
-                   local_rank: int | None = None):
+                   local_rank: int | None = None, fault: tuple[int, int, str] | None = None):
     """Train one rank of a sharded run; returns the summary on rank 0, None elsewhere."""
     from ..config import config_from_dict
     from ..train import Trainer, load_data
@@ -226,7 +226,7 @@ def sharded_worker(rank: int, world: int, cfg_dict: dict, resume: bool, source: 
     if device.startswith("cuda") and device == "cuda":
         device = f"cuda:{(rank if local_rank is None else local_rank) % torch.cuda.device_count()}"
     data = load_data(cfg)
-    engine = build_sharded_engine(cfg, data, rank, world, device=device, fault=fault_from_env())
+    engine = build_sharded_engine(cfg, data, rank, world, device=device, fault=fault)
     summary = Trainer(cfg, engine, data, resume=resume).fit()
     return summary if rank == 0 else None
 
@@ -242,13 +242,13 @@ def train_sharded(cfg, resume: bool = False) -> dict | None:
                              "leave it at 1 under torchrun")
         init_group(backend, rank, world, cfg.run.timeout_s)
         try:
-            return sharded_worker(rank, world, cfg.to_dict(), resume, cfg.source, local_rank)
+            return sharded_worker(rank, world, cfg.to_dict(), resume, cfg.source, local_rank, fault_from_env())
         except BaseException as e:
             primary = report_failure(rank, e)
             raise RuntimeError(describe_failure(rank, e, primary)) from e
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
-    results = run_local(sharded_worker, cfg.run.workers, (cfg.to_dict(), resume, cfg.source), backend,
-                        cfg.run.timeout_s)
+    results = run_local(sharded_worker, cfg.run.workers, (cfg.to_dict(), resume, cfg.source, None, fault_from_env()),
+                        backend, cfg.run.timeout_s)
     return results[0]

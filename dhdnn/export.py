@@ -1,0 +1,105 @@
+"""Export a run as one dense, partition-free file, and load it back.
+
+The file (``torch.save`` of plain tensors, numbers, strings, lists and dicts, so it loads
+with ``torch.load(weights_only=True)``) holds the dense masked network: architecture,
+``h``, layers, the per-layer matrices assembled from every agent's blocks, biases, fixed
+matrices and masks, the input placement with its embeddings, and the readout ``W``, ``mu``.
+The schema is in the README.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from . import checkpoint as ckpt
+from .config import config_from_dict
+from .models import Classifier, build_model
+from .models.hamiltonian import ARCHITECTURES
+from .models.network import Embedding, InputPlacement
+
+FORMAT, VERSION = "dhdnn-export", 1
+
+
+def dense_model_of_run(run_dir: str | Path):
+    """(config, dense classifier with the run's latest weights, topology or None)."""
+    from .blocks import blocks_to_dense
+    from .topology import load_topology
+    from .train import DTYPES, build_classifier, load_data
+
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{run_dir}: no config.yaml; is this a dhdnn run directory?")
+    cfg = config_from_dict(yaml.safe_load(cfg_path.read_text()), str(cfg_path))
+    d = ckpt.latest(run_dir)
+    if d is None:
+        raise ckpt.CheckpointError(f"{run_dir}: no complete checkpoint to export")
+    _, blocks, _ = ckpt.load(d)
+    topo = load_topology(cfg.topology) if cfg.topology is not None else None
+    data = load_data(cfg)
+    model = build_classifier(cfg, data.n_features, data.n_classes, topo).to(DTYPES[cfg.run.dtype])
+    if topo is not None and any(k.startswith("agent") for k in blocks):
+        blocks_to_dense(model, topo, cfg.model.arch, cfg.model.layers, blocks)
+    else:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n not in blocks:
+                    raise ckpt.CheckpointError(f"{d}: no block {n!r}; checkpoint and config disagree")
+                p.copy_(blocks[n])
+    return cfg, model, topo
+
+
+def export_model(model: Classifier, cfg, topo, out: str | Path) -> Path:
+    body = model.body
+    pl = model.placement
+    payload = {
+        "format": FORMAT, "version": VERSION,
+        "arch": body.arch_name, "h": body.h, "layers": body.layers, "dim": body.dim,
+        "J": getattr(body, "J_kind", None),
+        "n_features": model.n_features, "n_classes": model.n_classes,
+        "placement": {"feature_index": list(pl.feature_index), "features": list(pl.features),
+                      "embeddings": [{"features": list(e.features), "states": list(e.states)} for e in pl.embeddings]},
+        "readout_states": model.readout_idx.tolist(),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "config": cfg.to_dict() if cfg is not None else {},
+        "topology": None,
+    }
+    if topo is not None:
+        from .topology import topology_to_dict
+
+        payload["topology"] = topology_to_dict(topo)
+    out = Path(out)
+    ckpt.atomic_write(out, lambda f: torch.save(payload, f))
+    return out
+
+
+def load_exported(path: str | Path) -> Classifier:
+    """The dense single-process classifier stored by ``dhdnn export``."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such exported model")
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot be read as a dhdnn export ({e})") from None
+    if not isinstance(d, dict) or d.get("format") != FORMAT or d.get("version") != VERSION:
+        raise ValueError(f"{path}: key 'format': expected {FORMAT} v{VERSION}")
+    sd = d["state_dict"]
+    cls = ARCHITECTURES.get(d["arch"])
+    if cls is None:
+        raise ValueError(f"{path}: key 'arch': unknown architecture {d['arch']!r}")
+    masks = {key: sd[f"body.mask_{p}"] for p, key in cls.masked.items() if f"body.mask_{p}" in sd}
+    opts = {"J": d["J"]} if d["arch"] == "H1" else {}
+    if d["arch"] == "H2":
+        opts["X"] = sd["body.X"]
+    body = build_model(d["arch"], d["dim"], d["layers"], d["h"], mask=masks or None, **opts)
+    pl = d["placement"]
+    placement = InputPlacement(tuple(pl["feature_index"]), tuple(pl["features"]),
+                               tuple(Embedding(tuple(e["features"]), tuple(e["states"])) for e in pl["embeddings"]))
+    model = Classifier(body, d["n_features"], d["n_classes"], placement, tuple(d["readout_states"]))
+    dtype = sd["W"].dtype
+    model = model.to(dtype)
+    model.load_state_dict(sd)
+    return model
