@@ -17,7 +17,7 @@ def layer_jacobians(model: ODENet, y0: Tensor) -> tuple[list[Tensor], list[Tenso
     the single state ``y0`` (shape ``(dim,)``); returns (jacobians, states)."""
     if y0.dim() != 1 or y0.shape[0] != model.dim:
         raise ValueError(f"y0: expected a single state of shape ({model.dim},), got {tuple(y0.shape)}")
-    P = {k: v.detach() for k, v in model.effective().items()}
+    P = {k: v.detach() for k, v in model.effective().items()}  # P[name][j] indexes layer j
     states, jacs = [y0.detach()], []
     for j in range(model.layers):
         f = lambda y, j=j: model.step(y[None], j, P)[0]  # noqa: E731

@@ -129,6 +129,7 @@ class RunConfig:
     backend: str = "auto"  # auto: gloo on CPU, nccl on CUDA
     timeout_s: float = 120.0  # process-group timeout: a dead peer fails the run within this
     readout: str = "tree"  # tree (neighbour ranks only) or allreduce (explicit collective)
+    local_kernel: str = "auto"  # sharded local compute: auto, blocks (per-block products) or dense
     trace: bool = False
     threads: int = 1  # torch threads per worker
     progress: bool = True
@@ -142,6 +143,7 @@ class RunConfig:
         _choice("backend", self.backend, ("auto", "gloo", "nccl"))
         _pos("timeout_s", self.timeout_s)
         _choice("readout", self.readout, ("tree", "allreduce"))
+        _choice("local_kernel", self.local_kernel, ("auto", "blocks", "dense"))
         _expect(isinstance(self.trace, bool), "trace", "true or false", self.trace)
         _pos_int("threads", self.threads)
         _expect(self.engine != "dense" or self.workers == 1, "workers",

@@ -45,8 +45,9 @@ def make_data(n_features: int, n_classes: int, batch: int, seed: int) -> Dataset
     return Dataset("random", x, y, x, y, n_classes)
 
 
-def cfg_for(topo_path, arch: str, layers: int, out_dir: str, readout: str = "tree", trace: bool = True):
-    cfg = load_config(None, [f"model.arch={arch}", f"model.layers={layers}", "model.h=0.3",
+def cfg_for(topo_path, arch: str, layers: int, out_dir: str, readout: str = "tree", trace: bool = True,
+            kernel: str = "blocks"):
+    cfg = load_config(None, [f"model.arch={arch}", f"model.layers={layers}", "model.h=0.3", f"run.local_kernel={kernel}",
                              "run.dtype=float64", f"run.out_dir={out_dir}", f"run.readout={readout}",
                              f"run.trace={'true' if trace else 'false'}", "train.alpha=0.01",
                              "train.weight_decay=0.001", "train.lr=0.01"])
@@ -60,9 +61,9 @@ def load_blocks(engine, blocks):
             p[idx] = blocks[name]
 
 
-def exactness_worker(rank, world, topo_path, arch, layers, blocks, data, out_dir, readout, steps):
+def exactness_worker(rank, world, topo_path, arch, layers, blocks, data, out_dir, readout, steps, kernel="blocks"):
     """One forward/backward + checks, then ``steps`` Adam steps; returns what the parent compares."""
-    cfg = cfg_for(topo_path, arch, layers, out_dir, readout)
+    cfg = cfg_for(topo_path, arch, layers, out_dir, readout, kernel=kernel)
     engine = build_sharded_engine(cfg, data, rank, world)
     load_blocks(engine, blocks)
     x, y = data.x_train, data.y_train
@@ -78,8 +79,8 @@ def exactness_worker(rank, world, topo_path, arch, layers, blocks, data, out_dir
     ex: Exchanger = engine.net.ex
     g = torch.Generator().manual_seed(100 + rank)
     B = 3
-    xr = torch.randn(B, ex.layout.width, generator=g, dtype=torch.float64)
-    hr = torch.randn(B, ex.layout.halo_width, generator=g, dtype=torch.float64)
+    xr = torch.randn(ex.layout.width, B, generator=g, dtype=torch.float64)
+    hr = torch.randn(ex.layout.halo_width, B, generator=g, dtype=torch.float64)
     with NoCollectives():
         lhs = (gather(xr, ex) * hr).sum()  # <G x, y>
         rhs = (xr * scatter_add(torch.zeros_like(xr), hr, ex)).sum()  # <x, G^T y>

@@ -74,10 +74,10 @@ def _rel(a, b):
     return float((a - b).norm() / max(b.norm(), 1e-300))
 
 
-def _check_run(topo_path, arch, workers, tmp_path, readout="tree"):
+def _check_run(topo_path, arch, workers, tmp_path, readout="tree", kernel="blocks"):
     topo, data, blocks = _setup(topo_path, arch)
-    results = run_local(exactness_worker, workers, (topo_path, arch, LAYERS, blocks, data, str(tmp_path), readout, STEPS),
-                        timeout_s=60, run_timeout_s=240)
+    results = run_local(exactness_worker, workers, (topo_path, arch, LAYERS, blocks, data, str(tmp_path), readout, STEPS,
+                                                    kernel), timeout_s=60, run_timeout_s=240)
     logits, objective, grads, final = _dense(topo, topo_path, arch, blocks, data, tmp_path)
     root = results[0]
     # --- exactness: logits, loss (sum of per-rank objectives = CE + global regulariser), every gradient
@@ -136,6 +136,15 @@ CASES = [("topologies/ring8.yaml", "H2"), ("topologies/grid4x4_patches.yaml", "H
 def test_sharded_matches_dense_and_talks_only_to_neighbours(topo_name, arch, workers, random_topology, tmp_path):
     topo_path = random_topology if topo_name == "random" else topo_name
     topo, results, data = _check_run(topo_path, arch, workers, tmp_path)
+    _check_locality(topo, results, workers, arch, BATCH, data.n_classes)
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+@pytest.mark.parametrize("topo_name,arch", [("topologies/ring8.yaml", "H2"), ("random", "H1")])
+def test_dense_local_kernel_matches_dense_model(topo_name, arch, workers, random_topology, tmp_path):
+    """The assembled-matrix local kernel (and, on one worker, the fused stack) is exact too."""
+    topo_path = random_topology if topo_name == "random" else topo_name
+    topo, results, data = _check_run(topo_path, arch, workers, tmp_path, kernel="dense")
     _check_locality(topo, results, workers, arch, BATCH, data.n_classes)
 
 

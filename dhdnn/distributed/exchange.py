@@ -1,11 +1,12 @@
 """Neighbour exchanges (DESIGN §3-4): ``gather`` and ``scatter_add`` as autograd Functions.
 
 An :class:`Exchanger` turns one rank's halo plan into two static message patterns on a
-*field* (a ``(B, F)`` tensor of this rank's columns: its agents' slices of ``p`` or ``q``,
-or of ``y`` for H1):
+*field*: an ``(F, B)`` tensor whose rows are this rank's state entries (its agents' slices
+of ``p`` or ``q``, or of ``y`` for H1) and whose columns are the batch. Feature-major, so
+every message is a set of contiguous rows:
 
-* ``gather(x) -> halo``: send each neighbour rank the columns of my agents it reads,
-  receive the columns of theirs that I read (laid out rank by rank, agent by agent);
+* ``gather(x) -> halo``: send each neighbour rank the rows of my agents it reads,
+  receive the rows of theirs that I read (laid out rank by rank, agent by agent);
 * ``scatter_add(c_local, c_halo) -> c_local + received``: send each neighbour the
   contributions I computed for its agents, add the ones I receive for mine.
 
@@ -17,6 +18,7 @@ nothing. With gloo, CUDA tensors are staged through CPU. Messages can be traced.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,18 +59,30 @@ class Tracer:
 
 
 @dataclass
+class CommStats:
+    """Time spent inside exchanges (posting and waiting) and bytes sent, for benchmarks."""
+
+    seconds: float = 0.0
+    bytes: int = 0
+    messages: int = 0
+
+    def reset(self) -> None:
+        self.seconds, self.bytes, self.messages = 0.0, 0, 0
+
+
+@dataclass
 class FieldLayout:
     """Column bookkeeping of one field on one rank."""
 
-    width: int  # F: local columns
-    send_cols: dict[int, Tensor]  # peer -> my columns it reads (LongTensor)
-    halo_slices: dict[int, slice]  # peer -> its columns within my halo
+    width: int  # F: local rows
+    send_cols: dict[int, Tensor]  # peer -> my rows it reads (LongTensor)
+    halo_slices: dict[int, slice]  # peer -> its rows within my halo
     halo_width: int
 
 
 def field_layout(plan: HaloPlan, local_cols: dict[int, list[int]], width: int,
                  halo_width_of: dict[int, int]) -> FieldLayout:
-    """``local_cols[a]``: the field columns of my agent ``a``; ``halo_width_of[a]``: columns of a
+    """``local_cols[a]``: the field rows of my agent ``a``; ``halo_width_of[a]``: rows of a
     foreign agent ``a`` in this field. Halo layout: neighbour ranks ascending, agents by index."""
     send = {s: torch.tensor([c for a in agents for c in local_cols[a]], dtype=torch.long)
             for s, agents in plan.send.items()}
@@ -83,8 +97,10 @@ def field_layout(plan: HaloPlan, local_cols: dict[int, list[int]], width: int,
 class Exchanger:
     """Point-to-point exchanges of one field layout, with static buffers and tracing."""
 
-    def __init__(self, layout: FieldLayout, group=None, tracer: Tracer | None = None, stage_cpu: bool = False):
+    def __init__(self, layout: FieldLayout, group=None, tracer: Tracer | None = None, stage_cpu: bool = False,
+                 stats: CommStats | None = None):
         self.layout, self.group, self.tracer, self.stage_cpu = layout, group, tracer, stage_cpu
+        self.stats = stats if stats is not None else CommStats()
         self._buffers: dict[tuple, Tensor] = {}
         self._send_cols_dev: dict[torch.device, dict[int, Tensor]] = {}
 
@@ -106,6 +122,7 @@ class Exchanger:
     def _p2p(self, sends: dict[int, Tensor], recvs: dict[int, Tensor], phase: str, layer: int, op: str) -> None:
         """Post every receive and send, then wait on all; errors name the peer."""
         reqs, peer = [], None
+        t0 = time.perf_counter()
         try:
             for peer, buf in recvs.items():
                 reqs.append((peer, dist.irecv(buf, src=peer, group=self.group)))
@@ -115,6 +132,10 @@ class Exchanger:
                     self.tracer.record(phase, layer, op, peer, t.numel() * t.element_size())
             for peer, r in reqs:
                 r.wait()
+            st = self.stats
+            st.seconds += time.perf_counter() - t0
+            st.messages += len(sends)
+            st.bytes += sum(t.numel() * t.element_size() for t in sends.values())
         except RuntimeError as e:
             raise PeerFailure(f"{phase} {op} of layer {layer}: exchange with neighbour rank {peer} failed: "
                               f"{str(e).splitlines()[0][:300]}", peer) from e
@@ -123,29 +144,29 @@ class Exchanger:
         return t.cpu() if self.stage_cpu and t.device.type != "cpu" else t
 
     def gather_values(self, x: Tensor, phase: str, layer: int, op: str) -> Tensor:
-        """Send my boundary columns of ``x`` (B, F); return the halo (B, H) as a new tensor."""
-        L, B = self.layout, x.shape[0]
+        """Send my boundary rows of ``x`` (F, B); return the halo (H, B) as a new tensor."""
+        L, B = self.layout, x.shape[1]
         src = self._stage_out(x)
         sends = {}
         for s, c in self._cols(src.device).items():
-            sends[s] = torch.index_select(src, 1, c, out=self._buf(("gs", s), (B, len(c)), x))
-        recvs = {s: self._buf(("gr", s), (B, sl.stop - sl.start), x) for s, sl in L.halo_slices.items()}
+            sends[s] = torch.index_select(src, 0, c, out=self._buf(("gs", s), (len(c), B), x))
+        recvs = {s: self._buf(("gr", s), (sl.stop - sl.start, B), x) for s, sl in L.halo_slices.items()}
         self._p2p(sends, recvs, phase, layer, op)
         if not recvs:
-            return x.new_zeros(B, 0)
-        return torch.cat([recvs[s] for s in L.halo_slices], dim=1).to(x.device)
+            return x.new_zeros(0, B)
+        return torch.cat([recvs[s] for s in L.halo_slices], dim=0).to(x.device)
 
     def scatter_values(self, c_local: Tensor, c_halo: Tensor, phase: str, layer: int, op: str) -> Tensor:
         """Send the halo contributions to their owners; return ``c_local`` plus what I receive."""
-        L, B = self.layout, c_local.shape[0]
+        L, B = self.layout, c_local.shape[1]
         staged = self._stage_out(c_halo)
-        sends = {s: staged[:, sl].contiguous() for s, sl in L.halo_slices.items()}
+        sends = {s: staged[sl] for s, sl in L.halo_slices.items()}  # row slices are contiguous
         cols = self._cols(c_local.device)
-        recvs = {s: self._buf(("sr", s), (B, len(c)), c_local) for s, c in cols.items()}
+        recvs = {s: self._buf(("sr", s), (len(c), B), c_local) for s, c in cols.items()}
         self._p2p(sends, recvs, phase, layer, op)
         out = c_local.clone()
         for s, c in cols.items():
-            out.index_add_(1, c, recvs[s].to(out.device))
+            out.index_add_(0, c, recvs[s].to(out.device))
         return out
 
 
@@ -160,7 +181,7 @@ class Gather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_halo):
         ex = ctx.ex
-        zeros = g_halo.new_zeros(g_halo.shape[0], ex.layout.width)
+        zeros = g_halo.new_zeros(ex.layout.width, g_halo.shape[1])
         return ex.scatter_values(zeros, g_halo.contiguous(), "backward", ctx.layer, ctx.op), None, None, None
 
 

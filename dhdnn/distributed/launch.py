@@ -84,9 +84,24 @@ def failed_rank(wait_s: float = 2.0) -> int | None:
     return None
 
 
+def keep_freed_memory() -> None:
+    """Ask glibc to keep freed memory instead of unmapping every large block: otherwise each
+    step's big temporaries come back as fresh pages and zero-filling them (page faults) costs
+    more than the arithmetic. Harmless elsewhere; a no-op where glibc is absent."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: serve blocks up to 32 MiB from the heap
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: do not return heap memory eagerly
+    except (OSError, AttributeError):
+        pass
+
+
 def _child(rank: int, world: int, store_path: str, out_dir: str, backend: str, timeout_s: float,
            target: Callable, args: tuple) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # local workers talk over 127.0.0.1 only
+    keep_freed_memory()
     try:
         store = dist.FileStore(store_path, world)
         init_group(backend, rank, world, timeout_s, store=store)
@@ -241,6 +256,7 @@ def train_sharded(cfg, resume: bool = False) -> dict | None:
             raise ValueError(f"run.workers: {cfg.run.workers} differs from torchrun's world size {world}; "
                              "leave it at 1 under torchrun")
         init_group(backend, rank, world, cfg.run.timeout_s)
+        keep_freed_memory()
         try:
             return sharded_worker(rank, world, cfg.to_dict(), resume, cfg.source, local_rank, fault_from_env())
         except BaseException as e:

@@ -12,65 +12,94 @@ An all-reduce readout exists as an explicit option.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from ..blocks import BIASES, MATRICES, field_width
+from ..models._fused import H1Stack, H2Stack
 from ..partition import HaloPlan
 from ..topology import Topology
 from ..train import Engine, StepOut, stats_of
-from .exchange import Exchanger, PeerFailure, Tracer, field_layout, gather, scatter_add
+from .exchange import CommStats, Exchanger, PeerFailure, Tracer, field_layout, gather, scatter_add
+
+
+CHUNK_ELEMENTS = 1 << 18
 
 
 class BlockRows(nn.Module):
-    """This rank's row blocks of one matrix (``K_p``, ``K_q`` or ``K``), grouped by block shape.
+    """This rank's row blocks of one matrix (``K_p``, ``K_q`` or ``K``).
 
-    ``weights[g]`` has shape ``(layers, blocks, r, c)``; ``rows[g]`` / ``cols[g]`` hold the
-    local-field / extended-field (local + halo) columns of each block, flattened.
+    Each of my agents' rows ``[K^[i k] for k in {i} ∪ N(i)]`` is stored side by side; agents
+    with the same row signature (own width, neighbours' widths) form a group with weights
+    ``(layers, agents, r, sum c)``, so a product is one ``bmm`` per group. ``rows[g]`` /
+    ``cols[g]`` hold the local-field / extended-field (local + halo) rows involved, flattened.
+    Fields are feature-major ``(F, B)``: gathering a block's input is a contiguous row copy.
     """
 
     def __init__(self, kind: str, topo: Topology, arch: str, local: list[int], local_col: dict[int, int],
                  ext_col: dict[int, int], init: dict[str, Tensor]):
         super().__init__()
-        groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        groups: dict[tuple, list[int]] = {}
         for i in local:
-            for k in topo.neighbors(i):
-                groups.setdefault((field_width(topo, arch, i), field_width(topo, arch, k)), []).append((i, k))
-        self.names: list[list[str]] = []
+            sig = (field_width(topo, arch, i), tuple(field_width(topo, arch, k) for k in topo.neighbors(i)))
+            groups.setdefault(sig, []).append(i)
+        self.names: list[list[tuple[str, int, slice]]] = []  # per group: (block name, agent slot, columns)
         self.weights = nn.ParameterList()
-        for g, ((r, c), blocks) in enumerate(sorted(groups.items())):
-            names = [f"agent{i}.{kind}.{k}" for i, k in blocks]
+        for g, ((r, widths), agents) in enumerate(sorted(groups.items())):
+            names, rows, cols, mats = [], [], [], []
+            for slot, i in enumerate(agents):
+                at, parts = 0, []
+                for k, c in zip(topo.neighbors(i), widths):
+                    name = f"agent{i}.{kind}.{k}"
+                    names.append((name, slot, slice(at, at + c)))
+                    parts.append(init[name])
+                    cols += [ext_col[k] + t for t in range(c)]
+                    at += c
+                rows += [local_col[i] + t for t in range(r)]
+                mats.append(torch.cat(parts, dim=2))
             self.names.append(names)
-            self.weights.append(nn.Parameter(torch.stack([init[n] for n in names], dim=1)))
-            self.register_buffer(f"rows{g}", torch.tensor([local_col[i] + t for i, _ in blocks for t in range(r)]))
-            self.register_buffer(f"cols{g}", torch.tensor([ext_col[k] + t for _, k in blocks for t in range(c)]))
+            self.weights.append(nn.Parameter(torch.stack(mats, dim=1)))
+            self.register_buffer(f"rows{g}", torch.tensor(rows))
+            self.register_buffer(f"cols{g}", torch.tensor(cols))
 
     def _groups(self):
         for g, W in enumerate(self.weights):
             yield W, getattr(self, f"rows{g}"), getattr(self, f"cols{g}")
 
-    def times(self, j: int, x_ext: Tensor, width: int) -> Tensor:
-        """``(K x)`` on my rows: ``(B, width)`` from the extended field ``x_ext``."""
-        B = x_ext.shape[0]
-        out = x_ext.new_zeros(B, width)
-        for W, rows, cols in self._groups():
-            _, nb, r, c = W.shape
-            xg = x_ext.index_select(1, cols).view(B, nb, c)
-            out = out.index_add(1, rows, torch.einsum("bec,erc->ber", xg, W[j]).reshape(B, nb * r))
-        return out
+    def per_layer(self) -> list[tuple[Tensor, ...]]:
+        """Every layer's group weights. ``unbind`` once per forward rather than ``W[j]`` per layer:
+        its backward stacks all layers' gradients once instead of a full-size zero tensor per layer."""
+        return list(zip(*[W.unbind(0) for W in self.weights]))
 
-    def transpose_times(self, j: int, s: Tensor, ext_width: int) -> Tensor:
-        """``(K^T s)`` restricted to my rows' contributions, over the extended field's columns."""
-        B = s.shape[0]
-        out = s.new_zeros(B, ext_width)
+    def times(self, Wj: tuple[Tensor, ...], x_ext: Tensor, width: int) -> Tensor:
+        """``(K x)`` on my rows: ``(width, B)`` from the extended field ``x_ext`` (E, B)."""
+        return _BlockProduct.apply(x_ext, (self._index(), width, False), *Wj)
+
+    def transpose_times(self, Wj: tuple[Tensor, ...], s: Tensor, ext_width: int) -> Tensor:
+        """``(K^T s)`` restricted to my rows' contributions, over the extended field's rows."""
+        return _BlockProduct.apply(s, (self._index(), ext_width, True), *Wj)
+
+    def _index(self) -> list[tuple[Tensor, Tensor]]:
+        return [(rows, cols) for _, rows, cols in self._groups()]
+
+    @property
+    def nnz(self) -> int:
+        return sum(W[0].numel() for W in self.weights)
+
+    def dense(self, width: int, ext_width: int) -> Tensor:
+        """All layers' row blocks assembled into ``(layers, width, ext_width)`` (zero off the blocks);
+        used only where that matrix is small or dense enough (see ``ShardedNet``)."""
+        L = self.weights[0].shape[0]
+        out = self.weights[0].new_zeros(L, width, ext_width)
         for W, rows, cols in self._groups():
             _, nb, r, c = W.shape
-            sg = s.index_select(1, rows).view(B, nb, r)
-            out = out.index_add(1, cols, torch.einsum("ber,erc->bec", sg, W[j]).reshape(B, nb * c))
+            out = _put_blocks(out, W, rows.view(nb, r), cols.view(nb, c))
         return out
 
     def smoothness(self) -> Tensor:
@@ -78,8 +107,69 @@ class BlockRows(nn.Module):
 
     def named_blocks(self):
         for names, W in zip(self.names, self.weights):
-            for e, n in enumerate(names):
-                yield n, W, (slice(None), e)
+            for name, slot, cols in names:
+                yield name, W, (slice(None), slot, slice(None), cols)
+
+
+class _BlockProduct(torch.autograd.Function):
+    """``y[rows] += W x[cols]`` (or, transposed, ``y[cols] += W^T x[rows]``) over groups of
+    row blocks ``W`` of shape ``(agents, r, c)``, in agent chunks whose gathered input stays
+    around 1 MiB: the cost per agent then stays flat as fields outgrow the cache. Gradients
+    are accumulated in place, so chunking never allocates a full-size tensor per chunk."""
+
+    @staticmethod
+    def forward(ctx, x, spec, *Ws):
+        index, width, transpose = spec
+        ctx.spec = spec
+        ctx.save_for_backward(x, *Ws)
+        y = x.new_zeros(width, x.shape[1])
+        for W, (rows, cols), sl in _chunks(Ws, index, x.shape[1]):
+            src, dst, A, n_src, n_dst = _roles(W[sl], rows, cols, sl, transpose)
+            xs = x.index_select(0, src).view(A, n_src, -1)
+            y.index_add_(0, dst, torch.bmm(W[sl].transpose(1, 2) if transpose else W[sl], xs).view(A * n_dst, -1))
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        x, *Ws = ctx.saved_tensors
+        index, _, transpose = ctx.spec
+        gx = torch.zeros_like(x)
+        gWs = {id(W): torch.empty_like(W) for W in Ws}
+        for W, (rows, cols), sl in _chunks(Ws, index, x.shape[1]):
+            src, dst, A, n_src, n_dst = _roles(W[sl], rows, cols, sl, transpose)
+            xs = x.index_select(0, src).view(A, n_src, -1)
+            gd = g.index_select(0, dst).view(A, n_dst, -1)
+            if transpose:  # y = W^T x: dW = x g^T, dx = W g
+                torch.bmm(xs, gd.transpose(1, 2), out=gWs[id(W)][sl])
+                gx.index_add_(0, src, torch.bmm(W[sl], gd).view(A * n_src, -1))
+            else:  # y = W x: dW = g x^T, dx = W^T g
+                torch.bmm(gd, xs.transpose(1, 2), out=gWs[id(W)][sl])
+                gx.index_add_(0, src, torch.bmm(W[sl].transpose(1, 2), gd).view(A * n_src, -1))
+        return (gx, None, *[gWs[id(W)] for W in Ws])
+
+
+def _chunks(Ws, index, B):
+    """(group weights, (rows, cols), agent slice) for every chunk of every group."""
+    for W, rc in zip(Ws, index):
+        A, r, c = W.shape
+        step = max(1, CHUNK_ELEMENTS // (max(r, c) * B))
+        for a in range(0, A, step):
+            yield W, rc, slice(a, min(A, a + step))
+
+
+def _roles(W, rows, cols, sl, transpose):
+    """Source rows read and destination rows written by one chunk of a block product."""
+    A, r, c = W.shape
+    rows, cols = rows[sl.start * r:sl.stop * r], cols[sl.start * c:sl.stop * c]
+    return (rows, cols, A, r, c) if transpose else (cols, rows, A, c, r)
+
+
+def _put_blocks(out: Tensor, W: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """``out[:, rows[e, i], cols[e, k]] = W[:, e, i, k]`` (differentiable in ``W``)."""
+    L = out.shape[0]
+    flat = (rows[:, :, None] * out.shape[2] + cols[:, None, :]).reshape(-1)
+    return out.reshape(L, -1).index_copy(1, flat, W.reshape(L, -1)).view_as(out)
 
 
 class TreeReduce(torch.autograd.Function):
@@ -120,18 +210,24 @@ class Tree:
     group: object
     tracer: Tracer | None
     stage_cpu: bool
+    stats: CommStats
     shape: tuple[int, int] = (0, 0)
 
     def _send(self, t: Tensor, dst: int, phase: str) -> object:
+        nbytes = t.numel() * t.element_size()
         if self.tracer is not None:
-            self.tracer.record(phase, -1, "readout", dst, t.numel() * t.element_size())
+            self.tracer.record(phase, -1, "readout", dst, nbytes)
+        self.stats.bytes += nbytes
+        self.stats.messages += 1
         return dist.isend(t, dst=dst, group=self.group)
 
     def _wait(self, reqs, what: str) -> None:
         peer = None
+        t0 = time.perf_counter()
         try:
             for peer, r in reqs:
                 r.wait()
+            self.stats.seconds += time.perf_counter() - t0
         except RuntimeError as e:
             raise PeerFailure(f"readout {what}: exchange with rank {peer} failed: "
                               f"{str(e).splitlines()[0][:300]}", peer) from e
@@ -169,7 +265,7 @@ class ShardedNet(nn.Module):
 
     def __init__(self, topo: Topology, arch: str, layers: int, h: float, plan: HaloPlan, n_features: int,
                  n_classes: int, init: dict[str, Tensor], readout: str = "tree", group=None,
-                 tracer: Tracer | None = None, stage_cpu: bool = False):
+                 tracer: Tracer | None = None, stage_cpu: bool = False, local_kernel: str = "auto"):
         super().__init__()
         self.arch, self.layers, self.h, self.rank = arch, layers, h, plan.rank
         self.readout_mode, self.group = readout, group
@@ -183,8 +279,9 @@ class ShardedNet(nn.Module):
         for a in plan.halo:
             ext_col[a], at = at, at + w[a]
         self.ext_width = at
+        self.comm_stats = CommStats()
         self.ex = Exchanger(field_layout(plan, {a: list(range(local_col[a], local_col[a] + w[a])) for a in local},
-                                         self.width, w), group, tracer, stage_cpu)
+                                         self.width, w), group, tracer, stage_cpu, self.comm_stats)
         self.mats = nn.ModuleDict({K: BlockRows(K, topo, arch, local, local_col, ext_col, init) for K in MATRICES[arch]})
         self.biases = nn.ParameterDict({b: nn.Parameter(torch.cat([init[f"agent{a}.{b}"] for a in local], 1))
                                         for b in BIASES[arch]})
@@ -199,7 +296,20 @@ class ShardedNet(nn.Module):
                 sign += [1.0] * n + [-1.0] * n
             self.register_buffer("j_perm", torch.tensor(perm))
             self.register_buffer("j_sign", torch.tensor(sign, dtype=init[f"agent{local[0]}.b"].dtype))
-        self.tree = Tree(plan.rank, plan.tree_parent, plan.tree_children, group, tracer, stage_cpu)
+        self.tree = Tree(plan.rank, plan.tree_parent, plan.tree_children, group, tracer, stage_cpu, self.comm_stats)
+        self.has_neighbors = bool(plan.send)
+        self.local_kernel = self._choose_kernel(local_kernel)
+        # a lone rank exchanges nothing, so its whole stack can run in the fused dense kernels
+        self.fused = self.local_kernel == "dense" and not self.has_neighbors
+
+    def _choose_kernel(self, requested: str) -> str:
+        """Assembled dense local matrices where they are small or at least 1/4 full; otherwise the
+        per-block products, whose cost follows the number of non-zero blocks."""
+        if requested != "auto":
+            return requested
+        cells = self.width * self.ext_width
+        nnz = min(m.nnz for m in self.mats.values())
+        return "dense" if cells <= max(4096, 4 * nnz) else "blocks"
 
     # ---- inputs -------------------------------------------------------------------------
     def _setup_inputs(self, topo, local, local_col, n_features, init):
@@ -230,20 +340,21 @@ class ShardedNet(nn.Module):
                 self._embed_cols[e.agent] = (c, n)
 
     def initial_fields(self, x: Tensor) -> list[Tensor]:
+        """My agents' initial ``(F, B)`` fields from a batch of input features ``x`` (B, features)."""
         B = x.shape[0]
         fields = []
         for k in range(2 if self.arch == "H2" else 1):
-            f = x.new_zeros(B, self.width)
-            f[:, getattr(self, f"in_dst{k}")] = x[:, getattr(self, f"in_src{k}")]
+            f = x.new_zeros(self.width, B)
+            f[getattr(self, f"in_dst{k}")] = x[:, getattr(self, f"in_src{k}")].T
             fields.append(f)
         for a, lin in self.embed.items():
             c, n = self._embed_cols[int(a)]
-            e = lin(x[:, getattr(self, f"embed_src{a}")])
+            e = lin(x[:, getattr(self, f"embed_src{a}")]).T
             if self.arch == "H2":
-                fields[0] = fields[0].index_add(1, torch.arange(c, c + n, device=x.device), e[:, :n])
-                fields[1] = fields[1].index_add(1, torch.arange(c, c + n, device=x.device), e[:, n:])
+                fields[0] = fields[0].index_add(0, torch.arange(c, c + n, device=x.device), e[:n])
+                fields[1] = fields[1].index_add(0, torch.arange(c, c + n, device=x.device), e[n:])
             else:
-                fields[0] = fields[0].index_add(1, torch.arange(c, c + 2 * n, device=x.device), e)
+                fields[0] = fields[0].index_add(0, torch.arange(c, c + 2 * n, device=x.device), e)
         if torch.is_grad_enabled():
             # every exchange must be in every rank's graph, so that all ranks run the same backward
             # exchanges in the same order, even where a rank's inputs carry no gradient
@@ -270,33 +381,62 @@ class ShardedNet(nn.Module):
         self.mu = nn.Parameter(init["mu"].clone()) if topo.readout[0] in local else None
 
     def readout_partial(self, fields: list[Tensor]) -> Tensor:
-        y = torch.cat(fields, 1) if len(fields) > 1 else fields[0]
-        partial = y.index_select(1, self.readout_idx) @ self.W.T
+        """``sum_i W^[i] y^[i]`` over my readout agents, batch-first ``(B, classes)``."""
+        y = torch.cat(fields, 0) if len(fields) > 1 else fields[0]
+        partial = (self.W @ y.index_select(0, self.readout_idx)).T
         return partial + self.mu if self.mu is not None else partial
 
     # ---- layers -------------------------------------------------------------------------
-    def _half(self, K: str, b: str, j: int, x: Tensor, op: str) -> Tensor:
+    def _half(self, K: str, b: str, j: int, x: Tensor, op: str, P: dict) -> Tensor:
         """``K^T tanh(K x + b)`` for my agents, with one gather and one scatter_add."""
-        x_ext = torch.cat([x, gather(x, self.ex, j, f"gather_{op}")], 1)
-        s = torch.tanh(self.mats[K].times(j, x_ext, self.width) + self.biases[b][j])
-        z = self.mats[K].transpose_times(j, s, self.ext_width)
-        return scatter_add(z[:, :self.width], z[:, self.width:], self.ex, j, f"scatter_{op}")
+        x_ext = torch.cat([x, gather(x, self.ex, j, f"gather_{op}")], 0) if self.has_neighbors else x
+        bias = P[b][j].unsqueeze(1)
+        Kj = P[K][j]
+        if self.local_kernel == "dense":
+            s = torch.tanh(torch.addmm(bias, Kj, x_ext))
+            z = Kj.T @ s
+        else:
+            s = torch.tanh(self.mats[K].times(Kj, x_ext, self.width) + bias)
+            z = self.mats[K].transpose_times(Kj, s, self.ext_width)
+        if not self.has_neighbors:
+            return z
+        return scatter_add(z[:self.width], z[self.width:], self.ex, j, f"scatter_{op}")
 
-    def forward(self, x: Tensor) -> Tensor:
-        fields = self.initial_fields(x)
+    def _layers(self, fields: list[Tensor]) -> list[Tensor]:
         h = self.h
+        if self.local_kernel == "dense":  # assembled once per forward for all layers
+            dense = {K: m.dense(self.width, self.ext_width) for K, m in self.mats.items()}
+            if self.fused:
+                return self._fused(fields, dense)
+            P = {K: d.unbind(0) for K, d in dense.items()}
+        else:
+            P = {K: m.per_layer() for K, m in self.mats.items()}
+        P.update({b: v.unbind(0) for b, v in self.biases.items()})
         if self.arch == "H2":
             p, q = fields
             for j in range(self.layers):
-                p = p - h * self._half("K_q", "b_q", j, q, "q")
-                q = q + h * self._half("K_p", "b_p", j, p, "p")
-            fields = [p, q]
-        else:
-            (y,) = fields
-            for j in range(self.layers):
-                v = self._half("K", "b", j, y, "y")
-                y = y + h * v.index_select(1, self.j_perm) * self.j_sign
-            fields = [y]
+                p = p - h * self._half("K_q", "b_q", j, q, "q", P)
+                q = q + h * self._half("K_p", "b_p", j, p, "p", P)
+            return [p, q]
+        (y,) = fields
+        for j in range(self.layers):
+            v = self._half("K", "b", j, y, "y", P)
+            y = y + h * v.index_select(0, self.j_perm) * self.j_sign.unsqueeze(1)
+        return [y]
+
+    def _fused(self, fields: list[Tensor], dense: dict[str, Tensor]) -> list[Tensor]:
+        """The fused kernels work batch-first: transpose in and out once per forward."""
+        if self.arch == "H2":
+            Kp, Kq = dense["K_p"], dense["K_q"]
+            y = H2Stack.apply(torch.cat(fields, 0).T, Kp, Kp, Kq, Kq, self.biases["b_p"], self.biases["b_q"], self.h)
+            return [f.T for f in y.split(self.width, dim=1)]
+        K = dense["K"]
+        P = K.new_zeros(self.width, self.width)  # J1 in my agent-major layout: v @ P == v[:, perm] * sign
+        P[self.j_perm, torch.arange(self.width, device=P.device)] = self.j_sign
+        return [H1Stack.apply(fields[0].T, K, K @ P, self.biases["b"], self.h).T]
+
+    def forward(self, x: Tensor) -> Tensor:
+        fields = self._layers(self.initial_fields(x))
         partial = self.readout_partial(fields)
         if self.readout_mode == "allreduce":
             return AllReduceSum.apply(partial, self.group)
@@ -419,7 +559,7 @@ def build_sharded_engine(cfg, data, rank: int, world: int, group=None, device: s
         tracer = Tracer(rank, out / f"trace-rank{rank}.jsonl")
     stage = device.startswith("cuda") and dist.get_backend(group) == "gloo"
     net = ShardedNet(topo, mc.arch, mc.layers, mc.h, plan, data.n_features, data.n_classes, init,
-                     cfg.run.readout, group, tracer, stage).to(device)
+                     cfg.run.readout, group, tracer, stage, cfg.run.local_kernel).to(device)
     return ShardedEngine(net, rank, world, group, tracer, fault, device)
 
 

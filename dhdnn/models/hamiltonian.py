@@ -118,16 +118,21 @@ class ODENet(nn.Module):
         return out
 
     def step(self, y: Tensor, j: int, P: Mapping[str, Tensor]) -> Tensor:
-        """One layer: map state ``y`` (B, dim) through layer ``j`` using effective params ``P``."""
+        """One layer: map state ``y`` (B, dim) through layer ``j`` using ``P[name][j]`` (see per_layer)."""
         raise NotImplementedError
 
     def _check_input(self, y: Tensor) -> None:
         if y.dim() != 2 or y.shape[1] != self.dim:
             raise ValueError(f"input: expected a (batch, {self.dim}) state tensor, got shape {tuple(y.shape)}")
 
+    def per_layer(self) -> dict[str, tuple[Tensor, ...]]:
+        """Effective parameters split by layer. ``unbind`` once, not ``P[j]`` per layer: its backward
+        stacks all layers' gradients once instead of allocating a full-size zero tensor per layer."""
+        return {k: v.unbind(0) for k, v in self.effective().items()}
+
     def forward(self, y: Tensor) -> Tensor:
         self._check_input(y)
-        P = self.effective()
+        P = self.per_layer()
         for j in range(self.layers):
             y = self.step(y, j, P)
         return y
@@ -135,7 +140,7 @@ class ODENet(nn.Module):
     def trajectory(self, y: Tensor) -> list[Tensor]:
         """All ``layers + 1`` states ``[y_0, ..., y_L]`` via the step-by-step autograd path."""
         self._check_input(y)
-        P = self.effective()
+        P = self.per_layer()
         states = [y]
         for j in range(self.layers):
             states.append(self.step(states[-1], j, P))
