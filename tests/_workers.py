@@ -61,10 +61,11 @@ def load_blocks(engine, blocks):
             p[idx] = blocks[name]
 
 
-def exactness_worker(rank, world, topo_path, arch, layers, blocks, data, out_dir, readout, steps, kernel="blocks"):
+def exactness_worker(rank, world, topo_path, arch, layers, blocks, data, out_dir, readout, steps, kernel="blocks",
+                     device="cpu"):
     """One forward/backward + checks, then ``steps`` Adam steps; returns what the parent compares."""
     cfg = cfg_for(topo_path, arch, layers, out_dir, readout, kernel=kernel)
-    engine = build_sharded_engine(cfg, data, rank, world)
+    engine = build_sharded_engine(cfg, data, rank, world, device=device)
     load_blocks(engine, blocks)
     x, y = data.x_train, data.y_train
     with NoCollectives() if readout == "tree" else _Null():
@@ -73,14 +74,15 @@ def exactness_worker(rank, world, topo_path, arch, layers, blocks, data, out_dir
     grads = {name: p.grad[idx].clone() for name, p, idx in engine.named_blocks()}
     records = list(engine.tracer.records)
     with torch.no_grad():
-        logits = engine.net(x) if engine.net.has_logits else engine.net(x) * 0 and None
+        logits = engine.net(x.to(device))
+        logits = logits if engine.net.has_logits else None
     engine.tracer.records.clear()
     # dot-product adjoint test of the gather/scatter_add pair on random fields
     ex: Exchanger = engine.net.ex
     g = torch.Generator().manual_seed(100 + rank)
     B = 3
-    xr = torch.randn(ex.layout.width, B, generator=g, dtype=torch.float64)
-    hr = torch.randn(ex.layout.halo_width, B, generator=g, dtype=torch.float64)
+    xr = torch.randn(ex.layout.width, B, generator=g, dtype=torch.float64).to(device)
+    hr = torch.randn(ex.layout.halo_width, B, generator=g, dtype=torch.float64).to(device)
     with NoCollectives():
         lhs = (gather(xr, ex) * hr).sum()  # <G x, y>
         rhs = (xr * scatter_add(torch.zeros_like(xr), hr, ex)).sum()  # <x, G^T y>
@@ -92,9 +94,10 @@ def exactness_worker(rank, world, topo_path, arch, layers, blocks, data, out_dir
         engine.objective(x, y, cfg.train.alpha).objective.backward()
         opt.step()
     final = {name: p.detach()[idx].clone() for name, p, idx in engine.named_blocks()}
-    sums = engine.reduce_sum(torch.stack([lhs, rhs]).detach())
-    return {"rank": rank, "logits": logits, "objective": out.objective.detach(), "stats": out.stats,
-            "grads": grads, "records": records, "adjoint": sums, "final": final}
+    sums = engine.reduce_sum(torch.stack([lhs, rhs]).detach().cpu())
+    cpu = lambda d: {k: v.cpu() for k, v in d.items()}  # noqa: E731
+    return {"rank": rank, "logits": None if logits is None else logits.cpu(), "objective": out.objective.detach().cpu(),
+            "stats": out.stats, "grads": cpu(grads), "records": records, "adjoint": sums, "final": cpu(final)}
 
 
 class _Null:

@@ -74,10 +74,10 @@ def _rel(a, b):
     return float((a - b).norm() / max(b.norm(), 1e-300))
 
 
-def _check_run(topo_path, arch, workers, tmp_path, readout="tree", kernel="blocks"):
+def _check_run(topo_path, arch, workers, tmp_path, readout="tree", kernel="blocks", device="cpu", backend="gloo"):
     topo, data, blocks = _setup(topo_path, arch)
     results = run_local(exactness_worker, workers, (topo_path, arch, LAYERS, blocks, data, str(tmp_path), readout, STEPS,
-                                                    kernel), timeout_s=60, run_timeout_s=240)
+                                                    kernel, device), backend=backend, timeout_s=60, run_timeout_s=240)
     logits, objective, grads, final = _dense(topo, topo_path, arch, blocks, data, tmp_path)
     root = results[0]
     # --- exactness: logits, loss (sum of per-rank objectives = CE + global regulariser), every gradient

@@ -546,7 +546,7 @@ def build_sharded_engine(cfg, data, rank: int, world: int, group=None, device: s
     topo = load_topology(cfg.topology)
     check_distributable(topo, mc.arch, mc.J)
     part = partition(topo, world, partition_method)
-    _check_same_partition(part.assignment, group)
+    _check_same_partition(part.assignment, group, device)
     plan = build_plans(topo, part)[rank]
     dtype = DTYPES[cfg.run.dtype]
     init = init_blocks(topo, mc.arch, mc.layers, data.n_classes, cfg.train.seed, mc.init_std, dtype)
@@ -563,9 +563,10 @@ def build_sharded_engine(cfg, data, rank: int, world: int, group=None, device: s
     return ShardedEngine(net, rank, world, group, tracer, fault, device)
 
 
-def _check_same_partition(assignment, group) -> None:
+def _check_same_partition(assignment, group, device: str) -> None:
     """Every rank computes the partition itself; make sure they agree (a setup-time collective)."""
-    h = torch.tensor([float(hash(tuple(assignment)) % 1_000_003)], dtype=torch.float64)
+    on = device if dist.get_backend(group) == "nccl" else "cpu"
+    h = torch.tensor([float(hash(tuple(assignment)) % 1_000_003)], dtype=torch.float64, device=on)
     lo, hi = h.clone(), h.clone()
     dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
     dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
