@@ -74,14 +74,15 @@ class Engine:
 def stats_of(logits: Tensor, y: Tensor) -> Tensor:
     ce = F.cross_entropy(logits, y, reduction="sum")
     correct = (logits.argmax(1) == y).sum()
-    return torch.stack([ce.detach(), correct.to(ce.dtype), torch.tensor(float(len(y)), dtype=ce.dtype)])
+    count = torch.tensor(float(len(y)), dtype=ce.dtype, device=ce.device)
+    return torch.stack([ce.detach(), correct.to(ce.dtype), count]).cpu()
 
 
 class DenseEngine(Engine):
     """The reference: the whole (masked) network in one process."""
 
-    def __init__(self, model: Classifier):
-        self.model = model
+    def __init__(self, model: Classifier, device: str | torch.device = "cpu"):
+        self.model, self.device = model, torch.device(device)
 
     def optimizer_groups(self, weight_decay):
         wd = {id(p) for p in self.model.readout_parameters()}
@@ -91,6 +92,7 @@ class DenseEngine(Engine):
 
     def objective(self, x, y, alpha, record=False):
         m = self.model
+        x, y = x.to(self.device), y.to(self.device)
         y0 = m.initial_state(x)
         states = None
         if record:  # the step-by-step path keeps every intermediate state for the gradient norms
@@ -103,7 +105,7 @@ class DenseEngine(Engine):
         logits = m.readout(yL)
         ce = F.cross_entropy(logits, y)
         reg = m.regularizer(alpha) if alpha else ce.new_zeros(())
-        stats = torch.cat([stats_of(logits, y), reg.detach().reshape(1)])
+        stats = torch.cat([stats_of(logits, y), reg.detach().reshape(1).cpu()])
         norms = (lambda: [float(s.grad.norm()) for s in states]) if record else None
         return StepOut(ce + reg, stats, norms)
 
@@ -111,7 +113,8 @@ class DenseEngine(Engine):
     def eval_stats(self, x, y):
         out = torch.zeros(3, dtype=x.dtype)
         for i in range(0, len(x), 4096):
-            out += stats_of(self.model(x[i:i + 4096]), y[i:i + 4096])
+            xb, yb = x[i:i + 4096].to(self.device), y[i:i + 4096].to(self.device)
+            out += stats_of(self.model(xb), yb)
         return out
 
     def named_blocks(self):
@@ -304,8 +307,8 @@ def train_dense(cfg: Config, resume: bool = False, topology=None) -> dict:
     data = load_data(cfg)
     gen = seed_everything(cfg.train.seed)
     model = build_classifier(cfg, data.n_features, data.n_classes, topology, generator=gen)
-    model = model.to(DTYPES[cfg.run.dtype])
-    return Trainer(cfg, DenseEngine(model), data, resume=resume).fit()
+    model = model.to(DTYPES[cfg.run.dtype]).to(cfg.run.device)
+    return Trainer(cfg, DenseEngine(model, cfg.run.device), data, resume=resume).fit()
 
 
 def train_from_config(cfg: Config, resume: bool = False) -> dict | None:

@@ -34,3 +34,13 @@ def test_sharded_on_cuda_with_gloo_staging_matches_dense(workers, kernel, random
 def test_sharded_on_cuda_with_nccl_single_rank(random_topology, tmp_path):  # noqa: F811
     # nccl allows one rank per GPU; with one GPU this exercises the nccl path end to end
     _check_run(random_topology, "H1", 1, tmp_path, kernel="blocks", device="cuda", backend="nccl")
+
+
+def test_dense_training_on_cuda(tmp_path):
+    from dhdnn.config import load_config
+    from dhdnn.train import train_from_config
+
+    cfg = load_config("launch/swiss_roll_H2_64.yaml", ["run.device=cuda", f"run.out_dir={tmp_path / 'r'}",
+                                                        "train.epochs=2", "data.n_samples=400", "run.progress=false"])
+    s = train_from_config(cfg)
+    assert 0 <= s["test_acc"] <= 1
