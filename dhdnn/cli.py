@@ -35,7 +35,7 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, _overrides(args))
     if args.no_progress:
         cfg.run.progress = False
-    summary = train_from_config(cfg, resume=args.resume)
+    summary = train_from_config(cfg, resume="auto" if args.auto_resume else args.resume)
     if summary is not None:
         print(f"train_acc {summary['train_acc']:.4f}  test_acc {summary['test_acc']:.4f}  "
               f"epochs {summary['epochs']}  wall {summary['wall_seconds']:.1f}s  -> {cfg.run.out_dir}")
@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="run config file (sections model, topology, data, train, run)")
     _config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    p.add_argument("--auto-resume", action="store_true",
+                   help="resume if the run directory holds a complete checkpoint, else start fresh "
+                        "(for torchrun --max-restarts)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 

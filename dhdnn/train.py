@@ -223,7 +223,8 @@ class Trainer:
             group["lr"] = self._lr(self.epoch)
         t0 = time.perf_counter()
         acc = torch.zeros(4, dtype=torch.float64)
-        for idx in self._batches(self.epoch):
+        batches = self._batches(self.epoch)
+        for idx in batches:
             record = bool(tc.grad_norm_every) and self.step % tc.grad_norm_every == 0
             self.opt.zero_grad(set_to_none=True)
             out = self.engine.objective(d.x_train[idx], d.y_train[idx], tc.alpha, record)
@@ -240,7 +241,7 @@ class Trainer:
         train = self.engine.reduce_sum(self.engine.eval_stats(d.x_train, d.y_train).double().cpu())
         test = self.engine.reduce_sum(self.engine.eval_stats(d.x_test, d.y_test).double().cpu())
         return {"epoch": self.epoch, "step": self.step, "lr": self._lr(self.epoch - 1),
-                "loss": float(acc[0] / acc[2]), "regularizer": float(acc[3] / max(1, len(self._batches(0)))),
+                "loss": float(acc[0] / acc[2]), "regularizer": float(acc[3] / len(batches)),
                 "train_acc": float(train[1] / train[2]), "test_acc": float(test[1] / test[2]),
                 "test_loss": float(test[0] / test[2]), "seconds": seconds}
 
@@ -311,9 +312,12 @@ def train_dense(cfg: Config, resume: bool = False, topology=None) -> dict:
     return Trainer(cfg, DenseEngine(model, cfg.run.device), data, resume=resume).fit()
 
 
-def train_from_config(cfg: Config, resume: bool = False) -> dict | None:
+def train_from_config(cfg: Config, resume: bool | str = False) -> dict | None:
     """Entry point of ``dhdnn train``: the dense engine in this process, or the sharded
-    engine on local workers / under torchrun. Returns the summary (None on non-main ranks)."""
+    engine on local workers / under torchrun. Returns the summary (None on non-main ranks).
+    ``resume="auto"`` resumes when the run directory holds a complete checkpoint."""
+    if resume == "auto":
+        resume = ckpt.latest(Path(cfg.run.out_dir)) is not None
     from .distributed.launch import torchrun_env
 
     sharded = cfg.run.engine == "sharded" or (cfg.run.engine == "auto" and (cfg.run.workers > 1 or torchrun_env()))

@@ -77,3 +77,12 @@ def test_cli_train_plot_analyze(tmp_path, capsys):
     assert res["min_bsm_norm"] >= 1 - 1e-9
     assert main(["train", str(cfg), "--set", "model.arch=Nope"]) == 2
     assert "key 'model.arch'" in capsys.readouterr().err
+
+
+def test_auto_resume_starts_fresh_then_continues(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: {arch: H2, dim: 4, layers: 2}\ndata: {n_samples: 200}\ntrain: {epochs: 2}\n")
+    out = tmp_path / "r"
+    assert main(["train", str(cfg), "--out", str(out), "--no-progress", "--auto-resume"]) == 0
+    assert main(["train", str(cfg), "--out", str(out), "--no-progress", "--auto-resume", "--set", "train.epochs=3"]) == 0
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3

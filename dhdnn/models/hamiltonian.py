@@ -196,9 +196,12 @@ class H1(ODENet):
     def forward(self, y):
         self._check_input(y)
         P = self.effective()
-        # y J^T K-form folded into one matrix so the fused kernel does one product per update
-        A = P["K"] @ self.J.T.to(P["K"].dtype)
-        return _fused.H1Stack.apply(y, P["K"], A, P["b"], self.h)
+        K = P["K"]
+        # K J^T folded into one matrix so the fused kernel does one product per update;
+        # for J1 that is a signed swap of the p and q column halves, no matmul needed
+        A = torch.cat([K[:, :, self.half:], -K[:, :, :self.half]], 2) if self.J_kind == "J1" \
+            else K @ self.J.T.to(K.dtype)
+        return _fused.H1Stack.apply(y, K, A, P["b"], self.h)
 
     def extra_repr(self):
         return super().extra_repr() + f", J={self.J_kind}"
@@ -226,6 +229,7 @@ class H2(ODENet):
         if torch.linalg.matrix_rank(X.double()) < m:
             raise ValueError("X: expected an invertible matrix")
         self.register_buffer("X", X.clone())
+        self.X_is_identity = bool(torch.equal(X, torch.eye(m, dtype=X.dtype)))
 
     def step(self, y, j, P):
         m = self.half
@@ -240,7 +244,7 @@ class H2(ODENet):
         P = self.effective()
         X = self.X.to(P["K_p"].dtype)
         # the p-update uses rows (K_q X), the q-update (K_p X^T): fold X in once per forward
-        Aq, Ap = P["K_q"] @ X, P["K_p"] @ X.T
+        Aq, Ap = (P["K_q"], P["K_p"]) if self.X_is_identity else (P["K_q"] @ X, P["K_p"] @ X.T)
         return _fused.H2Stack.apply(y, P["K_p"], Ap, P["K_q"], Aq, P["b_p"], P["b_q"], self.h)
 
 
