@@ -114,7 +114,6 @@ def _child(rank: int, world: int, store_path: str, out_dir: str, backend: str, t
         text = describe_failure(rank, e, primary)
         (Path(out_dir) / f"error{rank}.txt").write_text(("PRIMARY\n" if primary else "PEER\n") + text)
         os._exit(1)
-    os._exit(0)
 
 
 _COMM_ERRORS = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "Broken pipe")
