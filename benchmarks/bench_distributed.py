@@ -22,7 +22,7 @@ from dhdnn.config import load_config
 from dhdnn.data import Dataset
 from dhdnn.distributed.launch import run_local
 from dhdnn.partition import partition, predicted_bytes
-from dhdnn.topology import load_topology, topology_from_dict
+from dhdnn.topology import load_topology
 from dhdnn.train import DenseEngine, build_classifier
 
 

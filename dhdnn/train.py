@@ -238,12 +238,9 @@ class Trainer:
         self.epoch += 1
         self.engine.end_epoch()
         acc = self.engine.reduce_sum(acc)
-        train = self.engine.reduce_sum(self.engine.eval_stats(d.x_train, d.y_train).double().cpu())
-        test = self.engine.reduce_sum(self.engine.eval_stats(d.x_test, d.y_test).double().cpu())
         return {"epoch": self.epoch, "step": self.step, "lr": self._lr(self.epoch - 1),
                 "loss": float(acc[0] / acc[2]), "regularizer": float(acc[3] / len(batches)),
-                "train_acc": float(train[1] / train[2]), "test_acc": float(test[1] / test[2]),
-                "test_loss": float(test[0] / test[2]), "seconds": seconds}
+                **self.evaluate(), "seconds": seconds}
 
     def _append(self, name: str, record: dict) -> None:
         with open(self.out / name, "a") as f:
@@ -273,20 +270,22 @@ class Trainer:
         if bar is not None:
             bar.close()
         if last is None:  # resumed a finished run: re-evaluate
-            last = self.final_metrics()
-        summary = {"train_acc": last["train_acc"], "test_acc": last["test_acc"], "loss": last["loss"],
+            last = self.evaluate()
+        summary = {"train_acc": last["train_acc"], "test_acc": last["test_acc"],
+                   "loss": last.get("loss", last["train_loss"]),
                    "epochs": self.epoch, "steps": self.step, "wall_seconds": time.perf_counter() - t_start,
                    "workers": self.engine.world, "config": cfg.to_dict()}
         if main:
             ckpt.atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=1))
         return summary
 
-    def final_metrics(self) -> dict:
+    def evaluate(self) -> dict:
+        """Accuracy of both splits and the test loss (summed over ranks; outside forward/backward)."""
         d = self.data
         train = self.engine.reduce_sum(self.engine.eval_stats(d.x_train, d.y_train).double().cpu())
         test = self.engine.reduce_sum(self.engine.eval_stats(d.x_test, d.y_test).double().cpu())
         return {"train_acc": float(train[1] / train[2]), "test_acc": float(test[1] / test[2]),
-                "loss": float(train[0] / train[2])}
+                "test_loss": float(test[0] / test[2]), "train_loss": float(train[0] / train[2])}
 
 
 def check_fresh_run_dir(out: Path, resume: bool) -> None:

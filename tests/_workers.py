@@ -11,8 +11,6 @@ from dhdnn.config import load_config
 from dhdnn.data import Dataset
 from dhdnn.distributed.exchange import Exchanger, gather, scatter_add
 from dhdnn.distributed.sharded import build_sharded_engine
-from dhdnn.partition import build_plans, partition, predicted_bytes
-from dhdnn.topology import load_topology
 
 COLLECTIVES = ["all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce", "reduce_scatter",
                "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "barrier", "monitored_barrier", "gather",

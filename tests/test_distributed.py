@@ -40,8 +40,7 @@ def random_topology(tmp_path_factory):
 
 def _setup(topo_path, arch, seed=0):
     topo = load_topology(topo_path)
-    n_features = 64 if topo.embeddings else len(topo.input_feeds(64 if topo.embeddings else 3)
-                                                if topo.inputs else []) or 2
+    n_features = 64 if topo.embeddings else (max(f.feature for f in topo.inputs) + 1 if topo.inputs else 2)
     data = make_data(n_features, 3, BATCH, seed)
     blocks = init_blocks(topo, arch, LAYERS, data.n_classes, seed, init_std=0.7)
     g = torch.Generator().manual_seed(seed + 1)

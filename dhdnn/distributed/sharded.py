@@ -3,8 +3,9 @@
 Per layer every product with ``K`` is local compute plus one neighbour exchange:
 ``K x`` reads the neighbours' columns (``gather``), ``K^T s`` produces contributions for
 the neighbours' agents (``scatter_add``). Local compute runs over the non-zero blocks
-only (blocks of equal shape batched into one ``einsum``), so its cost grows with the
-number of edges, never with the square of the rank's state size.
+only (the rows of agents with the same block-shape signature side by side, one chunked
+``bmm`` per group), so its cost grows with the number of edges, never with the square of
+the rank's state size; small or dense ranks may use assembled local matrices instead.
 
 The readout's partial logits travel up a spanning tree of the rank graph to rank 0,
 which computes the loss; the logits' gradient travels back down (neighbour ranks only).
