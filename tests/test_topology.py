@@ -189,3 +189,26 @@ def test_halo_plan_matches_brute_force_from_masks(seed):
     tree = sum(1 for p in plans if p.tree_parent is not None)
     assert tree == workers - 1
     assert b["per_step"] == 2 * 3 * 4 * brute * batch * 8 + 2 * tree * batch * 2 * 8
+
+
+def test_cli_topology_show_and_partition(tmp_path, capsys):
+    import json
+
+    from dhdnn.cli import main
+
+    assert main(["topology", "show", "topologies/ring8.yaml", "--plot", str(tmp_path / "g.png")]) == 0
+    out = capsys.readouterr().out
+    assert "8 agents, 8 edges, state dim 16" in out and (tmp_path / "g.png").stat().st_size > 1000
+    assert main(["partition", "topologies/ring8.yaml", "--workers", "3", "--json", "--batch", "10",
+                 "--layers", "2", "--plot", str(tmp_path / "p.png")]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert set(res["assignment"]) == {str(i) for i in range(1, 9)} and sorted(set(res["assignment"].values())) == [0, 1, 2]
+    assert sum(res["loads"]) == 8 and len(res["cut_edges"]) == 3 and res["rank_edges"]
+    topo = load_topology("topologies/ring8.yaml")
+    part = partition(topo, 3)
+    assert res["bytes_per_step"] == predicted_bytes(topo, part, 10, "float32", "H2", layers=2)["per_step"]
+    assert (tmp_path / "p.png").exists()
+    assert main(["partition", "topologies/ring8.yaml", "--workers", "3"]) == 0
+    assert "cut edges 3" in capsys.readouterr().out
+    assert main(["partition", "topologies/ring8.yaml", "--workers", "9"]) == 2
+    assert "9 workers but" in capsys.readouterr().err
