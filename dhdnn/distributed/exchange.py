@@ -156,15 +156,16 @@ class Exchanger:
             return x.new_zeros(0, B)
         return torch.cat([recvs[s] for s in L.halo_slices], dim=0).to(x.device)
 
-    def scatter_values(self, c_local: Tensor, c_halo: Tensor, phase: str, layer: int, op: str) -> Tensor:
-        """Send the halo contributions to their owners; return ``c_local`` plus what I receive."""
-        L, B = self.layout, c_local.shape[1]
+    def scatter_values(self, c_local: Tensor | None, c_halo: Tensor, phase: str, layer: int, op: str) -> Tensor:
+        """Send the halo contributions to their owners; return ``c_local`` (zeros if None) plus
+        what I receive."""
+        L, B = self.layout, c_halo.shape[1]
         staged = self._stage_out(c_halo)
         sends = {s: staged[sl] for s, sl in L.halo_slices.items()}  # row slices are contiguous
-        cols = self._cols(c_local.device)
-        recvs = {s: self._buf(("sr", s), (len(c), B), c_local) for s, c in cols.items()}
+        cols = self._cols(c_halo.device)
+        recvs = {s: self._buf(("sr", s), (len(c), B), c_halo) for s, c in cols.items()}
         self._p2p(sends, recvs, phase, layer, op)
-        out = c_local.clone()
+        out = c_halo.new_zeros(L.width, B) if c_local is None else c_local.clone()
         for s, c in cols.items():
             out.index_add_(0, c, recvs[s].to(out.device))
         return out
@@ -180,9 +181,7 @@ class Gather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_halo):
-        ex = ctx.ex
-        zeros = g_halo.new_zeros(ex.layout.width, g_halo.shape[1])
-        return ex.scatter_values(zeros, g_halo.contiguous(), "backward", ctx.layer, ctx.op), None, None, None
+        return ctx.ex.scatter_values(None, g_halo.contiguous(), "backward", ctx.layer, ctx.op), None, None, None
 
 
 class ScatterAdd(torch.autograd.Function):

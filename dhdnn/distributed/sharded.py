@@ -125,9 +125,10 @@ class _BlockProduct(torch.autograd.Function):
         ctx.save_for_backward(x, *Ws)
         y = x.new_zeros(width, x.shape[1])
         for W, (rows, cols), sl in _chunks(Ws, index, x.shape[1]):
-            src, dst, A, n_src, n_dst = _roles(W[sl], rows, cols, sl, transpose)
+            Wc = W[sl]
+            src, dst, A, n_src, n_dst = _roles(Wc, rows, cols, sl, transpose)
             xs = x.index_select(0, src).view(A, n_src, -1)
-            y.index_add_(0, dst, torch.bmm(W[sl].transpose(1, 2) if transpose else W[sl], xs).view(A * n_dst, -1))
+            y.index_add_(0, dst, torch.bmm(Wc.transpose(1, 2) if transpose else Wc, xs).view(A * n_dst, -1))
         return y
 
     @staticmethod
