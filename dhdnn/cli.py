@@ -146,10 +146,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    import torch
-
     from .config import apply_overrides, config_from_dict
-    from .export import dense_model_of_run, load_exported
+    from .export import dense_model_of_run, model_from_export, read_export
     from .train import DTYPES, DenseEngine, load_data
 
     src = Path(args.model)
@@ -157,8 +155,8 @@ def cmd_evaluate(args) -> int:
         cfg, model, _ = dense_model_of_run(src)
         raw = cfg.to_dict()
     else:
-        model = load_exported(src)
-        raw = torch.load(src, map_location="cpu", weights_only=True)["config"]
+        payload = read_export(src)
+        model, raw = model_from_export(payload, src), payload["config"]
     cfg = config_from_dict(apply_overrides(raw, args.overrides), str(src))
     data = load_data(cfg)
     model = model.to(DTYPES[cfg.run.dtype])

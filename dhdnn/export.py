@@ -77,6 +77,11 @@ def export_model(model: Classifier, cfg, topo, out: str | Path) -> Path:
 
 def load_exported(path: str | Path) -> Classifier:
     """The dense single-process classifier stored by ``dhdnn export``."""
+    return model_from_export(read_export(path), path)
+
+
+def read_export(path: str | Path) -> dict:
+    """The validated payload of an export file (model, config and topology)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such exported model")
@@ -86,6 +91,11 @@ def load_exported(path: str | Path) -> Classifier:
         raise ValueError(f"{path}: cannot be read as a dhdnn export ({e})") from None
     if not isinstance(d, dict) or d.get("format") != FORMAT or d.get("version") != VERSION:
         raise ValueError(f"{path}: key 'format': expected {FORMAT} v{VERSION}")
+    return d
+
+
+def model_from_export(d: dict, path: str | Path = "<export>") -> Classifier:
+    """Rebuild the dense classifier from an export payload (see :func:`read_export`)."""
     sd = d["state_dict"]
     cls = ARCHITECTURES.get(d["arch"])
     if cls is None:

@@ -27,6 +27,10 @@ def test_torchrun_matches_local_workers(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
     assert json.loads((tmp_path / "tr" / "summary.json").read_text())["workers"] == 2
     for r in (0, 1):
-        lines = (tmp_path / "tr" / f"trace-rank{r}.jsonl").read_text().splitlines()
-        m = json.loads(lines[0])
+        records = [json.loads(x) for x in (tmp_path / "tr" / f"trace-rank{r}.jsonl").read_text().splitlines()]
+        m = records[0]
         assert {"step", "phase", "layer", "op", "src", "dst", "bytes"} <= set(m) and m["src"] == r
+        assert {x["phase"] for x in records} == {"forward", "backward", "eval"}
+        # training messages: the same number in every step
+        per_step = [sum(1 for x in records if x["step"] == s and x["phase"] != "eval") for s in (0, 7)]
+        assert per_step[0] == per_step[1] > 0

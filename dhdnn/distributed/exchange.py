@@ -43,9 +43,11 @@ class Tracer:
     def __init__(self, rank: int, path: Path | None = None):
         self.rank, self.path = rank, path
         self.step = 0
+        self.evaluating = False  # forward passes of evaluation are traced as phase "eval"
         self.records: list[dict] = []
 
     def record(self, phase: str, layer: int, op: str, dst: int, nbytes: int) -> None:
+        phase = "eval" if self.evaluating else phase
         self.records.append({"step": self.step, "phase": phase, "layer": layer, "op": op,
                              "src": self.rank, "dst": dst, "bytes": nbytes})
 

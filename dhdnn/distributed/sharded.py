@@ -503,16 +503,22 @@ class ShardedEngine(Engine):
         if self.net.has_logits:
             ce = F.cross_entropy(out, y)
             stats = stats_of(out, y) if self.rank == 0 else zeros
-            return StepOut(ce + reg, torch.cat([stats.cpu(), reg.detach().reshape(1).cpu()]))
+            return StepOut(ce + reg, torch.cat([stats, reg.detach().reshape(1).cpu()]))
         return StepOut(out + reg, torch.cat([zeros, reg.detach().reshape(1).cpu()]))
 
     @torch.no_grad()
     def eval_stats(self, x, y):
         out = torch.zeros(3, dtype=torch.float64)
-        for i in range(0, len(x), 4096):
-            logits = self.net(x[i:i + 4096].to(self.device))
-            if self.rank == 0:
-                out += stats_of(logits, y[i:i + 4096].to(self.device)).double().cpu()
+        if self.tracer is not None:
+            self.tracer.evaluating = True
+        try:
+            for i in range(0, len(x), 4096):
+                logits = self.net(x[i:i + 4096].to(self.device))
+                if self.rank == 0:
+                    out += stats_of(logits, y[i:i + 4096].to(self.device)).double()
+        finally:
+            if self.tracer is not None:
+                self.tracer.evaluating = False
         return out
 
     def reduce_sum(self, t):
