@@ -1,12 +1,17 @@
-"""Partition-independent checkpoints, written atomically.
+"""Partition-independent checkpoints whose cost is the bytes they hold.
 
-A checkpoint is a directory ``RUN/checkpoints/step-XXXXXXXX/`` holding one shard per rank
-(``shard-R.pt``: parameter blocks and their Adam moments keyed by *canonical* names, e.g.
-``agent3.K_p.5`` for a topology run or ``body.K`` for a dense one) and ``meta.json``
-(epoch, step, config), written last. ``RUN/checkpoints/latest`` names the newest complete
-one. Because blocks are keyed by name rather than by rank, a run saved on 4 workers loads
-on 2. Every file goes through a temp file + rename, so a crash never leaves a torn file,
-and loading uses ``torch.load(weights_only=True)``.
+A checkpoint is a directory ``RUN/checkpoints/step-XXXXXXXX/`` holding one shard per
+parameter owner (``shard-R.pt``) and ``meta.json`` (epoch, step, config, topology
+fingerprint, shard sizes), written last. A shard stores each checkpoint entry of its rank
+as a few large tensors: the values of a block class (``K_p/8x8``: every block this rank
+holds, in one tensor) with the canonical indices of those blocks, and the optimiser moments
+in the same layout. Loading maps canonical indices to whatever blocks the loading rank
+holds, so a run saved on 4 workers resumes on 2, dense or sharded. Every file goes through
+a temp file + rename (a crash never leaves a torn file under a real name), files honour the
+umask, and loading uses ``torch.load(weights_only=True, mmap=True)``.
+
+Format 1 (one small tensor per named block) is still read: its names are mapped onto the
+block classes on load.
 """
 from __future__ import annotations
 
@@ -15,28 +20,42 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import torch
+from torch import Tensor
 
 FORMAT = "dhdnn-checkpoint"
-VERSION = 1
+VERSION = 2
 KEEP = 2  # complete checkpoints kept on disk
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete or does not fit the model."""
+    """A checkpoint that is missing, incomplete, unreadable or does not fit the model."""
 
 
-def atomic_write(path: Path, write) -> None:
+def _umask() -> int:
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
+UMASK = _umask()
+
+
+def atomic_write(path: Path, write: Callable, sync: bool = True) -> None:
     """Call ``write(file_object)`` on a temp file beside ``path``, then rename it into place."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp makes 0600; a run's files follow the umask
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -51,61 +70,233 @@ def step_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step-{step:08d}"
 
 
-def save_shard(run_dir: Path, step: int, rank: int, blocks: dict[str, torch.Tensor],
-               optim: dict[str, dict[str, torch.Tensor]], extra: dict | None = None) -> None:
-    payload = {"format": FORMAT, "version": VERSION, "blocks": {k: v.detach().cpu().clone() for k, v in blocks.items()},
-               "optim": {k: {s: t.detach().cpu().clone() for s, t in v.items()} for k, v in optim.items()},
-               "extra": extra or {}}
-    atomic_write(step_dir(run_dir, step) / f"shard-{rank}.pt", lambda f: torch.save(payload, f))
+def save_shard(run_dir: Path, step: int, rank: int, entries: dict[str, dict]) -> int:
+    """Write one rank's entries (``{key: {ids, axis, values, moments}}``); returns the file size."""
+    payload = {"format": FORMAT, "version": VERSION, "rank": rank, "entries": entries}
+    path = step_dir(run_dir, step) / f"shard-{rank}.pt"
+    atomic_write(path, lambda f: torch.save(payload, f))
+    return path.stat().st_size
 
 
 def finalize(run_dir: Path, step: int, meta: dict) -> None:
     """Mark checkpoint ``step`` complete (after every shard is written) and prune old ones."""
     d = step_dir(run_dir, step)
-    atomic_write_text(d / "meta.json", json.dumps({"format": FORMAT, "version": VERSION, "step": step, **meta},
-                                                  indent=1))
+    sizes = {p.name: p.stat().st_size for p in sorted(d.glob("shard-*.pt"))}
+    atomic_write_text(d / "meta.json", json.dumps({"format": FORMAT, "version": VERSION, "step": step,
+                                                   "shard_sizes": sizes, **meta}, indent=1))
     atomic_write_text(Path(run_dir) / "checkpoints" / "latest", d.name + "\n")
-    complete = sorted(p for p in d.parent.glob("step-*") if (p / "meta.json").exists())
-    for old in complete[:-KEEP]:
+    for old in complete(run_dir)[KEEP:]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def complete(run_dir: Path) -> list[Path]:
+    """Complete checkpoint directories of a run, newest first."""
+    root = Path(run_dir) / "checkpoints"
+    return sorted((p for p in root.glob("step-*") if (p / "meta.json").exists()), reverse=True)
 
 
 def latest(run_dir: Path) -> Path | None:
     """The newest complete checkpoint directory of a run, or None."""
-    root = Path(run_dir) / "checkpoints"
-    pointer = root / "latest"
-    if pointer.exists():
-        d = root / pointer.read_text().strip()
-        if (d / "meta.json").exists():
-            return d
-    complete = sorted(p for p in root.glob("step-*") if (p / "meta.json").exists())
-    return complete[-1] if complete else None
+    found = complete(run_dir)
+    return found[0] if found else None
 
 
-def load(ckpt_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
-    """Read a complete checkpoint: (meta, blocks, optimizer moments), merged over all shards."""
-    ckpt_dir = Path(ckpt_dir)
-    meta_path = ckpt_dir / "meta.json"
+def clean_partial(run_dir: Path) -> list[Path]:
+    """Remove what an interrupted writer left behind (temp files, checkpoints without
+    ``meta.json``); only the holder of the run's lock may call this. Returns what was removed."""
+    removed = []
+    root = Path(run_dir)
+    for tmp in list(root.glob(".*.tmp")) + list(root.glob("checkpoints/.*.tmp")) + \
+            list(root.glob("checkpoints/step-*/.*.tmp")):
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    for d in (root / "checkpoints").glob("step-*"):
+        if d.is_dir() and not (d / "meta.json").exists():
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+def read_meta(ckpt_dir: Path) -> dict:
+    meta_path = Path(ckpt_dir) / "meta.json"
     if not meta_path.exists():
         raise CheckpointError(f"{ckpt_dir}: incomplete checkpoint (no meta.json)")
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{meta_path}: not valid JSON ({e})") from None
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise CheckpointError(f"{meta_path}: expected format {FORMAT} v{VERSION}, got "
+    if meta.get("format") != FORMAT or meta.get("version") not in (1, VERSION):
+        raise CheckpointError(f"{meta_path}: expected format {FORMAT} v1 or v{VERSION}, got "
                               f"{meta.get('format')} v{meta.get('version')}")
+    return meta
+
+
+def load(ckpt_dir: Path) -> tuple[dict[str, Any], list[dict]]:
+    """Read a complete checkpoint: ``(meta, shard payloads)``. Tensors are memory-mapped, so a
+    rank reads only the pages of the blocks it takes. Every shard is checked (size against the
+    meta, then a full read of its index), so a torn checkpoint is reported here."""
+    ckpt_dir = Path(ckpt_dir)
+    meta = read_meta(ckpt_dir)
     shards = sorted(ckpt_dir.glob("shard-*.pt"))
-    if len(shards) != meta.get("shards", len(shards)) or not shards:
+    if not shards or len(shards) != meta.get("shards", len(shards)):
         raise CheckpointError(f"{ckpt_dir}: expected {meta.get('shards')} shard files, found {len(shards)}")
-    blocks, optim = {}, {}
+    sizes = meta.get("shard_sizes", {})
+    payloads = []
     for s in shards:
+        if s.name in sizes and s.stat().st_size != sizes[s.name]:
+            raise CheckpointError(f"{s}: {s.stat().st_size} bytes, the checkpoint recorded {sizes[s.name]} "
+                                  "(truncated or overwritten)")
         try:
-            payload = torch.load(s, map_location="cpu", weights_only=True)
+            payload = torch.load(s, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # truncated or foreign file
-            raise CheckpointError(f"{s}: cannot be read as a dhdnn checkpoint shard ({e})") from None
+            raise CheckpointError(f"{s}: cannot be read as a dhdnn checkpoint shard ({str(e).splitlines()[0]})") \
+                from None
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise CheckpointError(f"{s}: not a dhdnn checkpoint shard")
-        blocks.update(payload["blocks"])
-        optim.update(payload["optim"])
-    return meta, blocks, optim
+        payloads.append(payload)
+    return meta, payloads
+
+
+def load_newest_readable(run_dir: Path, report: Callable[[str], None] = print) -> tuple[Path, dict, list[dict]] | None:
+    """The newest complete checkpoint that reads back; unreadable newer ones are reported
+    (file named) and skipped. None if the run has no complete checkpoint at all."""
+    found = complete(run_dir)
+    errors = []
+    for d in found:
+        try:
+            meta, shards = load(d)
+        except CheckpointError as e:
+            errors.append(str(e))
+            report(f"dhdnn: skipping unreadable checkpoint: {e}")
+            continue
+        if errors:
+            report(f"dhdnn: resuming from the previous complete checkpoint {d}")
+        return d, meta, shards
+    if errors:
+        raise CheckpointError(f"{run_dir}: no readable complete checkpoint ({'; '.join(errors)})")
+    return None
+
+
+# ---- entries <-> shard payloads -------------------------------------------------------------
+def pack(entries, state_of: Callable[[Tensor], dict], moments: tuple[str, ...]) -> dict[str, dict]:
+    """One rank's entries as a shard payload: values and optimiser moments, block-indexed."""
+    out = {}
+    for e in entries:
+        with torch.no_grad():
+            values = e.get([p.detach() for p in e.params]).detach().cpu().contiguous()
+            states = [state_of(p) for p in e.params]
+            mom = {k: e.get([s[k] for s in states]).detach().cpu().contiguous()
+                   for k in moments if all(k in s for s in states)}
+        out[e.key] = {"ids": None if e.ids is None else e.ids.cpu(), "axis": e.block_axis, "values": values,
+                      "moments": mom}
+    return out
+
+
+def restore(ckpt_dir: Path, shards: list[dict], entries, state_of: Callable[[Tensor], dict],
+            moments: tuple[str, ...]) -> None:
+    """Write the checkpoint's values (and optimiser moments) into this rank's entries."""
+    by_key: dict[str, list[dict]] = {}
+    for s in shards:
+        for k, v in s["entries"].items():
+            by_key.setdefault(k, []).append(v)
+    for e in entries:
+        parts = by_key.get(e.key)
+        if not parts:
+            raise CheckpointError(f"{ckpt_dir}: no entry {e.key!r}; the checkpoint does not fit this model")
+        like = e.get([p.detach() for p in e.params])
+        with torch.no_grad():
+            e.put(list(e.params), _collect(ckpt_dir, e, parts, "values", like).to(like.dtype))
+            states = [state_of(p) for p in e.params]
+            for k in moments:
+                if all(k in part["moments"] for part in parts):
+                    for s, p in zip(states, e.params):
+                        s.setdefault(k, torch.zeros_like(p))
+                    e.put([s[k] for s in states], _collect(ckpt_dir, e, parts, k, like).to(like.dtype))
+
+
+def _collect(ckpt_dir: Path, e, parts: list[dict], what: str, like: Tensor) -> Tensor:
+    """The values of ``e``'s blocks (``ids``) gathered from every shard that holds some."""
+    pick = (lambda part: part["values"]) if what == "values" else (lambda part: part["moments"][what])
+    if e.ids is None:
+        t = pick(parts[0])
+        if tuple(t.shape) != tuple(like.shape):
+            raise CheckpointError(f"{ckpt_dir}: {e.key!r} has shape {tuple(t.shape)}, model expects "
+                                  f"{tuple(like.shape)}")
+        return t
+    ids = e.ids.cpu().numpy()
+    total = 1 + max([int(ids.max()) if len(ids) else -1] + [int(p["ids"].max()) for p in parts if len(p["ids"])])
+    where = np.full(total, -1, np.int64)
+    where[ids] = np.arange(len(ids))
+    out = torch.empty_like(like)
+    filled, axis = 0, e.block_axis
+    for part in parts:
+        dst = where[part["ids"].numpy()]
+        keep = dst >= 0
+        if not keep.any():
+            continue
+        vals = pick(part)
+        if vals.shape[:axis] + vals.shape[axis + 1:] != like.shape[:axis] + like.shape[axis + 1:]:
+            raise CheckpointError(f"{ckpt_dir}: {e.key!r} blocks have shape {tuple(vals.shape)}, model expects "
+                                  f"{tuple(like.shape)} along axis {axis}")
+        src = torch.from_numpy(np.flatnonzero(keep))
+        out.index_copy_(axis, torch.from_numpy(dst[keep]), vals.index_select(axis, src).to(out.dtype))
+        filled += int(keep.sum())
+    if filled != len(ids):
+        raise CheckpointError(f"{ckpt_dir}: {e.key!r}: {len(ids) - filled} of this rank's blocks are missing")
+    return out
+
+
+def assemble(shards: list[dict]) -> dict[str, Tensor]:
+    """Every entry's values over all shards: block classes in canonical order (all blocks),
+    plain tensors as they are. For inspection and tests; training restores with :func:`restore`."""
+    parts: dict[str, list[dict]] = {}
+    for s in shards:
+        for k, v in s["entries"].items():
+            parts.setdefault(k, []).append(v)
+    out = {}
+    for k, ps in parts.items():
+        if ps[0]["ids"] is None:
+            out[k] = ps[0]["values"]
+            continue
+        axis = ps[0]["axis"]
+        ids = torch.cat([p["ids"] for p in ps])
+        vals = torch.cat([p["values"] for p in ps], axis)
+        out[k] = vals.index_select(axis, torch.argsort(ids))
+    return out
+
+
+def upgrade_v1(shards: list[dict], table=None, dense_to_packed: Callable[[dict], dict] | None = None) -> list[dict]:
+    """Format-1 shards (one tensor per named block) as one format-2 payload. Per-agent names
+    (``agent3.K_p.5``) map onto ``table``'s classes; dense parameter names stay as they are, or,
+    for a topology run trained by the dense engine, become blocks through ``dense_to_packed``
+    (``{parameter name: tensor} -> {class key: blocks}``)."""
+    blocks, optim = {}, {}
+    for s in shards:
+        blocks.update(s["blocks"])
+        optim.update(s["optim"])
+    moment_names = set.intersection(*[set(optim.get(n, {})) for n in blocks]) if blocks else set()
+    entries: dict[str, dict] = {}
+    if table is not None and any(n.startswith("agent") or n == "mu" for n in blocks):
+        index, axes = table.name_index, {c.key: c.block_axis for c in table}
+        grouped: dict[str, list] = {}
+        for n, v in blocks.items():
+            if n not in index:
+                raise CheckpointError(f"format-1 block {n!r} does not exist in this model")
+            key, i = index[n]
+            grouped.setdefault(key, []).append((i, n))
+        for key, items in grouped.items():
+            items.sort()
+            ax = axes[key]
+            entries[key] = {"ids": torch.tensor([i for i, _ in items]), "axis": ax,
+                            "values": torch.stack([blocks[n] for _, n in items], ax),
+                            "moments": {k: torch.stack([optim[n][k] for _, n in items], ax) for k in moment_names}}
+    elif table is not None and dense_to_packed is not None:  # a topology run trained by the dense engine
+        values = dense_to_packed(blocks)
+        moments = {k: dense_to_packed({n: optim[n][k] for n in blocks}) for k in moment_names}
+        for c in table:
+            entries[c.key] = {"ids": torch.arange(len(c)), "axis": c.block_axis, "values": values[c.key],
+                              "moments": {k: m[c.key] for k, m in moments.items()}}
+    else:
+        for n, v in blocks.items():
+            entries[n] = {"ids": None, "axis": 0, "values": v, "moments": optim.get(n, {})}
+    return [{"format": FORMAT, "version": VERSION, "entries": entries}]

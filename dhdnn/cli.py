@@ -1,17 +1,23 @@
-"""The ``dhdnn`` command: parse, call the library, print. No logic of its own."""
+"""The ``dhdnn`` command: parse, call the library, print. No logic of its own.
+
+Exit codes: 0 success; 2 bad input (config, topology, flag, checkpoint, run directory),
+with one line naming the file and the key; 3 a non-finite loss or gradient; 128 + N when
+stopped by signal N; 1 any other failure (with the failing worker's traceback).
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
-USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, KeyError)
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override any config key, e.g. --set train.lr=0.01 (repeatable)")
+                   help="override any config key, e.g. --set train.lr=1e-3 (repeatable)")
     p.add_argument("--dtype", choices=["float32", "float64"], help="shorthand for --set run.dtype=...")
     p.add_argument("--workers", type=int, help="shorthand for --set run.workers=N (local gloo workers)")
     p.add_argument("--out", help="shorthand for --set run.out_dir=DIR")
@@ -30,7 +36,7 @@ def _overrides(args) -> list[str]:
 
 def cmd_train(args) -> int:
     from .config import load_config
-    from .train import train_from_config
+    from .run import train_from_config
 
     cfg = load_config(args.config, _overrides(args))
     if args.no_progress:
@@ -43,22 +49,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from . import plots
-    from .export import dense_model_of_run
-    from .train import load_data
+    from .plots import plot_run
 
-    run = Path(args.run_dir)
-    written = []
-    if (run / "grad_norms.jsonl").exists():
-        written.append(plots.grad_norm_heatmap(run, run / "grad_norms.png"))
-    cfg, model, _ = dense_model_of_run(run)
-    data = load_data(cfg)
-    if data.n_features == 2:
-        written.append(plots.decision_boundary(model, data, run / "decision_boundary.png"))
-    if not written:
-        raise ValueError(f"{run}: nothing to plot (no gradient norms recorded and the data is not 2-D)")
-    for w in written:
-        print(w)
+    for path in plot_run(Path(args.run_dir)):
+        print(path)
     return 0
 
 
@@ -66,10 +60,10 @@ def cmd_analyze(args) -> int:
     import torch
 
     from .analysis import sensitivity_matrices, symplecticity_error
-    from .models import build_model
+    from .models import ARCHITECTURES, build_model
 
     torch.manual_seed(args.seed)
-    opts = {"J": args.J} if args.arch == "H1" else {}
+    opts = {"J": args.J} if "J" in ARCHITECTURES[args.arch].config_options else {}
     model = build_model(args.arch, args.dim, args.layers, args.h, **opts).double()
     bsm = sensitivity_matrices(model, torch.randn(args.dim, dtype=torch.float64))
     norms = [float(torch.linalg.matrix_norm(M, ord=2)) for M in bsm]
@@ -90,8 +84,9 @@ def cmd_topology_show(args) -> int:
 
     topo = load_topology(args.file)
     s = topo.summary()
+    diameter = f", diameter {s['diameter']}" if s["diameter"] is not None else ""
     print(f"{s['name']}: {s['agents']} agents, {s['edges']} edges, state dim {s['state_dim']} "
-          f"(agent dims {s['dims']}), degree {s['degree_min']}-{s['degree_max']}, diameter {s['diameter']}")
+          f"(agent dims {s['dims']}), degree {s['degree_min']}-{s['degree_max']}{diameter}")
     if s["description"]:
         print(f"  {s['description']}")
     print(f"  inputs {s['inputs']}, embeddings {s['embeddings']}, readout agents {s['readout_agents']}, "
@@ -103,30 +98,60 @@ def cmd_topology_show(args) -> int:
     return 0
 
 
-def cmd_partition(args) -> int:
-    from .partition import build_plans, partition, predicted_bytes
+def _partition_inputs(args):
+    """A topology file, or a run config (topology, layers, batch, architecture, dtype, backprop from it)."""
+    from .config import ConfigError, load_config, read_yaml
     from .topology import load_topology
 
-    topo = load_topology(args.file)
-    part = partition(topo, args.workers, args.method)
+    raw = read_yaml(args.file)
+    if isinstance(raw, dict) and ({"model", "run", "train", "data"} & set(raw) or "topology" in raw):
+        cfg = load_config(args.file, args.overrides)
+        if cfg.topology is None:
+            raise ConfigError(f"{args.file}: key 'topology': the run config has no topology to partition")
+        workers = args.workers or cfg.run.workers // cfg.run.replicas
+        return (load_topology(cfg.topology), workers, args.batch or -(-cfg.train.batch_size // cfg.run.replicas),
+                args.layers or cfg.model.layers, args.arch or cfg.model.arch, args.dtype or cfg.run.dtype,
+                args.backprop or cfg.run.backprop)
+    if not args.workers:
+        raise ConfigError(f"{args.file}: --workers is needed with a topology file")
+    return (load_topology(args.file), args.workers, args.batch or 125, args.layers or 64, args.arch or "H2",
+            args.dtype or "float32", args.backprop or "autograd")
+
+
+def cmd_partition(args) -> int:
+    from .halo import build_plans, predicted_bytes
+    from .models import ARCHITECTURES
+    from .partition import partition
+
+    topo, workers, batch, layers, arch, dtype, backprop = _partition_inputs(args)
+    layout = ARCHITECTURES[arch].agent_layout()
+    part = partition(topo, workers, args.method)
+    metis = partition(topo, workers, "metis") if workers > 1 and args.method != "metis" else part
     loads, cut = part.loads(topo), part.cut_edges(topo)
     rank_edges = sorted(part.rank_graph(topo).edges)
-    b = predicted_bytes(topo, part, args.batch, args.dtype, args.arch, args.layers)
+    kw = dict(parts_per_agent=layout.parts_per_agent, exchanges_per_layer=layout.exchanges_per_layer, layers=layers,
+              backward_factor=2 if backprop == "reversible" else 1)
+    b = predicted_bytes(topo, part, batch, dtype, **kw)
+    bm = predicted_bytes(topo, metis, batch, dtype, **kw)
+    volume, pairs = part.objective(topo)
     if args.json:
-        print(json.dumps({"assignment": {str(topo.ids[i]): r for i, r in enumerate(part.assignment)},
-                          "loads": loads, "cut_edges": [[topo.ids[i], topo.ids[k]] for i, k in cut],
+        print(json.dumps({"assignment": {str(topo.ids[i]): int(r) for i, r in enumerate(part.assignment)},
+                          "loads": loads, "cut_edges": [[topo.ids[i], topo.ids[k]] for i, k in cut.tolist()],
                           "rank_edges": [list(e) for e in rank_edges], "bytes_per_exchange": b["per_exchange"],
-                          "bytes_per_step": b["per_step"], "method": part.method,
-                          "imbalance": part.imbalance(topo)}))
+                          "bytes_per_step": b["per_step"], "metis_bytes_per_step": bm["per_step"],
+                          "halo_volume": volume, "neighbour_pairs": pairs, "method": part.method,
+                          "imbalance": part.imbalance(topo), "backprop": backprop}))
     else:
         plans = build_plans(topo, part)
-        print(f"{topo.name}: {topo.n_agents} agents on {args.workers} workers ({part.method}); "
+        print(f"{topo.name}: {topo.n_agents} agents on {workers} workers ({part.method}); "
               f"cut edges {len(cut)}; max/mean load {part.imbalance(topo):.3f}")
         print(f"{'rank':>4} {'agents':>6} {'load':>6}  neighbour ranks")
         for p in plans:
             print(f"{p.rank:>4} {len(p.local):>6} {loads[p.rank]:>6}  {p.neighbor_ranks}")
-        print(f"halo bytes ({args.arch}, batch {args.batch}, {args.dtype}): {b['per_exchange']} per exchange, "
-              f"{b['per_step']} per training step ({args.layers} layers, forward + backward + readout)")
+        print(f"objective: halo volume {volume} state entries per exchange, {pairs} neighbour-rank pairs")
+        print(f"halo bytes ({arch}, batch {batch}, {dtype}, {backprop}): {b['per_exchange']} per exchange, "
+              f"{b['per_step']} per training step ({layers} layers, forward + backward + readout); "
+              f"plain METIS: {bm['per_step']}")
     if args.plot:
         from .plots import topology_plot
 
@@ -135,20 +160,21 @@ def cmd_partition(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import dense_model_of_run, export_model
+    from .export import dense_model_of_run, export_model, trainable_parameters
 
     cfg, model, topo = dense_model_of_run(args.run_dir)
     out = export_model(model, cfg, topo, args.out)
     n = sum(p.numel() for p in model.parameters())
-    print(f"exported {model.body.arch_name} ({model.body.layers} layers, dim {model.body.dim}, {n} parameters) "
-          f"-> {out}")
+    print(f"exported {model.body.arch_name} ({model.body.layers} layers, dim {model.body.dim}, "
+          f"{trainable_parameters(model)} trainable parameters of {n} stored) -> {out}")
     return 0
 
 
 def cmd_evaluate(args) -> int:
     from .config import apply_overrides, config_from_dict
+    from .engine import DenseEngine
     from .export import dense_model_of_run, model_from_export, read_export
-    from .train import DTYPES, DenseEngine, load_data
+    from .train import DTYPES, load_data
 
     src = Path(args.model)
     if src.is_dir():
@@ -157,6 +183,7 @@ def cmd_evaluate(args) -> int:
     else:
         payload = read_export(src)
         model, raw = model_from_export(payload, src), payload["config"]
+        raw = {**raw, "topology": None}  # the export holds the network; the data section is what matters
     cfg = config_from_dict(apply_overrides(raw, args.overrides), str(src))
     data = load_data(cfg)
     model = model.to(DTYPES[cfg.run.dtype])
@@ -171,8 +198,11 @@ def cmd_evaluate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     ap = argparse.ArgumentParser(prog="dhdnn", description="Sparse Hamiltonian deep neural networks, "
                                  "trained with neighbour-only messages across processes.")
+    ap.add_argument("--version", action="version", version=f"dhdnn {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train from a run config YAML")
@@ -185,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("plot", help="decision boundary and gradient-norm heatmap of a run directory")
+    p = sub.add_parser("plot", help="pictures of a run directory: curves, decision boundary, gradient norms, ...")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_plot)
 
@@ -219,14 +249,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--plot", metavar="OUT.png")
     t.set_defaults(func=cmd_topology_show)
 
-    p = sub.add_parser("partition", help="assign a topology's agents to workers and show the halo plan")
+    p = sub.add_parser("partition", help="assign a topology's agents to workers and show the halo plan "
+                                         "(FILE: a topology, or a run config)")
     p.add_argument("file")
-    p.add_argument("--workers", type=int, required=True)
-    p.add_argument("--method", choices=["auto", "metis", "bisection"], default="auto")
-    p.add_argument("--batch", type=int, default=125, help="batch size for the byte figures")
-    p.add_argument("--layers", type=int, default=64)
-    p.add_argument("--arch", choices=["H1", "H2"], default="H2")
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--workers", type=int, help="agent partitions (default with a run config: its workers / replicas)")
+    p.add_argument("--method", choices=["auto", "metis", "bisection", "exact"], default="auto")
+    p.add_argument("--batch", type=int, help="batch size per replica for the byte figures (default 125)")
+    p.add_argument("--layers", type=int, help="layers (default 64)")
+    p.add_argument("--arch", choices=["H1", "H2"], help="architecture (default H2)")
+    p.add_argument("--dtype", choices=["float32", "float64"])
+    p.add_argument("--backprop", choices=["autograd", "reversible"])
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override keys of a run config")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--plot", metavar="OUT.png", help="agents coloured by worker, cut edges dashed")
     p.set_defaults(func=cmd_partition)
@@ -234,9 +268,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .checkpoint import CheckpointError
+    from .distributed.launch import Interrupted, WorkerFailure
+    from .rundir import RunDirError
+    from .train import NonFiniteError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except USER_ERRORS as e:
+    except (KeyboardInterrupt, Interrupted) as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"dhdnn: stopped by {signal.Signals(signum).name}; the run directory keeps its last complete "
+              "checkpoint (continue with --resume)", file=sys.stderr)
+        return 128 + signum
+    except NonFiniteError as e:
         print(f"dhdnn: error: {e}", file=sys.stderr)
+        return 3
+    except WorkerFailure as e:
+        if e.kind == "user":
+            print(f"dhdnn: error: {e.details}", file=sys.stderr)
+            return 2
+        if e.kind == "nonfinite":
+            print(f"dhdnn: error: worker {e.rank}: {e.details}", file=sys.stderr)
+            return 3
+        print(f"dhdnn: error: {e}", file=sys.stderr)
+        return 1
+    except (CheckpointError, RunDirError, *USER_ERRORS) as e:
+        print(f"dhdnn: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2

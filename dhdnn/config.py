@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,26 @@ import yaml
 
 class ConfigError(ValueError):
     """A bad config value; the message names the source, the key and what was expected."""
+
+    exit_code = 2
+
+
+class Loader(yaml.SafeLoader):
+    """``yaml.safe_load`` that also reads ``1e-3`` as a number (YAML 1.2; YAML 1.1 wants ``1.0e-3``)."""
+
+
+Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def yaml_load(text: str):
+    return yaml.load(text, Loader=Loader)
 
 
 def _expect(cond: bool, key: str, expected: str, got) -> None:
@@ -133,6 +154,10 @@ class RunConfig:
     trace: bool = False
     threads: int = 1  # torch threads per worker
     progress: bool = True
+    replicas: int = 1  # data-parallel replicas: workers = agent partitions x replicas
+    backprop: str = "autograd"  # autograd (keep every layer's state) or reversible (rebuild states; H2)
+    reversible_anchor_every: int = 0  # reversible: store the state every k layers (bounds float drift); 0 = never
+    pin_workers: bool = True  # give each local worker its own cores when they fit
 
     def __post_init__(self):
         _pos_int("workers", self.workers)
@@ -146,6 +171,12 @@ class RunConfig:
         _choice("local_kernel", self.local_kernel, ("auto", "blocks", "dense"))
         _expect(isinstance(self.trace, bool), "trace", "true or false", self.trace)
         _pos_int("threads", self.threads)
+        _pos_int("replicas", self.replicas)
+        _choice("backprop", self.backprop, ("autograd", "reversible"))
+        _expect(isinstance(self.reversible_anchor_every, int) and not isinstance(self.reversible_anchor_every, bool)
+                and self.reversible_anchor_every >= 0, "reversible_anchor_every", "an integer >= 0",
+                self.reversible_anchor_every)
+        _expect(isinstance(self.pin_workers, bool), "pin_workers", "true or false", self.pin_workers)
         _expect(self.engine != "dense" or self.workers == 1, "workers",
                 "1 with engine: dense (the dense model runs in one process)", self.workers)
 
@@ -225,7 +256,7 @@ def read_yaml(path: str | Path) -> Any:
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
     try:
-        return yaml.safe_load(text)
+        return yaml_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -242,7 +273,7 @@ def apply_overrides(raw: dict, overrides: list[str], source: str = "--set") -> d
         dotted, value = item.split("=", 1)
         parts = dotted.strip().split(".")
         if len(parts) == 1 and parts[0] == "topology":
-            raw["topology"] = yaml.safe_load(value)
+            raw["topology"] = yaml_load(value)
             continue
         if len(parts) != 2 or not all(parts):
             raise ConfigError(f"{source} {item!r}: expected section.key=value (e.g. train.lr=0.01)")
@@ -250,7 +281,7 @@ def apply_overrides(raw: dict, overrides: list[str], source: str = "--set") -> d
         if section not in SECTIONS:
             raise ConfigError(f"{source} {item!r}: unknown section {section!r}; expected one of {sorted(SECTIONS)}")
         try:
-            parsed = yaml.safe_load(value)
+            parsed = yaml_load(value)
         except yaml.YAMLError:
             raise ConfigError(f"{source} {item!r}: value is not valid YAML") from None
         sec = dict(raw.get(section) or {})

@@ -11,10 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import yaml
 
 from . import checkpoint as ckpt
-from .config import config_from_dict
 from .models import Classifier, build_model
 from .models.hamiltonian import ARCHITECTURES
 from .models.network import Embedding, InputPlacement
@@ -23,32 +21,35 @@ FORMAT, VERSION = "dhdnn-export", 1
 
 
 def dense_model_of_run(run_dir: str | Path):
-    """(config, dense classifier with the run's latest weights, topology or None)."""
-    from .blocks import blocks_to_dense
+    """(config, dense classifier with the run's latest weights, topology or None), from any
+    working directory: the run directory holds its config and topology."""
+    from .engine import DenseEngine, build_classifier
+    from .rundir import run_config
     from .topology import load_topology
-    from .train import DTYPES, build_classifier, load_data
+    from .train import DTYPES, load_data
 
     run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"{run_dir}: no config.yaml; is this a dhdnn run directory?")
-    cfg = config_from_dict(yaml.safe_load(cfg_path.read_text()), str(cfg_path))
-    d = ckpt.latest(run_dir)
-    if d is None:
+    cfg = run_config(run_dir)
+    found = ckpt.load_newest_readable(run_dir, report=lambda m: None)
+    if found is None:
         raise ckpt.CheckpointError(f"{run_dir}: no complete checkpoint to export")
-    _, blocks, _ = ckpt.load(d)
+    d, meta, shards = found
     topo = load_topology(cfg.topology) if cfg.topology is not None else None
     data = load_data(cfg)
-    model = build_classifier(cfg, data.n_features, data.n_classes, topo).to(DTYPES[cfg.run.dtype])
-    if topo is not None and any(k.startswith("agent") for k in blocks):
-        blocks_to_dense(model, topo, cfg.model.arch, cfg.model.layers, blocks)
-    else:
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n not in blocks:
-                    raise ckpt.CheckpointError(f"{d}: no block {n!r}; checkpoint and config disagree")
-                p.copy_(blocks[n])
+    model, table = build_classifier(cfg, data.n_features, data.n_classes, topo, DTYPES[cfg.run.dtype])
+    if meta["version"] == 1:
+        shards = ckpt.upgrade_v1(shards, table)
+    ckpt.restore(d, shards, DenseEngine(model, table=table).entries(), lambda p: {}, ())
     return cfg, model, topo
+
+
+def trainable_parameters(model: Classifier) -> int:
+    """Parameters training can change: masked-out entries of the weight matrices do not count."""
+    n = 0
+    for name, p in model.named_parameters():
+        mask = getattr(model.body, f"mask_{name.split('.', 1)[1]}", None) if name.startswith("body.") else None
+        n += int(mask.sum()) if mask is not None else p.numel()
+    return n
 
 
 def export_model(model: Classifier, cfg, topo, out: str | Path) -> Path:
@@ -57,7 +58,7 @@ def export_model(model: Classifier, cfg, topo, out: str | Path) -> Path:
     payload = {
         "format": FORMAT, "version": VERSION,
         "arch": body.arch_name, "h": body.h, "layers": body.layers, "dim": body.dim,
-        "J": getattr(body, "J_kind", None),
+        "J": getattr(body, "J_kind", None), "trainable_parameters": trainable_parameters(model),
         "n_features": model.n_features, "n_classes": model.n_classes,
         "placement": {"feature_index": list(pl.feature_index), "features": list(pl.features),
                       "embeddings": [{"features": list(e.features), "states": list(e.states)} for e in pl.embeddings]},
@@ -101,15 +102,14 @@ def model_from_export(d: dict, path: str | Path = "<export>") -> Classifier:
     if cls is None:
         raise ValueError(f"{path}: key 'arch': unknown architecture {d['arch']!r}")
     masks = {key: sd[f"body.mask_{p}"] for p, key in cls.masked.items() if f"body.mask_{p}" in sd}
-    opts = {"J": d["J"]} if d["arch"] == "H1" else {}
-    if d["arch"] == "H2":
+    opts = {k: d[k] for k in cls.config_options}
+    if "body.X" in sd:
         opts["X"] = sd["body.X"]
     body = build_model(d["arch"], d["dim"], d["layers"], d["h"], mask=masks or None, **opts)
     pl = d["placement"]
     placement = InputPlacement(tuple(pl["feature_index"]), tuple(pl["features"]),
                                tuple(Embedding(tuple(e["features"]), tuple(e["states"])) for e in pl["embeddings"]))
     model = Classifier(body, d["n_features"], d["n_classes"], placement, tuple(d["readout_states"]))
-    dtype = sd["W"].dtype
-    model = model.to(dtype)
+    model = model.to(sd["W"].dtype)
     model.load_state_dict(sd)
     return model

@@ -1,57 +1,94 @@
-"""Agents -> workers, and the halo plan every exchange follows (DESIGN §3).
+"""Agents -> workers: a partition that minimises what is sent.
 
-The partitioner balances state size (max load <= 1.1 x mean where integrality allows)
-and minimises the edge cut weighted by message size: METIS k-way via pymetis by default,
-a networkx recursive bisection (BFS-contiguous seed, Kernighan-Lin refinement) as the
-fallback. Pinned agents are respected and no worker is left empty.
+The objective is the halo volume of an exchange, ``sum_a n_a * |{ranks other than a's own
+among a's neighbours' ranks}|`` (proportional to the bytes per training step), then the
+number of neighbour-rank pairs (messages per exchange), under the load bound ``max load <=
+1.1 x mean`` where integrality allows, with no worker left empty and pins respected.
 
-The :class:`HaloPlan` of a rank is built once: its agents in canonical order, per
-neighbour rank the send list (my agents adjacent to some agent of theirs, by global
-index) and the receive list (theirs, adjacent to mine), and its place in a spanning tree
-of the rank graph for the readout. Sizes are static, so buffers are allocated once.
+Candidates: METIS k-way via pymetis minimising communication volume with several seeds,
+plus plain METIS (edge cut, seed 0) so the result is never worse than it; on small graphs
+an exact branch-and-bound search; a networkx recursive bisection when pymetis is missing.
+Each candidate is repaired (pins, empty workers, balance), refined by greedy single-agent
+moves on the real objective, and the best one wins. Every rank computes the same partition.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import networkx as nx
+import numpy as np
 
 from .topology import Topology, TopologyError
 
 BALANCE = 1.1
-ITEMSIZE = {"float32": 4, "float64": 8}
+EXACT_AGENTS = 20  # graphs up to this size are partitioned exactly (branch and bound)
+EXACT_NODES = 2_000_000  # search nodes before the exact search settles for the best found
+REFINE_AGENTS = 50_000  # greedy refinement on graphs up to this size
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Partition:
-    assignment: tuple[int, ...]  # agent index -> rank
+    assignment: np.ndarray  # agent index -> rank (int64)
     workers: int
     method: str
 
-    def agents_of(self, rank: int) -> list[int]:
-        return [i for i, r in enumerate(self.assignment) if r == rank]
+    def agents_of(self, rank: int) -> np.ndarray:
+        return np.flatnonzero(self.assignment == rank)
 
     def loads(self, topo: Topology) -> list[int]:
-        out = [0] * self.workers
-        for i, r in enumerate(self.assignment):
-            out[r] += topo.dims[i]
-        return out
+        return np.bincount(self.assignment, weights=topo.dims, minlength=self.workers).astype(np.int64).tolist()
 
-    def cut_edges(self, topo: Topology) -> list[tuple[int, int]]:
-        return [(i, k) for i, k in topo.edges if self.assignment[i] != self.assignment[k]]
+    def cut_edges(self, topo: Topology) -> np.ndarray:
+        e = topo.edges
+        return e[self.assignment[e[:, 0]] != self.assignment[e[:, 1]]] if len(e) else e
 
-    def rank_graph(self, topo: Topology) -> nx.Graph:
+    def rank_graph(self, topo: Topology):
+        import networkx as nx
+
         g = nx.Graph()
         g.add_nodes_from(range(self.workers))
-        g.add_edges_from((self.assignment[i], self.assignment[k]) for i, k in self.cut_edges(topo))
+        g.add_edges_from(rank_edges(topo, self.assignment).tolist())
         return g
 
     def imbalance(self, topo: Topology) -> float:
         loads = self.loads(topo)
         return max(loads) / (sum(loads) / self.workers)
 
+    def objective(self, topo: Topology) -> tuple[int, int]:
+        """(halo volume in state entries per exchange, neighbour-rank pairs)."""
+        return objective(topo, self.assignment)
 
-def _check_workers(topo: Topology, workers: int) -> None:
+
+def objective(topo: Topology, owner: np.ndarray) -> tuple[int, int]:
+    t = cut_pairs(topo, owner)
+    if not len(t):
+        return 0, 0
+    pairs = np.unique(np.minimum(t[:, 0], t[:, 1]) * (owner.max() + 1) + np.maximum(t[:, 0], t[:, 1]))
+    return int(topo.dims[t[:, 2]].sum()), len(pairs)
+
+
+def cut_pairs(topo: Topology, owner: np.ndarray) -> np.ndarray:
+    """``(sender rank, receiver rank, agent)`` rows, unique and sorted: agent (owned by the sender)
+    is read by the receiver because it has a neighbour there."""
+    e = topo.edges
+    if not len(e):
+        return np.zeros((0, 3), np.int64)
+    ri, rk = owner[e[:, 0]], owner[e[:, 1]]
+    cut = ri != rk
+    a, b = e[cut, 0], e[cut, 1]
+    trip = np.concatenate([np.stack([owner[a], owner[b], a], 1), np.stack([owner[b], owner[a], b], 1)])
+    return np.unique(trip, axis=0)
+
+
+def rank_edges(topo: Topology, owner: np.ndarray) -> np.ndarray:
+    """``(r, s)`` pairs of neighbour ranks, ``r < s``, unique."""
+    t = cut_pairs(topo, owner)
+    if not len(t):
+        return np.zeros((0, 2), np.int64)
+    pairs = np.unique(t[:, :2], axis=0)
+    return pairs[pairs[:, 0] < pairs[:, 1]]
+
+
+def check_workers(topo: Topology, workers: int) -> None:
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise TopologyError(f"run.workers: expected a positive integer, got {workers!r}")
     if workers > topo.n_agents:
@@ -63,69 +100,122 @@ def _check_workers(topo: Topology, workers: int) -> None:
                                 f"worker {w}, expected a worker in [0, {workers})")
 
 
+def load_bound(topo: Topology, workers: int) -> float:
+    return BALANCE * float(topo.dims.sum()) / workers
+
+
 def partition(topo: Topology, workers: int, method: str = "auto") -> Partition:
-    """Assign agents to ``workers`` ranks. ``method``: auto (METIS if pymetis imports), metis, bisection."""
-    _check_workers(topo, workers)
-    if method not in ("auto", "metis", "bisection"):
-        raise ValueError(f"method: expected 'auto', 'metis' or 'bisection', got {method!r}")
+    """Assign agents to ``workers`` ranks. ``method``: auto (the best candidate, see the module
+    docstring), metis (plain METIS, edge cut), bisection (the networkx fallback), exact."""
+    check_workers(topo, workers)
+    if method not in ("auto", "metis", "bisection", "exact"):
+        raise ValueError(f"method: expected 'auto', 'metis', 'bisection' or 'exact', got {method!r}")
     if workers == 1:
-        return Partition(tuple([0] * topo.n_agents), 1, "single")
+        return Partition(np.zeros(topo.n_agents, np.int64), 1, "single")
     if workers == topo.n_agents:
         return Partition(_one_per_worker(topo), workers, "one-per-worker")
-    if method == "auto":
-        try:
-            import pymetis  # noqa: F401
-            method = "metis"
-        except ImportError:
-            method = "bisection"
-    parts = metis_parts(topo, workers) if method == "metis" else bisection_parts(topo, workers)
-    parts = _repair(topo, parts, workers)
-    return Partition(tuple(parts), workers, method)
+    if method == "metis":
+        return Partition(repair(topo, metis_parts(topo, workers), workers), workers, "metis")
+    if method == "bisection":
+        return Partition(repair(topo, bisection_parts(topo, workers), workers), workers, "bisection")
+    candidates = {}
+    if _has_pymetis():
+        candidates["metis"] = metis_parts(topo, workers)
+        for seed in range(_seeds(topo.n_agents)):
+            candidates[f"metis-vol{seed}"] = metis_parts(topo, workers, volume=True, seed=seed)
+    else:
+        candidates["bisection"] = bisection_parts(topo, workers)
+    best = None
+    for name, parts in candidates.items():
+        parts = repair(topo, parts, workers)
+        if topo.n_agents <= REFINE_AGENTS:
+            parts = refine(topo, parts, workers)
+        key = _score(topo, parts, workers)
+        if best is None or key < best[0]:
+            best = (key, parts, name)
+    if method == "exact" or topo.n_agents <= EXACT_AGENTS:
+        # the load bound, or the heuristics' best maximum load where integrality forbids the bound
+        bound = max(load_bound(topo, workers), float(max(_loads(topo, best[1], workers))))
+        found = exact_parts(topo, workers, bound, best[1])
+        if found is not None and _score(topo, found, workers) < best[0]:
+            best = (_score(topo, found, workers), found, "exact")
+    return Partition(np.asarray(best[1], np.int64), workers, best[2])
 
 
-def _one_per_worker(topo: Topology) -> tuple[int, ...]:
+def _loads(topo, parts, workers) -> list[int]:
+    return np.bincount(np.asarray(parts), weights=topo.dims, minlength=workers).astype(np.int64).tolist()
+
+
+def _score(topo, parts, workers) -> tuple:
+    """Lexicographic: within the load bound first, then volume, neighbour pairs, max load."""
+    parts = np.asarray(parts, np.int64)
+    loads = _loads(topo, parts, workers)
+    over = max(0.0, max(loads) - load_bound(topo, workers))
+    vol, pairs = objective(topo, parts)
+    return (over, vol, pairs, max(loads))
+
+
+def _seeds(n: int) -> int:
+    """METIS runs per partition: several on small graphs, one on huge ones (time)."""
+    return 8 if n <= 20_000 else 3 if n <= 200_000 else 1
+
+
+def _has_pymetis() -> bool:
+    try:
+        import pymetis  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def _one_per_worker(topo: Topology) -> np.ndarray:
     pins = dict(topo.pinned)
     if len(set(pins.values())) != len(pins):
         raise TopologyError(f"{topo.source}: key 'agents': with one agent per worker, two agents cannot be "
                             "pinned to the same worker")
     free = iter(sorted(set(range(topo.n_agents)) - set(pins.values())))
-    return tuple(pins[i] if i in pins else next(free) for i in range(topo.n_agents))
+    return np.array([pins[i] if i in pins else next(free) for i in range(topo.n_agents)], np.int64)
 
 
-def _edge_weight(topo: Topology, i: int, k: int) -> int:
-    return topo.dims[i] + topo.dims[k]  # both directions of the halo travel over a cut edge
+def _edge_weights(topo: Topology) -> np.ndarray:
+    ip, ix = topo.csr
+    rows = np.repeat(np.arange(topo.n_agents), np.diff(ip))
+    return topo.dims[rows] + topo.dims[ix]  # both directions of the halo travel over a cut edge
 
 
-def metis_parts(topo: Topology, workers: int) -> list[int]:
-    """Plain METIS k-way on the agent graph (vertex weight n_i, edge weight n_i + n_k)."""
+def metis_parts(topo: Topology, workers: int, volume: bool = False, seed: int = 0) -> np.ndarray:
+    """METIS: plain k-way edge cut (vertex weight n_i, edge weight n_i + n_k), or k-way
+    communication volume (``volume=True``)."""
     import pymetis
 
-    xadj, adjncy, ew = [0], [], []
-    for i in range(topo.n_agents):
-        nbrs = sorted(topo.graph.neighbors(i))
-        adjncy += nbrs
-        ew += [_edge_weight(topo, i, k) for k in nbrs]
-        xadj.append(len(adjncy))
-    opts = pymetis.Options(seed=0, ufactor=30)
-    _, parts = pymetis.part_graph(workers, pymetis.CSRAdjacency(xadj, adjncy), vweights=list(topo.dims),
-                                  eweights=ew, options=opts)
-    return list(parts)
+    ip, ix = topo.csr
+    opts = pymetis.Options(seed=seed, ufactor=30)
+    kw = {}
+    if volume:
+        opts.objtype = int(pymetis.ObjType.VOL)
+        kw["recursive"] = False
+    else:
+        kw["eweights"] = _edge_weights(topo).astype(np.int64)
+    _, parts = pymetis.part_graph(workers, pymetis.CSRAdjacency(ip.astype(np.int64), ix.astype(np.int64)),
+                                  vweights=topo.dims.astype(np.int64), options=opts, **kw)
+    return np.asarray(parts, np.int64)
 
 
-def bisection_parts(topo: Topology, workers: int) -> list[int]:
+def bisection_parts(topo: Topology, workers: int) -> np.ndarray:
     """Recursive bisection: BFS-contiguous split at the target weight, refined by Kernighan-Lin."""
     g = topo.graph.copy()
     for i, k in g.edges:
-        g.edges[i, k]["w"] = _edge_weight(topo, i, k)
-    parts = [0] * topo.n_agents
+        g.edges[i, k]["w"] = int(topo.dims[i] + topo.dims[k])
+    parts = np.zeros(topo.n_agents, np.int64)
     for r, nodes in enumerate(_bisect(g, list(g.nodes), workers, topo.dims)):
-        for i in nodes:
-            parts[i] = r
+        parts[nodes] = r
     return parts
 
 
-def _bfs_order(g: nx.Graph) -> list[int]:
+def _bfs_order(g) -> list[int]:
     """Nodes in BFS order from a pseudo-peripheral node, component by component."""
+    import networkx as nx
+
     order = []
     for comp in sorted(nx.connected_components(g), key=min):
         sub = g.subgraph(comp)
@@ -136,15 +226,17 @@ def _bfs_order(g: nx.Graph) -> list[int]:
     return order
 
 
-def _bisect(g: nx.Graph, nodes: list[int], k: int, dims) -> list[list[int]]:
+def _bisect(g, nodes: list[int], k: int, dims) -> list[list[int]]:
+    import networkx as nx
+
     if k == 1:
         return [sorted(nodes)]
     sub = g.subgraph(nodes)
     k1 = k // 2
-    target = sum(dims[i] for i in nodes) * k1 / k
+    target = sum(int(dims[i]) for i in nodes) * k1 / k
     order, acc, cut = _bfs_order(sub), 0, 0
     for cut, i in enumerate(order, 1):
-        acc += dims[i]
+        acc += int(dims[i])
         if acc >= target:
             if acc - target > dims[i] / 2 and cut > 1:  # the split is closer to target without i
                 cut -= 1
@@ -156,14 +248,16 @@ def _bisect(g: nx.Graph, nodes: list[int], k: int, dims) -> list[list[int]]:
     return _bisect(g, list(a), k1, dims) + _bisect(g, list(b), k - k1, dims)
 
 
-def _repair(topo: Topology, parts: list[int], workers: int) -> list[int]:
-    """Apply pins, fill empty workers and rebalance with greedy boundary moves."""
-    parts = list(parts)
+# ---- repair and refinement -----------------------------------------------------------------
+def repair(topo: Topology, parts: np.ndarray, workers: int) -> np.ndarray:
+    """Apply pins (relabelling parts to agree with as many as possible), fill empty workers and
+    rebalance with boundary moves that cost the least volume."""
+    parts = np.asarray(parts, np.int64).copy()
     pins = dict(topo.pinned)
-    if pins:  # relabel parts to agree with as many pins as possible, then force the pins
-        overlap = {}
+    if pins:
+        overlap: dict[tuple[int, int], int] = {}
         for i, w in pins.items():
-            overlap[(parts[i], w)] = overlap.get((parts[i], w), 0) + topo.dims[i]
+            overlap[(int(parts[i]), w)] = overlap.get((int(parts[i]), w), 0) + int(topo.dims[i])
         relabel, used = {}, set()
         for (p, w), _ in sorted(overlap.items(), key=lambda kv: -kv[1]):
             if p not in relabel and w not in used:
@@ -173,110 +267,245 @@ def _repair(topo: Topology, parts: list[int], workers: int) -> list[int]:
         for p in range(workers):
             if p not in relabel:
                 relabel[p] = next(free)
-        parts = [relabel[p] for p in parts]
+        parts = np.array([relabel[int(p)] for p in parts], np.int64) if len(parts) < 100_000 else \
+            np.vectorize(relabel.get)(parts).astype(np.int64)
         for i, w in pins.items():
             parts[i] = w
-    loads = [0] * workers
-    for i, r in enumerate(parts):
-        loads[r] += topo.dims[i]
-    mean = sum(loads) / workers
-
-    def gain(i, dst):  # change in cut weight if agent i moves to dst (negative is better)
-        return sum(_edge_weight(topo, i, k) * ((parts[k] == parts[i]) - (parts[k] == dst))
-                   for k in topo.graph.neighbors(i))
-
+    movable = np.ones(topo.n_agents, bool)
+    movable[list(pins)] = False
+    state = _MoveState(topo, parts, workers)
+    bound = load_bound(topo, workers)
     for _ in range(4 * topo.n_agents):
-        empty = [r for r in range(workers) if loads[r] == 0]
-        heavy = max(range(workers), key=lambda r: loads[r])
-        if not empty and loads[heavy] <= BALANCE * mean:
+        empty = [r for r in range(workers) if state.count[r] == 0]
+        heavy = int(np.argmax(state.loads))
+        if not empty and state.loads[heavy] <= bound:
             break
-        src = heavy
-        movable = [i for i in range(topo.n_agents) if parts[i] == src and i not in pins]
-        dst_opts = empty or [r for r in range(workers) if r != src]
-        best = None
-        for i in movable:
-            for dst in dst_opts:
-                if loads[dst] + topo.dims[i] >= loads[src] and not empty:
-                    continue  # would not lower the maximum
-                key = (gain(i, dst), loads[dst], i)
-                if best is None or key < best[0]:
-                    best = (key, i, dst)
-        if best is None or sum(parts[i] == src for i in range(topo.n_agents)) <= 1:
+        src = heavy if not empty else int(np.argmax(state.count))
+        if state.count[src] <= 1:
             break
-        _, i, dst = best
-        parts[i] = dst
-        loads[src] -= topo.dims[i]
-        loads[dst] += topo.dims[i]
-    if any(load == 0 for load in loads):
+        move = state.best_move_from(src, empty or [r for r in range(workers) if r != src], movable,
+                                    must_lower=not empty)
+        if move is None:
+            break
+        state.move(*move)
+    if (state.count == 0).any():
         raise TopologyError(f"{topo.source}: cannot give each of {workers} workers an agent under the pins")
-    return parts
+    return state.parts
 
 
-# ---- the halo plan ----------------------------------------------------------------------------
-@dataclass
-class HaloPlan:
-    """What rank ``rank`` sends and receives in every exchange, fixed for the whole run."""
-
-    rank: int
-    workers: int
-    local: list[int]  # my agents, canonical (global index) order
-    send: dict[int, list[int]]  # neighbour rank -> my agents it needs, by global index
-    recv: dict[int, list[int]]  # neighbour rank -> its agents I need, by global index
-    tree_parent: int | None  # readout spanning tree of the rank graph, rooted at rank 0
-    tree_children: list[int] = field(default_factory=list)
-
-    @property
-    def neighbor_ranks(self) -> list[int]:
-        return sorted(self.send)
-
-    @property
-    def halo(self) -> list[int]:
-        """All received agents, grouped by source rank in rank order (the halo buffer layout)."""
-        return [a for s in self.neighbor_ranks for a in self.recv[s]]
-
-
-def build_plans(topo: Topology, part: Partition) -> list[HaloPlan]:
-    """One :class:`HaloPlan` per rank."""
-    owner = part.assignment
-    send: list[dict[int, set]] = [dict() for _ in range(part.workers)]
-    for i, k in topo.edges:
-        ri, rk = owner[i], owner[k]
-        if ri != rk:
-            send[ri].setdefault(rk, set()).add(i)
-            send[rk].setdefault(ri, set()).add(k)
-    tree = nx.bfs_tree(part.rank_graph(topo), 0)
-    plans = []
-    for r in range(part.workers):
-        s = {peer: sorted(a) for peer, a in sorted(send[r].items())}
-        rv = {peer: sorted(send[peer][r]) for peer in s}
-        parent = next(iter(tree.predecessors(r)), None)
-        plans.append(HaloPlan(r, part.workers, part.agents_of(r), s, rv, parent, sorted(tree.successors(r))))
-    return plans
+def refine(topo: Topology, parts: np.ndarray, workers: int, passes: int = 4) -> np.ndarray:
+    """Greedy single-agent moves of boundary agents that lower (volume, neighbour pairs) while
+    keeping the load bound and no worker empty."""
+    pins = {i for i, _ in topo.pinned}
+    state = _MoveState(topo, parts, workers)
+    bound = max(load_bound(topo, workers), float(state.loads.max()))
+    for _ in range(passes):
+        improved = False
+        for a in state.boundary():
+            if a in pins or state.count[state.parts[a]] <= 1:
+                continue
+            best = None
+            for s in state.neighbour_ranks(a):
+                if state.loads[s] + topo.dims[a] > bound:
+                    continue
+                gain = state.gain(a, s)
+                if gain > (0, 0) and (best is None or gain > best[0]):
+                    best = (gain, s)
+            if best is not None:
+                state.move(a, best[1])
+                improved = True
+        if not improved:
+            break
+    return state.parts
 
 
-EXCHANGES_PER_LAYER = {"H2": 4, "H1": 2}  # forward; backward runs the same number of adjoints
+class _MoveState:
+    """Bookkeeping for single-agent moves: neighbour counts per rank for every agent, loads,
+    and the exact change of the objective a move causes."""
+
+    def __init__(self, topo: Topology, parts: np.ndarray, workers: int):
+        self.topo, self.parts, self.workers = topo, np.asarray(parts, np.int64).copy(), workers
+        self.ip, self.ix = topo.csr
+        self.loads = np.bincount(self.parts, weights=topo.dims, minlength=workers).astype(np.int64)
+        self.count = np.bincount(self.parts, minlength=workers)
+        self.pair_edges: dict[tuple[int, int], int] = {}  # rank pair -> cut edges between them
+        e = topo.edges
+        ra, rb = self.parts[e[:, 0]], self.parts[e[:, 1]]
+        cut = ra != rb
+        if cut.any():
+            lo, hi = np.minimum(ra[cut], rb[cut]), np.maximum(ra[cut], rb[cut])
+            keys, counts = np.unique(np.stack([lo, hi], 1), axis=0, return_counts=True)
+            self.pair_edges = {(x, y): c for (x, y), c in zip(keys.tolist(), counts.tolist())}
+
+    def nbrs(self, a: int) -> np.ndarray:
+        return self.ix[self.ip[a]:self.ip[a + 1]]
+
+    def rank_counts(self, a: int) -> dict[int, int]:
+        r = self.parts[self.nbrs(a)]
+        u, c = np.unique(r, return_counts=True)
+        return dict(zip(u.tolist(), c.tolist()))
+
+    def neighbour_ranks(self, a: int) -> list[int]:
+        own = self.parts[a]
+        return [r for r in self.rank_counts(a) if r != own]
+
+    def boundary(self) -> list[int]:
+        e = self.topo.edges
+        if not len(e):
+            return []
+        cut = self.parts[e[:, 0]] != self.parts[e[:, 1]]
+        return np.unique(e[cut]).tolist()
+
+    def _agent_volume(self, a: int, own: int, counts: dict[int, int]) -> int:
+        return int(self.topo.dims[a]) * sum(1 for r, c in counts.items() if r != own and c > 0)
+
+    def gain(self, a: int, s: int) -> tuple[int, int]:
+        """(volume saved, neighbour pairs saved) by moving agent ``a`` to rank ``s``."""
+        r = int(self.parts[a])
+        ca = self.rank_counts(a)
+        dv = self._agent_volume(a, r, ca) - self._agent_volume(a, s, ca)
+        for b in self.nbrs(a).tolist():
+            cb = self.rank_counts(b)
+            before = self._agent_volume(b, int(self.parts[b]), cb)
+            cb[r] = cb.get(r, 0) - 1
+            cb[s] = cb.get(s, 0) + 1
+            dv += before - self._agent_volume(b, int(self.parts[b]), cb)
+        pe = dict(self.pair_edges)
+        for b in self.nbrs(a).tolist():
+            t = int(self.parts[b])
+            for x, d in ((r, -1), (s, +1)):
+                if t != x:
+                    k = (min(t, x), max(t, x))
+                    pe[k] = pe.get(k, 0) + d
+        pairs_before = sum(1 for c in self.pair_edges.values() if c > 0)
+        pairs_after = sum(1 for c in pe.values() if c > 0)
+        return (dv, pairs_before - pairs_after)
+
+    def move(self, a: int, s: int) -> None:
+        r = int(self.parts[a])
+        for b in self.nbrs(a).tolist():
+            t = int(self.parts[b])
+            for x, d in ((r, -1), (s, +1)):
+                if t != x:
+                    k = (min(t, x), max(t, x))
+                    self.pair_edges[k] = self.pair_edges.get(k, 0) + d
+        self.parts[a] = s
+        n = int(self.topo.dims[a])
+        self.loads[r] -= n
+        self.loads[s] += n
+        self.count[r] -= 1
+        self.count[s] += 1
+
+    def best_move_from(self, src: int, dsts: list[int], movable: np.ndarray, must_lower: bool):
+        """The move out of ``src`` that costs the least objective (boundary agents first)."""
+        agents = np.flatnonzero((self.parts == src) & movable)
+        if not len(agents):
+            return None
+        bnd = set(self.boundary())
+        cand = [a for a in agents.tolist() if a in bnd] or agents.tolist()[:1]
+        best = None
+        for a in cand[:2000]:
+            for dst in dsts:
+                if must_lower and self.loads[dst] + self.topo.dims[a] >= self.loads[src]:
+                    continue  # would not lower the maximum
+                g = self.gain(a, dst)
+                key = (-g[0], -g[1], int(self.loads[dst]), a)
+                if best is None or key < best[0]:
+                    best = (key, a, dst)
+        return None if best is None else (best[1], best[2])
 
 
-def predicted_bytes(topo: Topology, part: Partition, batch: int, dtype: str = "float32", arch: str = "H2",
-                    layers: int = 1, classes: int = 2) -> dict:
-    """Bytes the engine will send: per exchange (over all ranks), per layer and per training step.
+# ---- exact search on small graphs ----------------------------------------------------------
+def exact_parts(topo: Topology, workers: int, bound: float, incumbent: np.ndarray | None = None,
+                budget: int = EXACT_NODES) -> np.ndarray | None:
+    """Minimum (volume, neighbour pairs) over all assignments with every load <= ``bound`` and no
+    worker empty, by depth-first branch and bound (agents in BFS order, rank labels introduced
+    in order unless pins fix them). Returns the best found (the optimum unless ``budget``
+    search nodes ran out), or None if nothing beats ``incumbent``."""
+    n = topo.n_agents
+    dims = topo.dims.tolist()
+    pins = dict(topo.pinned)
+    order = _bfs_agents(topo)
+    pos = {a: k for k, a in enumerate(order)}
+    nbrs = [[b for b in topo.neighbors(a) if b != a] for a in range(n)]
+    earlier = [[b for b in nbrs[a] if pos[b] < pos[a]] for a in order]
+    best = [objective(topo, incumbent) if incumbent is not None else (1 << 60, 1 << 60), None]
+    if incumbent is not None and max(_loads(topo, incumbent, workers)) > bound:
+        best[0] = (1 << 60, 1 << 60)
+    parts = [-1] * n
+    foreign = [0] * n  # bitmask of foreign ranks among assigned neighbours
+    loads = [0] * workers
+    count = [0] * workers
+    pair_cnt: dict[tuple[int, int], int] = {}
+    nodes = [0]
 
-    An exchange moves each boundary agent's slice once per neighbour rank that needs it:
-    ``n_i`` values for H2 (``p`` or ``q``), ``2 n_i`` for H1 (``p`` and ``q`` together). The
-    readout sends ``batch x classes`` partial logits up each tree edge and their gradient down.
-    """
-    if arch not in EXCHANGES_PER_LAYER:
-        raise TopologyError(f"arch: expected H1 or H2 for the distributed engine, got {arch!r}")
-    w = ITEMSIZE[dtype]
-    per_agent = 2 if arch == "H1" else 1
-    plans = build_plans(topo, part)
-    per_pair = {(p.rank, s): batch * w * per_agent * sum(topo.dims[a] for a in agents)
-                for p in plans for s, agents in p.send.items()}
-    per_exchange = sum(per_pair.values())  # a gather and a scatter_add move the same total
-    n_ex = EXCHANGES_PER_LAYER[arch]
-    tree_edges = sum(1 for p in plans if p.tree_parent is not None)
-    readout = 2 * tree_edges * batch * classes * w
-    per_layer_fwd = n_ex * per_exchange
-    return {"per_exchange": per_exchange, "per_pair": {f"{a}->{b}": v for (a, b), v in sorted(per_pair.items())},
-            "per_layer_forward": per_layer_fwd, "readout": readout,
-            "per_step": 2 * layers * per_layer_fwd + readout, "exchanges_per_layer_forward": n_ex}
+    def rec(k: int, vol: int, used: int) -> None:
+        nodes[0] += 1
+        if nodes[0] > budget:
+            return
+        if k == n:
+            if min(count) == 0:
+                return
+            pairs = sum(1 for c in pair_cnt.values() if c > 0)
+            if (vol, pairs) < tuple(best[0]):
+                best[0], best[1] = (vol, pairs), list(parts)
+            return
+        empty = sum(1 for c in count if c == 0)
+        if n - k < empty:
+            return
+        a = order[k]
+        choices = [pins[a]] if a in pins else range(min(workers, used + 1) if not pins else workers)
+        for r in choices:
+            if loads[r] + dims[a] > bound:
+                continue
+            dv, changed = 0, []
+            for b in earlier[k]:
+                s = parts[b]
+                if s != r:
+                    if not foreign[b] >> r & 1:
+                        dv += dims[b]
+                        changed.append((b, r))
+                    if not foreign[a] >> s & 1:
+                        dv += dims[a]
+                        foreign[a] |= 1 << s
+                        changed.append((a, s))
+            if vol + dv > best[0][0]:
+                for x, bit in changed:
+                    foreign[x] &= ~(1 << bit)
+                continue
+            for b, bit in changed:
+                if b != a:
+                    foreign[b] |= 1 << bit
+            parts[a] = r
+            loads[r] += dims[a]
+            count[r] += 1
+            keys = [(min(parts[b], r), max(parts[b], r)) for b in earlier[k] if parts[b] != r]
+            for key in keys:
+                pair_cnt[key] = pair_cnt.get(key, 0) + 1
+            rec(k + 1, vol + dv, max(used, r + 1))
+            for key in keys:
+                pair_cnt[key] -= 1
+            parts[a] = -1
+            loads[r] -= dims[a]
+            count[r] -= 1
+            for x, bit in changed:
+                foreign[x] &= ~(1 << bit)
+
+    rec(0, 0, 0)
+    return None if best[1] is None else np.asarray(best[1], np.int64)
+
+
+def _bfs_agents(topo: Topology) -> list[int]:
+    """Agents in BFS order from the highest-degree agent (tight bounds early)."""
+    start = int(np.argmax(topo.degree)) if topo.n_agents else 0
+    seen, order, frontier = {start}, [start], [start]
+    while frontier:
+        nxt = []
+        for a in frontier:
+            for b in topo.neighbors(a):
+                if b not in seen:
+                    seen.add(b)
+                    order.append(b)
+                    nxt.append(b)
+        frontier = nxt
+    return order + [a for a in range(topo.n_agents) if a not in seen]

@@ -52,6 +52,24 @@ def grad_norm_heatmap(run_dir: Path, out: Path) -> Path:
     return out
 
 
+def plot_run(run: Path) -> list[Path]:
+    """Every picture a run directory supports; returns the files written."""
+    from .export import dense_model_of_run
+    from .train import load_data
+
+    run = Path(run)
+    written = []
+    if (run / "grad_norms.jsonl").exists():
+        written.append(grad_norm_heatmap(run, run / "grad_norms.png"))
+    cfg, model, _ = dense_model_of_run(run)
+    data = load_data(cfg)
+    if data.n_features == 2:
+        written.append(decision_boundary(model, data, run / "decision_boundary.png"))
+    if not written:
+        raise ValueError(f"{run}: nothing to plot (no gradient norms recorded and the data is not 2-D)")
+    return written
+
+
 def topology_plot(topo, part, out) -> Path:
     """The agent graph; with a partition, agents coloured by worker and cut edges dashed."""
     import networkx as nx
@@ -59,8 +77,8 @@ def topology_plot(topo, part, out) -> Path:
     g = topo.graph
     pos = nx.kamada_kawai_layout(g) if topo.n_agents <= 64 else nx.spring_layout(g, seed=0)
     fig, ax = plt.subplots(figsize=(6, 6))
-    colors = [part.assignment[i] for i in g.nodes] if part is not None else "#6baed6"
-    cut = set(part.cut_edges(topo)) if part is not None else set()
+    colors = [int(part.assignment[i]) for i in g.nodes] if part is not None else "#6baed6"
+    cut = {tuple(e) for e in part.cut_edges(topo).tolist()} if part is not None else set()
     nx.draw_networkx_edges(g, pos, edgelist=[e for e in g.edges if tuple(sorted(e)) not in cut], ax=ax, width=0.8)
     if cut:
         nx.draw_networkx_edges(g, pos, edgelist=sorted(cut), ax=ax, style="dashed", edge_color="#d62728", width=1.2)

@@ -1,4 +1,4 @@
-"""Topologies of agents (DESIGN §2): the YAML format, generators, validation and masks.
+"""Topologies of agents: the YAML format, generators, validation and masks.
 
 A topology is an undirected connected graph of agents. Agent ``i`` owns ``p^[i]`` and
 ``q^[i]`` of ``n_i`` entries each; the global state is ordered
@@ -6,16 +6,21 @@ A topology is an undirected connected graph of agents. Agent ``i`` owns ``p^[i]`
 format (see the README) names agents and edges, or a generator; which input features
 enter which agent; readout agents; optional pinned workers.
 
-Every error names the file, the key and what was expected; loading either returns a
-whole :class:`Topology` or raises.
+Graphs are held as NumPy arrays (an edge list and its CSR adjacency), so a topology of a
+million agents loads in seconds; a networkx view is built only on demand (pictures,
+small-graph algorithms). Every error names the file, the key and what was expected;
+loading either returns a whole :class:`Topology` or raises.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
-import networkx as nx
+import numpy as np
 import torch
 
 from .models.network import Embedding, InputPlacement
@@ -39,50 +44,82 @@ class AgentEmbedding:
     features: tuple[int, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Topology:
+    """An agent graph. ``dims``, ``edges`` and ``readout`` are NumPy arrays; ``edges`` holds
+    each undirected edge once as ``(i, k)`` with ``i < k``, sorted."""
+
     name: str
-    ids: tuple[Any, ...]  # agent ids in canonical order
-    dims: tuple[int, ...]  # n_i per agent
-    edges: tuple[tuple[int, int], ...]  # (i, k) agent indices, i < k, sorted
+    ids: Sequence[Any]  # agent ids in canonical order (a range for generated topologies)
+    dims: np.ndarray  # n_i per agent (int64)
+    edges: np.ndarray  # (E, 2) int64
     inputs: tuple[InputFeed, ...] = ()
     embeddings: tuple[AgentEmbedding, ...] = ()
-    readout: tuple[int, ...] = ()  # agent indices
+    readout: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # agent indices, sorted
     pinned: tuple[tuple[int, int], ...] = ()  # (agent index, worker)
     description: str = ""
     source: str = "<topology>"
-    graph: nx.Graph = field(default=None, compare=False, repr=False)
-
-    def __post_init__(self):
-        g = nx.Graph()
-        g.add_nodes_from(range(len(self.ids)))
-        g.add_edges_from(self.edges)
-        object.__setattr__(self, "graph", g)
+    spec: Any = None  # the mapping it was read from (what a run directory stores)
 
     # ---- sizes and offsets --------------------------------------------------------------
     @property
     def n_agents(self) -> int:
         return len(self.ids)
 
-    @property
+    @cached_property
     def half_dim(self) -> int:
-        return sum(self.dims)
+        return int(self.dims.sum())
 
     @property
     def state_dim(self) -> int:
         return 2 * self.half_dim
 
-    def offsets(self) -> list[int]:
+    @cached_property
+    def offsets(self) -> np.ndarray:
         """Start of each agent's slice within ``p`` (and within ``q``)."""
-        out, acc = [], 0
-        for d in self.dims:
-            out.append(acc)
-            acc += d
-        return out
+        return np.concatenate([[0], np.cumsum(self.dims)[:-1]]).astype(np.int64)
+
+    @cached_property
+    def csr(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(indptr, indices)``: the sorted neighbours of every agent (no self-loops)."""
+        n = self.n_agents
+        both = np.concatenate([self.edges, self.edges[:, ::-1]]) if len(self.edges) else np.zeros((0, 2), np.int64)
+        order = np.lexsort((both[:, 1], both[:, 0]))
+        both = both[order]
+        indptr = np.zeros(n + 1, np.int64)
+        np.cumsum(np.bincount(both[:, 0], minlength=n), out=indptr[1:])
+        return indptr, both[:, 1].copy()
+
+    @cached_property
+    def closed_csr(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(indptr, indices)`` of ``{i} ∪ N(i)`` per agent, sorted: the columns of agent ``i``'s row blocks."""
+        n = self.n_agents
+        ip, ix = self.csr
+        rows = np.concatenate([np.repeat(np.arange(n), np.diff(ip)), np.arange(n)])
+        cols = np.concatenate([ix, np.arange(n)])
+        order = np.lexsort((cols, rows))
+        indptr = np.zeros(n + 1, np.int64)
+        np.cumsum(np.diff(ip) + 1, out=indptr[1:])
+        return indptr, cols[order]
+
+    @property
+    def degree(self) -> np.ndarray:
+        return np.diff(self.csr[0])
 
     def neighbors(self, i: int) -> list[int]:
         """``{i} ∪ N(i)`` in canonical order: the columns of agent ``i``'s row blocks."""
-        return sorted({i, *self.graph.neighbors(i)})
+        ip, ix = self.closed_csr
+        return ix[ip[i]:ip[i + 1]].tolist()
+
+    @cached_property
+    def graph(self):
+        """A networkx view (built on demand: pictures and small-graph algorithms)."""
+        import networkx as nx
+
+        g = nx.Graph()
+        g.add_nodes_from(range(self.n_agents))
+        g.add_edges_from(self.edges.tolist())
+        return g
 
     def is_complete(self) -> bool:
         m = self.n_agents
@@ -91,13 +128,38 @@ class Topology:
     def agent_index(self, agent_id) -> int:
         return self.ids.index(agent_id)
 
+    # ---- identity -------------------------------------------------------------------------
+    def content(self) -> dict:
+        """What defines the network besides ``dims``, ``edges`` and ``readout`` (names and
+        descriptions excluded)."""
+        return {"ids": _ids_json(self.ids), "inputs": [[f.feature, f.agent, f.part, f.index] for f in self.inputs],
+                "embeddings": [[e.agent, list(e.features)] for e in self.embeddings],
+                "pinned": [list(p) for p in self.pinned]}
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A hash of the topology's content: the same network, whatever file or generator made it."""
+        h = hashlib.sha256(json.dumps(self.content(), sort_keys=True, default=str).encode())
+        for a in (self.dims, self.edges, self.readout):
+            h.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())
+        return h.hexdigest()[:32]
+
+    def summary(self) -> dict:
+        deg = self.degree
+        return {"name": self.name, "agents": self.n_agents, "edges": len(self.edges),
+                "state_dim": self.state_dim, "dims": sorted(set(self.dims.tolist())),
+                "degree_min": int(deg.min()) if len(deg) else 0, "degree_max": int(deg.max()) if len(deg) else 0,
+                "diameter": _diameter(self), "inputs": len(self.inputs), "embeddings": len(self.embeddings),
+                "readout_agents": len(self.readout), "pinned": len(self.pinned), "description": self.description}
+
     # ---- masks and placement ----------------------------------------------------------
     def block_mask(self) -> torch.Tensor:
         """(m, m) boolean: entry block (i, k) is True iff ``k == i`` or ``{i, k}`` is an edge."""
         adj = torch.eye(self.n_agents, dtype=torch.bool)
-        for i, k in self.edges:
-            adj[i, k] = adj[k, i] = True
-        d = torch.tensor(self.dims)
+        e = torch.as_tensor(self.edges)
+        adj[e[:, 0], e[:, 1]] = True
+        adj[e[:, 1], e[:, 0]] = True
+        d = torch.as_tensor(self.dims)
         return adj.repeat_interleave(d, 0).repeat_interleave(d, 1)
 
     def input_feeds(self, n_features: int) -> tuple[InputFeed, ...]:
@@ -122,62 +184,102 @@ class Topology:
 
     def placement(self, n_features: int) -> InputPlacement:
         """Where the data's features enter the global state (validated against ``n_features``)."""
-        off, m = self.offsets(), self.half_dim
+        off, m = self.offsets, self.half_dim
         feeds = self.input_feeds(n_features)
-        index = tuple(off[f.agent] + f.index + (m if f.part == "q" else 0) for f in feeds)
-        embeds = tuple(Embedding(e.features, tuple(range(off[e.agent], off[e.agent] + self.dims[e.agent]))
-                                 + tuple(range(m + off[e.agent], m + off[e.agent] + self.dims[e.agent])))
-                       for e in self.embeddings)
-        return InputPlacement(index, tuple(f.feature for f in feeds), embeds)
+        index = tuple(int(off[f.agent]) + f.index + (m if f.part == "q" else 0) for f in feeds)
+        embeds = []
+        for e in self.embeddings:
+            o, n = int(off[e.agent]), int(self.dims[e.agent])
+            embeds.append(Embedding(e.features, tuple(range(o, o + n)) + tuple(range(m + o, m + o + n))))
+        return InputPlacement(index, tuple(f.feature for f in feeds), tuple(embeds))
 
     def readout_state_indices(self) -> tuple[int, ...]:
         """Global state indices read by the readout, agent by agent: ``p^[i]`` then ``q^[i]``."""
-        off, m = self.offsets(), self.half_dim
+        off, m = self.offsets, self.half_dim
         out = []
-        for i in self.readout:
-            out += list(range(off[i], off[i] + self.dims[i]))
-            out += list(range(m + off[i], m + off[i] + self.dims[i]))
+        for i in self.readout.tolist():
+            o, n = int(off[i]), int(self.dims[i])
+            out += list(range(o, o + n)) + list(range(m + o, m + o + n))
         return tuple(out)
 
-    def summary(self) -> dict:
-        degs = [d for _, d in self.graph.degree()]
-        return {"name": self.name, "agents": self.n_agents, "edges": len(self.edges),
-                "state_dim": self.state_dim, "dims": sorted(set(self.dims)),
-                "degree_min": min(degs), "degree_max": max(degs), "diameter": nx.diameter(self.graph),
-                "inputs": len(self.inputs), "embeddings": len(self.embeddings), "readout_agents": len(self.readout),
-                "pinned": len(self.pinned), "description": self.description}
+
+def _ids_json(ids) -> Any:
+    return f"range({len(ids)})" if isinstance(ids, range) and ids.start == 0 and ids.step == 1 else list(ids)
+
+
+def _diameter(topo: Topology) -> int | None:
+    """Exact for small graphs; None above a few thousand agents (all-pairs BFS is quadratic)."""
+    if topo.n_agents > 4096:
+        return None
+    from scipy.sparse.csgraph import shortest_path
+
+    d = shortest_path(_sparse_adjacency(topo), unweighted=True, directed=False)
+    return int(d.max())
+
+
+def _sparse_adjacency(topo: Topology):
+    from scipy.sparse import csr_matrix
+
+    ip, ix = topo.csr
+    return csr_matrix((np.ones(len(ix), np.int8), ix, ip), shape=(topo.n_agents, topo.n_agents))
+
+
+def describe_change(old: Topology, new: Topology) -> str:
+    """What differs between two topologies, in words (for refusing a resume)."""
+    parts = []
+    if old.n_agents != new.n_agents:
+        parts.append(f"agents {old.n_agents} -> {new.n_agents}")
+    else:
+        if not np.array_equal(old.dims, new.dims):
+            parts.append(f"dims of {int((old.dims != new.dims).sum())} agent(s) changed")
+        a = {tuple(e) for e in old.edges.tolist()}
+        b = {tuple(e) for e in new.edges.tolist()}
+        if a != b:
+            parts.append(f"{len(b - a)} edge(s) added, {len(a - b)} removed")
+    for key in ("inputs", "embeddings", "pinned"):
+        if getattr(old, key) != getattr(new, key):
+            parts.append(f"{key} changed")
+    if not np.array_equal(old.readout, new.readout):
+        parts.append("readout agents changed")
+    if _ids_json(old.ids) != _ids_json(new.ids) and old.n_agents == new.n_agents:
+        parts.append("agent ids changed")
+    return "; ".join(parts) or "content differs"
 
 
 # ---- masks for the dense model -------------------------------------------------------------
 def dense_masks(topo: Topology, arch: str, J: str = "J1") -> dict[str, torch.Tensor] | torch.Tensor:
-    """Masks giving the dense masked network of ``topo`` for ``build_model`` (DESIGN §2).
+    """Masks giving the dense masked network of ``topo`` for ``build_model``.
 
     ``(m, m)``-shaped weights take the agent block mask; ``(n, n)``-shaped ones (H1, MS2,
     ResNet, MLP) couple ``p^[i], q^[i]`` with ``p^[k], q^[k]`` of neighbours only.
     """
     A = topo.block_mask()
-    full = A.repeat(2, 2)
     if arch == "H2":
         return {"K_p": A, "K_q": A}
-    if arch in ("MS1",):
+    if arch == "MS1":
         return A
     if arch == "MS3":
         return {"K1": A, "K2": A}
-    return full
-
-
-def check_distributable(topo: Topology, arch: str, J: str = "J1") -> None:
-    """Refuse what the neighbour-only engine cannot run locally (DESIGN §2), with the reason."""
-    if arch not in ("H1", "H2"):
-        raise TopologyError(f"model.arch: {arch} has no agent-local structure; the distributed engine runs "
-                            "H1 (with J1) and H2 only")
-    if arch == "H1" and J != "J1":
-        raise TopologyError(f"model.J: {J} couples every agent with every other (centralised only); "
-                            "use J1 for distributed runs")
+    return A.repeat(2, 2)
 
 
 # ---- generators ----------------------------------------------------------------------------
-def _gen_graph(kind: str, spec: dict, src: str) -> nx.Graph:
+def _pairs(a, b) -> np.ndarray:
+    return np.stack([np.asarray(a, np.int64), np.asarray(b, np.int64)], 1)
+
+
+def _grid_edges(rows: int, cols: int, periodic: bool) -> np.ndarray:
+    ids = np.arange(rows * cols).reshape(rows, cols)
+    parts = [_pairs(ids[:, :-1].ravel(), ids[:, 1:].ravel()), _pairs(ids[:-1, :].ravel(), ids[1:, :].ravel())]
+    if periodic and cols > 2:
+        parts.append(_pairs(ids[:, -1], ids[:, 0]))
+    if periodic and rows > 2:
+        parts.append(_pairs(ids[-1, :], ids[0, :]))
+    return np.concatenate(parts)
+
+
+def _gen_graph(kind: str, spec: dict, src: str) -> tuple[int, np.ndarray]:
+    """(number of agents, edge array) of a generated graph; ids are 0..n-1."""
     def need(key, cond=lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, what="a positive integer"):
         if key not in spec:
             raise TopologyError(f"{src}: key 'generator.{key}': missing; {kind} needs {what}")
@@ -186,25 +288,34 @@ def _gen_graph(kind: str, spec: dict, src: str) -> nx.Graph:
             raise TopologyError(f"{src}: key 'generator.{key}': expected {what}, got {v!r}")
         return v
 
-    prob = lambda v: isinstance(v, (int, float)) and 0 <= v <= 1  # noqa: E731
+    prob = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1  # noqa: E731
     seed = spec.get("seed", 0)
     if kind in ("ring", "line", "star", "complete"):
         n = need("agents")
-        g = {"ring": nx.cycle_graph, "line": nx.path_graph, "complete": nx.complete_graph,
-             "star": lambda k: nx.star_graph(k - 1)}[kind](n)
-        return g
+        a = np.arange(n)
+        if kind == "line":
+            return n, _pairs(a[:-1], a[1:])
+        if kind == "ring":
+            return n, _pairs(a[:-1], a[1:]) if n < 3 else np.concatenate([_pairs(a[:-1], a[1:]), _pairs([0], [n - 1])])
+        if kind == "star":
+            return n, _pairs(np.zeros(n - 1), a[1:])
+        i, k = np.triu_indices(n, 1)
+        return n, _pairs(i, k)
     if kind in ("grid", "torus"):
         r, c = need("rows"), need("cols")
-        g = nx.grid_2d_graph(r, c, periodic=(kind == "torus"))
-        return nx.relabel_nodes(g, {(a, b): a * c + b for a, b in g.nodes})
+        return r * c, _grid_edges(r, c, kind == "torus")
+    import networkx as nx
+
     if kind == "erdos_renyi":
-        return nx.gnp_random_graph(need("agents"), need("p", prob, "a probability in [0, 1]"), seed=seed)
-    if kind == "random_geometric":
-        return nx.random_geometric_graph(need("agents"), need("radius", lambda v: isinstance(v, (int, float)) and v > 0,
-                                                              "a positive radius"), seed=seed)
-    if kind == "watts_strogatz":
-        return nx.watts_strogatz_graph(need("agents"), need("k"), need("p", prob, "a probability in [0, 1]"), seed=seed)
-    raise TopologyError(f"{src}: key 'generator.kind': expected one of {GENERATOR_KINDS}, got {kind!r}")
+        g = nx.gnp_random_graph(need("agents"), need("p", prob, "a probability in [0, 1]"), seed=seed)
+    elif kind == "random_geometric":
+        g = nx.random_geometric_graph(need("agents"), need("radius", lambda v: isinstance(v, (int, float)) and v > 0,
+                                                           "a positive radius"), seed=seed)
+    elif kind == "watts_strogatz":
+        g = nx.watts_strogatz_graph(need("agents"), need("k"), need("p", prob, "a probability in [0, 1]"), seed=seed)
+    else:
+        raise TopologyError(f"{src}: key 'generator.kind': expected one of {GENERATOR_KINDS}, got {kind!r}")
+    return g.number_of_nodes(), np.array(list(g.edges), dtype=np.int64).reshape(-1, 2)
 
 
 GENERATOR_KINDS = ["ring", "line", "grid", "torus", "star", "complete", "erdos_renyi", "random_geometric",
@@ -238,20 +349,27 @@ class _Parser:
             raise self.err("defaults", "expected a mapping with key 'dim'")
         default_dim = self.posint("defaults.dim", defaults.get("dim", 1))
         ids, dims, pins, edges = self._agents_and_edges(raw, default_dim)
-        index = {a: i for i, a in enumerate(ids)}
-        topo_edges = self._edges(edges, index)
+        index = _Index(ids)
         inputs = self._inputs(raw.get("inputs") or [], index, dims)
-        embeds = self._embeddings(raw.get("embeddings") or [], index)
+        embeds = self._embeddings(raw.get("embeddings") or [], index, raw)
         readout = self._readout(raw.get("readout"), index)
         name = raw.get("name", Path(self.src).stem)
-        topo = Topology(str(name), tuple(ids), tuple(dims), topo_edges, inputs, embeds, readout,
-                        tuple(sorted(pins.items())), str(raw.get("description", "")), self.src)
-        if topo.n_agents > 1 and not nx.is_connected(topo.graph):
-            comps = sorted(nx.connected_components(topo.graph), key=len)
-            lonely = [ids[i] for i in sorted(comps[0])][:5]
-            raise self.err("edges", f"expected a connected graph; {len(comps)} components, e.g. agents {lonely} "
-                                    "are cut off from the rest")
+        topo = Topology(str(name), ids, dims, edges, inputs, embeds, readout, tuple(sorted(pins.items())),
+                        str(raw.get("description", "")), self.src, raw)
+        self._check_connected(topo)
         return topo
+
+    def _check_connected(self, topo: Topology) -> None:
+        if topo.n_agents <= 1:
+            return
+        from scipy.sparse.csgraph import connected_components
+
+        n_comp, labels = connected_components(_sparse_adjacency(topo), directed=False)
+        if n_comp > 1:
+            sizes = np.bincount(labels)
+            lonely = np.flatnonzero(labels == sizes.argmin())[:5]
+            raise self.err("edges", f"expected a connected graph; {n_comp} components, e.g. agents "
+                                    f"{[topo.ids[i] for i in lonely.tolist()]} are cut off from the rest")
 
     def _agents_and_edges(self, raw, default_dim):
         gen = raw.get("generator")
@@ -259,23 +377,23 @@ class _Parser:
         if gen is not None:
             if not isinstance(gen, dict) or "kind" not in gen:
                 raise self.err("generator", f"expected a mapping with 'kind' (one of {GENERATOR_KINDS})")
-            g = _gen_graph(gen["kind"], {k: v for k, v in gen.items() if k != "kind"}, self.src)
-            ids = sorted(g.nodes)
-            edges = [list(e) for e in g.edges] + list(raw.get("edges") or [])
-            dims, pins = [default_dim] * len(ids), {}
-            index = {a: i for i, a in enumerate(ids)}
+            n, gen_edges = _gen_graph(gen["kind"], {k: v for k, v in gen.items() if k != "kind"}, self.src)
+            ids = range(n)
+            dims, pins = np.full(n, default_dim, np.int64), {}
+            index = _Index(ids)
             for k, a in enumerate(agents_raw or []):  # overrides of generated agents
                 key = f"agents[{k}]"
                 if not isinstance(a, dict) or "id" not in a:
                     raise self.err(key, "expected a mapping {id, dim, worker} overriding a generated agent")
                 if a["id"] not in index:
-                    raise self.err(f"{key}.id", f"unknown agent {a['id']!r}; the generator made ids 0..{len(ids) - 1}")
+                    raise self.err(f"{key}.id", f"unknown agent {a['id']!r}; the generator made ids 0..{n - 1}")
                 self._agent_fields(a, key, index[a["id"]], dims, pins)
-            return ids, dims, pins, edges
+            extra = self._edges(raw.get("edges") or [], index)
+            return ids, dims, pins, _canonical_edges(np.concatenate([gen_edges.reshape(-1, 2), extra]))
         if not isinstance(agents_raw, list) or not agents_raw:
             raise self.err("agents", "expected a non-empty list of agent ids or {id, dim, worker} mappings "
                                      "(or a 'generator')")
-        ids, dims, pins = [], [], {}
+        ids, dims, pins, seen = [], [], {}, set()
         for k, a in enumerate(agents_raw):
             key = f"agents[{k}]"
             aid = a.get("id") if isinstance(a, dict) else a
@@ -283,13 +401,15 @@ class _Parser:
                 raise self.err(key, "expected a mapping with an 'id'")
             if not isinstance(aid, (int, str)) or isinstance(aid, bool):
                 raise self.err(key, f"expected an agent id (integer or string), got {aid!r}")
-            if aid in ids:
+            if aid in seen:
                 raise self.err(key, f"duplicate agent id {aid!r}")
+            seen.add(aid)
             ids.append(aid)
             dims.append(default_dim)
             if isinstance(a, dict):
                 self._agent_fields(a, key, len(ids) - 1, dims, pins)
-        return ids, dims, pins, list(raw.get("edges") or [])
+        ids = tuple(ids)
+        return ids, np.array(dims, np.int64), pins, _canonical_edges(self._edges(raw.get("edges") or [], _Index(ids)))
 
     def _agent_fields(self, a, key, i, dims, pins):
         extra = set(a) - {"id", "dim", "worker"}
@@ -303,10 +423,10 @@ class _Parser:
                 raise self.err(f"{key}.worker", f"expected a worker index >= 0, got {w!r}")
             pins[i] = w
 
-    def _edges(self, edges, index) -> tuple[tuple[int, int], ...]:
+    def _edges(self, edges, index) -> np.ndarray:
         if not isinstance(edges, list):
             raise self.err("edges", "expected a list of [agent, agent] pairs")
-        out = set()
+        out = []
         for k, e in enumerate(edges):
             key = f"edges[{k}]"
             if not isinstance(e, (list, tuple)) or len(e) != 2:
@@ -318,8 +438,8 @@ class _Parser:
             if i == j:
                 raise self.err(key, f"self-loop on agent {e[0]!r}; self-coupling is implicit, list only edges "
                                     "between distinct agents")
-            out.add((min(i, j), max(i, j)))
-        return tuple(sorted(out))
+            out.append((i, j))
+        return np.array(out, dtype=np.int64).reshape(-1, 2)
 
     def _inputs(self, raw, index, dims) -> tuple[InputFeed, ...]:
         if not isinstance(raw, list):
@@ -355,9 +475,11 @@ class _Parser:
             raise self.err("inputs", "two features enter the same state entry")
         return tuple(feeds)
 
-    def _embeddings(self, raw, index) -> tuple[AgentEmbedding, ...]:
+    def _embeddings(self, raw, index, top) -> tuple[AgentEmbedding, ...]:
+        if isinstance(raw, dict):
+            return self._patches(raw, index, top)
         if not isinstance(raw, list):
-            raise self.err("embeddings", "expected a list of {agent, features} mappings")
+            raise self.err("embeddings", "expected a list of {agent, features} mappings or {patches: ...}")
         out, used = [], set()
         for k, e in enumerate(raw):
             key = f"embeddings[{k}]"
@@ -378,9 +500,37 @@ class _Parser:
             out.append(AgentEmbedding(i, tuple(feats)))
         return tuple(out)
 
-    def _readout(self, raw, index) -> tuple[int, ...]:
+    def _patches(self, raw, index, top) -> tuple[AgentEmbedding, ...]:
+        """``embeddings: {patches: {image: [H, W], patch: [h, w]}}`` on a grid generator: agent
+        ``r * cols + c`` embeds the ``h x w`` pixel patch at rows ``r h..``, columns ``c w..`` of a
+        row-major ``H x W`` image (feature = row * W + column)."""
+        if set(raw) != {"patches"} or not isinstance(raw["patches"], dict):
+            raise self.err("embeddings", "expected a list of {agent, features} or {patches: {image, patch}}")
+        spec = raw["patches"]
+        gen = top.get("generator") or {}
+        if gen.get("kind") not in ("grid", "torus"):
+            raise self.err("embeddings.patches", "expected a grid or torus generator (agents laid out in rows)")
+        pair = lambda v: isinstance(v, list) and len(v) == 2 and all(  # noqa: E731
+            isinstance(t, int) and not isinstance(t, bool) and t > 0 for t in v)
+        for key in ("image", "patch"):
+            if not pair(spec.get(key)):
+                raise self.err(f"embeddings.patches.{key}", f"expected [rows, cols] of positive integers, "
+                                                            f"got {spec.get(key)!r}")
+        (H, W), (h, w) = spec["image"], spec["patch"]
+        rows, cols = gen["rows"], gen["cols"]
+        if H != rows * h or W != cols * w:
+            raise self.err("embeddings.patches", f"a {rows}x{cols} grid of {h}x{w} patches covers a "
+                                                 f"{rows * h}x{cols * w} image, expected image {H}x{W}")
+        out = []
+        for r in range(rows):
+            for c in range(cols):
+                feats = tuple((r * h + a) * W + c * w + b for a in range(h) for b in range(w))
+                out.append(AgentEmbedding(r * cols + c, feats))
+        return tuple(out)
+
+    def _readout(self, raw, index) -> np.ndarray:
         if raw is None:
-            return tuple(range(len(index)))
+            return np.arange(len(index), dtype=np.int64)
         if not isinstance(raw, list) or not raw:
             raise self.err("readout", "expected a non-empty list of agent ids (omit it for all agents)")
         out = []
@@ -390,7 +540,32 @@ class _Parser:
             if index[a] in out:
                 raise self.err(f"readout[{k}]", f"agent {a!r} listed twice")
             out.append(index[a])
-        return tuple(sorted(out))
+        return np.array(sorted(out), dtype=np.int64)
+
+
+class _Index:
+    """id -> agent index, O(1) for both explicit id lists and generated ranges."""
+
+    def __init__(self, ids):
+        self.ids = ids
+        self.map = None if isinstance(ids, range) else {a: i for i, a in enumerate(ids)}
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __contains__(self, a):
+        if self.map is not None:
+            return a in self.map
+        return isinstance(a, int) and not isinstance(a, bool) and a in self.ids
+
+    def __getitem__(self, a):
+        return self.map[a] if self.map is not None else self.ids.index(a)
+
+
+def _canonical_edges(e: np.ndarray) -> np.ndarray:
+    """Each undirected edge once as ``(min, max)``, sorted, duplicates removed."""
+    e = np.sort(e.reshape(-1, 2).astype(np.int64), axis=1)
+    return np.unique(e, axis=0) if len(e) else e
 
 
 def topology_from_dict(raw: Any, source: str = "<topology>") -> Topology:
@@ -415,16 +590,16 @@ def topology_to_dict(topo: Topology) -> dict:
     agents = []
     pins = dict(topo.pinned)
     for i, a in enumerate(topo.ids):
-        entry = {"id": a, "dim": topo.dims[i]}
+        entry = {"id": a, "dim": int(topo.dims[i])}
         if i in pins:
             entry["worker"] = pins[i]
         agents.append(entry)
     out = {"name": topo.name, "description": topo.description, "agents": agents,
-           "edges": [[topo.ids[i], topo.ids[k]] for i, k in topo.edges]}
+           "edges": [[topo.ids[i], topo.ids[k]] for i, k in topo.edges.tolist()]}
     if topo.inputs:
         out["inputs"] = [{"feature": f.feature, "agent": topo.ids[f.agent], "part": f.part, "index": f.index}
                          for f in topo.inputs]
     if topo.embeddings:
         out["embeddings"] = [{"agent": topo.ids[e.agent], "features": list(e.features)} for e in topo.embeddings]
-    out["readout"] = [topo.ids[i] for i in topo.readout]
+    out["readout"] = [topo.ids[i] for i in topo.readout.tolist()]
     return out

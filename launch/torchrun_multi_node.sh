@@ -7,6 +7,9 @@
 # Backend: gloo on CPU, nccl when run.device is cuda (set GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME
 # to the interface that connects the nodes if the default one is wrong).
 set -euo pipefail
+# A fresh rendezvous store for every restart attempt: torchrun otherwise keeps one store across
+# attempts, and the next attempt could read the failed attempt's (dead) worker addresses.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 config=${1:?usage: NNODES=.. NPROC=.. RDZV=host:port $0 CONFIG [dhdnn train flags...]}
 shift
 exec torchrun --nnodes "${NNODES:?set NNODES}" --nproc-per-node "${NPROC:?set NPROC}" \

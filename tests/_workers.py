@@ -9,8 +9,10 @@ import torch.distributed as dist
 
 from dhdnn.config import load_config
 from dhdnn.data import Dataset
+from dhdnn.distributed.engine import build_sharded_engine
 from dhdnn.distributed.exchange import Exchanger, gather, scatter_add
-from dhdnn.distributed.sharded import build_sharded_engine
+from dhdnn.distributed.mesh import ParallelDims, make_groups
+from dhdnn.topology import load_topology
 
 COLLECTIVES = ["all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce", "reduce_scatter",
                "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "barrier", "monitored_barrier", "gather",
@@ -36,6 +38,14 @@ class NoCollectives:
             setattr(dist, n, f)
 
 
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 def make_data(n_features: int, n_classes: int, batch: int, seed: int) -> Dataset:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, n_features, generator=g, dtype=torch.float64)
@@ -44,32 +54,47 @@ def make_data(n_features: int, n_classes: int, batch: int, seed: int) -> Dataset
 
 
 def cfg_for(topo_path, arch: str, layers: int, out_dir: str, readout: str = "tree", trace: bool = True,
-            kernel: str = "blocks"):
+            kernel: str = "blocks", backprop: str = "autograd", anchors: int = 0, replicas: int = 1):
     cfg = load_config(None, [f"model.arch={arch}", f"model.layers={layers}", "model.h=0.3", f"run.local_kernel={kernel}",
                              "run.dtype=float64", f"run.out_dir={out_dir}", f"run.readout={readout}",
                              f"run.trace={'true' if trace else 'false'}", "train.alpha=0.01",
-                             "train.weight_decay=0.001", "train.lr=0.01"])
+                             "train.weight_decay=0.001", "train.lr=0.01", f"run.backprop={backprop}",
+                             f"run.reversible_anchor_every={anchors}", f"run.replicas={replicas}"])
     cfg.topology = topo_path
     return cfg
 
 
-def load_blocks(engine, blocks):
+def load_packed(engine, packed: dict) -> None:
+    """Write full (canonical) block classes into an engine's entries."""
     with torch.no_grad():
-        for name, p, idx in engine.named_blocks():
-            p[idx] = blocks[name]
+        for e in engine.entries():
+            v = packed[e.key]
+            e.put(list(e.params), v if e.ids is None else v.index_select(e.block_axis, e.ids))
 
 
-def exactness_worker(rank, world, topo_path, arch, layers, blocks, data, out_dir, readout, steps, kernel="blocks",
-                     device="cpu"):
+def held(engine, grads: bool = False) -> dict:
+    """{class key: (canonical ids, values)} of what this rank holds (or of its gradients)."""
+    out = {}
+    for e in engine.entries():
+        ts = [(p.grad if p.grad is not None else torch.zeros_like(p)) if grads else p.detach() for p in e.params]
+        out[e.key] = (e.ids.clone(), e.get(ts).clone())
+    return out
+
+
+def exactness_worker(rank, world, topo_path, arch, layers, packed, data, out_dir, readout, steps, kernel="blocks",
+                     device="cpu", backprop="autograd", anchors=0, replicas=1):
     """One forward/backward + checks, then ``steps`` Adam steps; returns what the parent compares."""
-    cfg = cfg_for(topo_path, arch, layers, out_dir, readout, kernel=kernel)
-    engine = build_sharded_engine(cfg, data, rank, world, device=device)
-    load_blocks(engine, blocks)
+    cfg = cfg_for(topo_path, arch, layers, out_dir, readout, kernel=kernel, backprop=backprop, anchors=anchors,
+                  replicas=replicas)
+    groups = make_groups(ParallelDims(world, replicas), rank, device)
+    engine = build_sharded_engine(cfg, data, groups, load_topology(topo_path), device=device)
+    load_packed(engine, packed)
     x, y = data.x_train, data.y_train
-    with NoCollectives() if readout == "tree" else _Null():
+    with NoCollectives() if readout == "tree" and replicas == 1 else _Null():
         out = engine.objective(x, y, cfg.train.alpha)
         out.objective.backward()
-    grads = {name: p.grad[idx].clone() for name, p, idx in engine.named_blocks()}
+    engine.after_backward()
+    grads = held(engine, grads=True)
     records = list(engine.tracer.records)
     with torch.no_grad():
         logits = engine.net(x.to(device))
@@ -82,25 +107,18 @@ def exactness_worker(rank, world, topo_path, arch, layers, blocks, data, out_dir
     xr = torch.randn(ex.layout.width, B, generator=g, dtype=torch.float64).to(device)
     hr = torch.randn(ex.layout.halo_width, B, generator=g, dtype=torch.float64).to(device)
     with NoCollectives():
-        lhs = (gather(xr, ex) * hr).sum()  # <G x, y>
-        rhs = (xr * scatter_add(torch.zeros_like(xr), hr, ex)).sum()  # <x, G^T y>
+        lhs = (gather(xr, ex) * hr).sum() if ex.active else xr.new_zeros(())  # <G x, y>
+        rhs = (xr * scatter_add(torch.zeros_like(xr), hr, ex)).sum() if ex.active else xr.new_zeros(())
     # training steps with the same optimiser the trainer uses
     opt = torch.optim.Adam(engine.optimizer_groups(cfg.train.weight_decay), lr=cfg.train.lr)
-    load_blocks(engine, blocks)
+    load_packed(engine, packed)
     for _ in range(steps):
         opt.zero_grad()
         engine.objective(x, y, cfg.train.alpha).objective.backward()
+        engine.after_backward()
         opt.step()
-    final = {name: p.detach()[idx].clone() for name, p, idx in engine.named_blocks()}
+    final = held(engine)
     sums = engine.reduce_sum(torch.stack([lhs, rhs]).detach().cpu())
-    cpu = lambda d: {k: v.cpu() for k, v in d.items()}  # noqa: E731
     return {"rank": rank, "logits": None if logits is None else logits.cpu(), "objective": out.objective.detach().cpu(),
-            "stats": out.stats, "grads": cpu(grads), "records": records, "adjoint": sums, "final": cpu(final)}
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+            "stats": out.stats, "grads": grads, "records": records, "adjoint": sums, "final": final,
+            "kernel": engine.net.local_kernel, "writes": engine.shard_rank is not None}

@@ -8,7 +8,8 @@ from dhdnn import checkpoint as ckpt
 from dhdnn.cli import main
 from dhdnn.config import load_config
 from dhdnn.export import dense_model_of_run, load_exported
-from dhdnn.train import load_data, train_from_config
+from dhdnn.run import train_from_config
+from dhdnn.train import load_data
 
 COMMON = ["data.n_samples=400", "train.batch_size=50", "run.progress=false", "run.dtype=float64", "model.layers=3"]
 
@@ -19,7 +20,7 @@ def _cfg(out, workers, epochs):
 
 
 def _blocks(run):
-    return ckpt.load(ckpt.latest(run))[1]
+    return ckpt.assemble(ckpt.load(ckpt.latest(run))[1])
 
 
 def test_run_saved_on_4_workers_resumes_on_2(tmp_path):
@@ -27,7 +28,7 @@ def test_run_saved_on_4_workers_resumes_on_2(tmp_path):
     train_from_config(_cfg(tmp_path / "a", 2, 4), resume=True)
     train_from_config(_cfg(tmp_path / "b", 3, 4))
     a, b = _blocks(tmp_path / "a"), _blocks(tmp_path / "b")
-    assert set(a) == set(b) and len(a) > 20
+    assert set(a) == set(b) and len(a) >= 6
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-9, atol=1e-9)
     meta = json.loads((ckpt.latest(tmp_path / "a") / "meta.json").read_text())

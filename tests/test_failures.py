@@ -1,24 +1,40 @@
-"""Layer 2: failure handling — a worker that dies or raises fails the whole run, fast and loudly."""
+"""Layer 2: failures and the run lifecycle — a failing, hung or interrupted run stops every
+process fast and loudly, leaves nothing running, never writes after it was told to stop, and
+never saves a non-finite value; bad input is one line before any worker starts."""
+import json
+import math
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
+import torch
 
+from dhdnn import checkpoint as ckpt
+from dhdnn.cli import main
 from dhdnn.config import load_config
 from dhdnn.distributed.launch import WorkerFailure
-from dhdnn.train import train_from_config
+from dhdnn.run import train_from_config
 
 TIMEOUT = 20
+RING = "launch/ring8_swiss_roll.yaml"
 
 
-def _cfg(tmp_path, workers=3):
-    return load_config("launch/ring8_swiss_roll.yaml", [
-        f"run.workers={workers}", f"run.out_dir={tmp_path / 'run'}", "run.progress=false", "data.n_samples=800",
-        "train.epochs=3", "train.batch_size=50", f"run.timeout_s={TIMEOUT}"])
+def _cfg(tmp_path, workers=3, *extra):
+    return load_config(RING, [f"run.workers={workers}", f"run.out_dir={tmp_path / 'run'}", "run.progress=false",
+                              "data.n_samples=800", "train.epochs=3", "train.batch_size=50",
+                              f"run.timeout_s={TIMEOUT}", *extra])
 
 
+def _train_cmd(out, *extra):
+    return [sys.executable, "-m", "dhdnn", "train", RING, "--no-progress", "--out", str(out), *extra]
+
+
+# ---- a failing or hung worker --------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["kill", "raise"])
 def test_a_failing_worker_fails_every_worker_and_the_launcher(tmp_path, monkeypatch, mode):
     monkeypatch.setenv("DHDNN_FAULT", f"1:5:{mode}")
@@ -33,6 +49,7 @@ def test_a_failing_worker_fails_every_worker_and_the_launcher(tmp_path, monkeypa
         assert "injected fault on rank 1 at step 5" in e.value.details and "Traceback" in e.value.details
     else:
         assert "killed by signal 9" in e.value.details
+    assert not list(Path(tempfile.gettempdir()).glob(f"dhdnn-workers-{os.getpid()}-*"))  # scratch removed
 
 
 def test_peers_name_the_failed_rank(tmp_path, monkeypatch):
@@ -42,12 +59,12 @@ def test_peers_name_the_failed_rank(tmp_path, monkeypatch):
     seen = {}
     real = launch._first_failure
 
-    def spy(tmp, codes):
+    def spy(tmp, codes, killed, timeout_s):
         for r in range(len(codes)):
-            p = tmp / f"error{r}.txt"
+            p = tmp / f"error{r}.json"
             if p.exists():
-                seen[r] = p.read_text()
-        return real(tmp, codes)
+                seen[r] = json.loads(p.read_text())["text"]
+        return real(tmp, codes, killed, timeout_s)
 
     monkeypatch.setattr(launch, "_first_failure", spy)
     monkeypatch.setenv("DHDNN_FAULT", "2:4:kill")
@@ -59,11 +76,176 @@ def test_peers_name_the_failed_rank(tmp_path, monkeypatch):
         assert "worker 2 failed" in seen[r], seen[r]
 
 
+def test_a_hung_worker_is_named_and_every_process_ends(tmp_path):
+    """A SIGSTOPped worker: its neighbours time out, the launcher kills it, all within timeout + 15 s."""
+    env = dict(os.environ, DHDNN_FAULT="1:5:stop")
+    p = subprocess.Popen(_train_cmd(tmp_path / "r", "--workers", "2", "--set", "run.timeout_s=10",
+                                    "--set", "data.n_samples=400", "--set", "train.batch_size=50"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    seen: set[int] = set()
+    t = time.monotonic()
+    while p.poll() is None and time.monotonic() - t < 40:
+        seen |= _descendants(p.pid)
+        time.sleep(0.2)
+    _, err = p.communicate(timeout=30)
+    stopped = time.monotonic() - t
+    assert stopped < 25, stopped
+    assert p.returncode == 1
+    assert "worker 1 stopped answering" in err, err[-2000:]
+    assert seen and not any(_alive(w) for w in seen)
+
+
 def test_cli_exits_nonzero_and_prints_the_traceback(tmp_path):
     env = dict(os.environ, DHDNN_FAULT="0:3:raise")
-    cmd = [sys.executable, "-m", "dhdnn", "train", "launch/ring8_swiss_roll.yaml", "--workers", "2", "--no-progress",
-           "--out", str(tmp_path / "r"), "--set", "data.n_samples=400", "--set", "train.epochs=2",
-           "--set", f"run.timeout_s={TIMEOUT}"]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
-    assert p.returncode != 0
-    assert "worker 0 failed" in p.stderr and "injected fault on rank 0" in p.stderr and "Traceback" in p.stderr
+    p = subprocess.run(_train_cmd(tmp_path / "r", "--workers", "2", "--set", "data.n_samples=400",
+                                  "--set", "train.epochs=2", "--set", f"run.timeout_s={TIMEOUT}"),
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 1
+    assert "injected fault on rank 0" in p.stderr and "Traceback" in p.stderr
+
+
+# ---- the launcher stopped from outside -------------------------------------------------------
+def _descendants(pid: int) -> set[int]:
+    parents = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parents[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    out, frontier = set(), {pid}
+    while frontier:
+        frontier = {c for c, p in parents.items() if p in frontier} - out
+        out |= frontier
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state != "Z"
+    except OSError:
+        return False
+
+
+def _snapshot(run: Path) -> dict:
+    return {str(p): p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGHUP])
+def test_workers_never_outlive_their_launcher(tmp_path, sig):
+    run = tmp_path / "r"
+    proc = subprocess.Popen(_train_cmd(run, "--workers", "2", "--set", "train.epochs=200",
+                                       "--set", "data.n_samples=2000", "--set", "train.checkpoint_every=1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (run / "metrics.jsonl").exists() or not (run / "checkpoints" / "latest").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else ""
+            time.sleep(0.05)
+        workers = _descendants(proc.pid)
+        assert workers
+        proc.send_signal(sig)
+        t = time.monotonic()
+        while any(_alive(w) for w in workers) and time.monotonic() - t < 5:
+            time.sleep(0.05)
+        assert not any(_alive(w) for w in workers), "a worker outlived its launcher by 5 s"
+        before = _snapshot(run)
+        time.sleep(1.5)
+        assert _snapshot(run) == before  # nothing written after the stop
+        out, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    if sig != signal.SIGKILL:
+        assert proc.returncode == 128 + sig, err
+        assert "stopped by" in err and "Traceback" not in err
+        assert not list(run.rglob("*.tmp"))  # temporary files removed
+        assert ckpt.load(ckpt.latest(run))  # the last complete checkpoint reads back
+    leftovers = list(Path(tempfile.gettempdir()).glob(f"dhdnn-workers-{proc.pid}-*"))
+    if sig == signal.SIGKILL:  # no chance to clean up: the next launcher removes it
+        from dhdnn.distributed.launch import reap_stale_scratch
+
+        assert set(reap_stale_scratch()) >= set(leftovers)
+    assert not list(Path(tempfile.gettempdir()).glob(f"dhdnn-workers-{proc.pid}-*"))
+
+
+# ---- ownership ------------------------------------------------------------------------------
+def test_two_runs_into_one_directory(tmp_path):
+    cmd = _train_cmd(tmp_path / "r", "--workers", "2", "--set", "train.epochs=4", "--set", "data.n_samples=800")
+    a = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    b = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    (_, ea), (_, eb) = a.communicate(timeout=180), b.communicate(timeout=180)
+    codes = sorted([a.returncode, b.returncode])
+    assert codes == [0, 2], (ea, eb)
+    loser = ea if a.returncode == 2 else eb
+    assert "is in use by another run (pid" in loser and len(loser.strip().splitlines()) == 1
+    lines = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3, 4]
+
+
+# ---- non-finite values ----------------------------------------------------------------------
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_non_finite_loss_stops_with_exit_3_and_saves_nothing_non_finite(tmp_path, capsys, workers):
+    # epoch 1 trains normally (and is checkpointed); epoch 2 runs with lr 1e30
+    args = ["train", RING, "--no-progress", "--out", str(tmp_path / "r"), "--workers", str(workers),
+            "--set", "data.n_samples=400", "--set", "train.epochs=3", "--set", "train.lr_step=1",
+            "--set", "train.lr_gamma=1.0e+30", "--set", "train.lr=0.01"]
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    assert "non-finite" in err and "epoch 2, step" in err and len(err.strip().splitlines()) == 1
+    d = ckpt.latest(tmp_path / "r")
+    assert d is not None and json.loads((d / "meta.json").read_text())["epoch"] == 1
+    for k, v in ckpt.assemble(ckpt.load(d)[1]).items():
+        assert torch.isfinite(v).all(), k
+    for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)  # strict JSON (no bare NaN)
+        assert all(v is None or not isinstance(v, float) or math.isfinite(v) for v in rec.values())
+
+
+# ---- falling back to an older checkpoint -----------------------------------------------------
+def test_a_truncated_newest_shard_falls_back_to_the_previous_checkpoint(tmp_path, capsys):
+    args = ["train", RING, "--no-progress", "--out", str(tmp_path / "r"), "--workers", "2",
+            "--set", "data.n_samples=400", "--set", "train.batch_size=100"]
+    assert main(args + ["--set", "train.epochs=2"]) == 0
+    newest = ckpt.latest(tmp_path / "r")
+    shard = newest / "shard-1.pt"
+    shard.write_bytes(shard.read_bytes()[:100])
+    capsys.readouterr()
+    assert main(args + ["--set", "train.epochs=3", "--auto-resume"]) == 0
+    err = capsys.readouterr().err
+    assert f"{shard}" in err and "resuming from the previous complete checkpoint" in err
+    lines = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3]
+
+
+# ---- bad input: one line, exit 2, before any worker starts ------------------------------------
+@pytest.mark.parametrize("extra,message", [
+    (["--workers", "9"], "9 workers but"),
+    (["--workers", "2", "--set", "model.arch=MS1"], "key 'model.arch': MS1 has no agent-local structure"),
+    (["--workers", "2", "--set", "model.arch=H1", "--set", "model.J=J2"], "key 'model.J': J2 couples"),
+    (["--workers", "2", "--set", "data.name=mnist", "--set", "data.path=/nonexistent"],
+     "data.path: /nonexistent is not a directory"),
+    (["--workers", "3", "--set", "run.replicas=2"], "key 'run.replicas'"),
+    (["--set", "topology=null", "--set", "model.dim=100000"], "key 'model': the run needs an estimated"),
+])
+def test_errors_found_before_spawning_are_one_line(tmp_path, capsys, monkeypatch, extra, message):
+    from dhdnn.distributed import launch
+
+    def boom(*a, **k):
+        raise AssertionError("a worker was started")
+
+    monkeypatch.setattr(launch, "run_local", boom)
+    assert main(["train", RING, "--no-progress", "--out", str(tmp_path / "r"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_pinned_worker_out_of_range_is_reported_before_spawning(tmp_path, capsys):
+    topo = tmp_path / "t.yaml"
+    topo.write_text("agents: [{id: 1, worker: 3}, 2, 3]\nedges: [[1, 2], [2, 3]]\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"topology: {topo}\nmodel: {{arch: H2, layers: 2}}\ndata: {{n_samples: 100}}\n")
+    assert main(["train", str(cfg), "--workers", "2", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "key 'agents[0].worker'" in err and len(err.strip().splitlines()) == 1

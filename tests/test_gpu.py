@@ -7,7 +7,7 @@ import torch
 
 from dhdnn import build_model
 
-from .test_distributed import BATCH, _check_locality, _check_run, random_topology  # noqa: F401
+from .test_distributed import BATCH, check_locality, check_run, random_topology  # noqa: F401
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -27,18 +27,18 @@ def test_fused_kernels_on_cuda_match_cpu(arch):
 
 @pytest.mark.parametrize("workers,kernel", [(2, "blocks"), (3, "dense")])
 def test_sharded_on_cuda_with_gloo_staging_matches_dense(workers, kernel, random_topology, tmp_path):  # noqa: F811
-    topo, results, data = _check_run(random_topology, "H2", workers, tmp_path, kernel=kernel, device="cuda")
-    _check_locality(topo, results, workers, "H2", BATCH, data.n_classes)
+    topo, results, data = check_run(random_topology, "H2", workers, tmp_path, kernel=kernel, device="cuda")
+    check_locality(topo, results, workers, "H2", BATCH, data.n_classes)
 
 
 def test_sharded_on_cuda_with_nccl_single_rank(random_topology, tmp_path):  # noqa: F811
     # nccl allows one rank per GPU; with one GPU this exercises the nccl path end to end
-    _check_run(random_topology, "H1", 1, tmp_path, kernel="blocks", device="cuda", backend="nccl")
+    check_run(random_topology, "H1", 1, tmp_path, kernel="blocks", device="cuda", backend="nccl")
 
 
 def test_dense_training_on_cuda(tmp_path):
     from dhdnn.config import load_config
-    from dhdnn.train import train_from_config
+    from dhdnn.run import train_from_config
 
     cfg = load_config("launch/swiss_roll_H2_64.yaml", ["run.device=cuda", f"run.out_dir={tmp_path / 'r'}",
                                                         "train.epochs=2", "data.n_samples=400", "run.progress=false"])

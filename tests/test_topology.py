@@ -8,8 +8,11 @@ import pytest
 import torch
 
 from dhdnn import build_model
-from dhdnn.partition import build_plans, partition, predicted_bytes
-from dhdnn.topology import TopologyError, dense_masks, check_distributable, load_topology, topology_from_dict
+from dhdnn.halo import build_plans, predicted_bytes
+from dhdnn.models import ARCHITECTURES
+from dhdnn.models.hamiltonian import NotDistributable
+from dhdnn.partition import partition
+from dhdnn.topology import TopologyError, dense_masks, load_topology, topology_from_dict
 
 FILES = sorted(glob.glob("topologies/*.yaml"))
 
@@ -49,7 +52,7 @@ def test_paper_ring_inputs_and_exact_sparsity():
 def test_h1_mask_couples_p_and_q_of_neighbours_only():
     topo = load_topology("topologies/line8.yaml")
     mask = dense_masks(topo, "H1")
-    off = topo.offsets()
+    off = topo.offsets
     m = topo.half_dim
     # agent 0 (rows p^[0]) touches q^[1] (neighbour) but not q^[2]
     assert mask[off[0], m + off[1]] and not mask[off[0], m + off[2]]
@@ -119,17 +122,20 @@ def test_feature_out_of_range_for_data_and_worker_errors(tmp_path):
 
 
 def test_distributed_use_refuses_j2_and_baselines():
-    topo = load_topology("topologies/ring8.yaml")
-    with pytest.raises(TopologyError, match="J2 couples every agent"):
-        check_distributable(topo, "H1", "J2")
-    with pytest.raises(TopologyError, match="MS1 has no agent-local structure"):
-        check_distributable(topo, "MS1")
-    check_distributable(topo, "H2")
+    with pytest.raises(NotDistributable, match="J2 couples every agent") as e:
+        ARCHITECTURES["H1"].agent_layout(J="J2")
+    assert e.value.key == "model.J"
+    for arch in ("MS1", "MS2", "MS3", "ResNet", "MLP"):
+        with pytest.raises(NotDistributable, match=f"{arch} has no agent-local structure"):
+            ARCHITECTURES[arch].agent_layout()
+    h2, h1 = ARCHITECTURES["H2"].agent_layout(), ARCHITECTURES["H1"].agent_layout(J="J1")
+    assert (h2.exchanges_per_layer, h2.invertible, h2.parts_per_agent) == (4, True, 1)
+    assert (h1.exchanges_per_layer, h1.invertible, h1.parts_per_agent) == (2, False, 2)
 
 
 def test_partitioner_special_cases_and_pins():
     ring = load_topology("topologies/ring8.yaml")
-    assert partition(ring, 1).assignment == (0,) * 8
+    assert partition(ring, 1).assignment.tolist() == [0] * 8
     one = partition(ring, 8)
     assert sorted(one.assignment) == list(range(8))
     pinned = topology_from_dict({"generator": {"kind": "ring", "agents": 12},
@@ -165,10 +171,11 @@ def test_halo_plan_matches_brute_force_from_masks(seed):
     plans = build_plans(topo, part)
     owner = part.assignment
     A = topo.block_mask()  # entry-level (m, m) mask
-    off = topo.offsets()
+    off = topo.offsets
     for p in plans:
         for s, agents in p.send.items():
-            assert plans[s].recv[p.rank] == agents  # my send list is their receive list
+            agents = agents.tolist()
+            assert plans[s].recv[p.rank].tolist() == agents  # my send list is their receive list
             assert agents == sorted(agents)
             for a in agents:
                 assert owner[a] == p.rank
@@ -179,10 +186,10 @@ def test_halo_plan_matches_brute_force_from_masks(seed):
                 continue
             need = sorted({a for a in p.local for b in plans[s].local
                            if A[off[b], off[a]]})
-            assert p.send.get(s, []) == need
+            assert (p.send[s].tolist() if s in p.send else []) == need
     # predicted bytes: each needed (agent -> foreign rank) pair counted from the mask
     batch = 7
-    b = predicted_bytes(topo, part, batch, "float64", "H2", layers=3)
+    b = predicted_bytes(topo, part, batch, "float64", layers=3)
     brute = sum(topo.dims[a] for a in range(topo.n_agents)
                 for s in {owner[r] for r in range(topo.n_agents) if A[off[r], off[a]]} - {owner[a]})
     assert b["per_exchange"] == brute * batch * 8
@@ -206,7 +213,7 @@ def test_cli_topology_show_and_partition(tmp_path, capsys):
     assert sum(res["loads"]) == 8 and len(res["cut_edges"]) == 3 and res["rank_edges"]
     topo = load_topology("topologies/ring8.yaml")
     part = partition(topo, 3)
-    assert res["bytes_per_step"] == predicted_bytes(topo, part, 10, "float32", "H2", layers=2)["per_step"]
+    assert res["bytes_per_step"] == predicted_bytes(topo, part, 10, "float32", layers=2)["per_step"]
     assert (tmp_path / "p.png").exists()
     assert main(["partition", "topologies/ring8.yaml", "--workers", "3"]) == 0
     assert "cut edges 3" in capsys.readouterr().out

@@ -1,28 +1,47 @@
-"""Layer 2: the same training command under torchrun (env:// rendezvous) equals the local launcher."""
+"""Layer 2: the same training command under torchrun (c10d/env:// rendezvous) equals the local
+launcher, and torchrun's elastic restart resumes from the last checkpoint."""
 import json
 import os
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
 from dhdnn import checkpoint as ckpt
 
+RING = "launch/ring8_swiss_roll.yaml"
 ARGS = ["--no-progress", "--set", "data.n_samples=400", "--set", "train.epochs=2", "--set", "train.batch_size=50",
         "--set", "model.layers=3", "--set", "run.dtype=float64", "--set", "run.trace=true"]
 
 
+def torch_env(**extra):
+    bin_dir = str(Path(sys.executable).parent)  # torchrun lives beside this interpreter
+    return dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
+                PATH=f"{bin_dir}:{os.environ.get('PATH', '')}", **extra)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def params(run):
+    return ckpt.assemble(ckpt.load(ckpt.latest(run))[1])
+
+
 def test_torchrun_matches_local_workers(tmp_path):
-    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    env = torch_env()
     tr = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                         "-m", "dhdnn", "train", "launch/ring8_swiss_roll.yaml", "--out", str(tmp_path / "tr"), *ARGS],
+                         "-m", "dhdnn", "train", RING, "--out", str(tmp_path / "tr"), *ARGS],
                         capture_output=True, text=True, env=env, timeout=300)
     assert tr.returncode == 0, tr.stderr[-3000:]
-    loc = subprocess.run([sys.executable, "-m", "dhdnn", "train", "launch/ring8_swiss_roll.yaml", "--workers", "2",
+    loc = subprocess.run([sys.executable, "-m", "dhdnn", "train", RING, "--workers", "2",
                           "--out", str(tmp_path / "loc"), *ARGS], capture_output=True, text=True, env=env, timeout=300)
     assert loc.returncode == 0, loc.stderr[-3000:]
-    a = ckpt.load(ckpt.latest(tmp_path / "tr"))[1]
-    b = ckpt.load(ckpt.latest(tmp_path / "loc"))[1]
+    a, b = params(tmp_path / "tr"), params(tmp_path / "loc")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
     assert json.loads((tmp_path / "tr" / "summary.json").read_text())["workers"] == 2
@@ -34,3 +53,26 @@ def test_torchrun_matches_local_workers(tmp_path):
         # training messages: the same number in every step
         per_step = [sum(1 for x in records if x["step"] == s and x["phase"] != "eval") for s in (0, 7)]
         assert per_step[0] == per_step[1] > 0
+
+
+def restart_run(out: Path, port: int, nnodes: int = 1, nproc: int = 2, extra=(), fault="1:10:kill:0"):
+    """The shipped multi-node script with one restart allowed and a worker killed in epoch 2."""
+    env = torch_env(MAX_RESTARTS="1", NNODES=str(nnodes), NPROC=str(nproc), RDZV=f"127.0.0.1:{port}",
+                    RDZV_ID=f"test{port}", DHDNN_FAULT=fault)
+    return subprocess.run(["bash", "launch/torchrun_multi_node.sh", RING, "--out", str(out), *ARGS,
+                           "--set", "train.epochs=3", *extra], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_torchrun_restart_resumes_from_the_last_checkpoint(tmp_path):
+    p = restart_run(tmp_path / "tr", free_port())
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert "exitcode: -9" in p.stderr  # the worker was killed, and the run still finished
+    lines = [json.loads(x) for x in (tmp_path / "tr" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [1, 2, 3]
+    loc = subprocess.run([sys.executable, "-m", "dhdnn", "train", RING, "--workers", "2", "--out", str(tmp_path / "loc"),
+                          *ARGS, "--set", "train.epochs=3"], capture_output=True, text=True, env=torch_env(),
+                         timeout=300)
+    assert loc.returncode == 0, loc.stderr[-3000:]
+    a, b = params(tmp_path / "tr"), params(tmp_path / "loc")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-9, atol=1e-9)

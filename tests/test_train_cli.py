@@ -8,7 +8,8 @@ from dhdnn import checkpoint as ckpt
 from dhdnn.cli import main
 from dhdnn.config import load_config
 from dhdnn.export import dense_model_of_run
-from dhdnn.train import train_from_config
+from dhdnn.rundir import RunDirError
+from dhdnn.run import train_from_config
 
 SMALL = ["data.n_samples=400", "model.layers=4", "model.dim=4", "train.epochs=3", "train.batch_size=50",
          "run.progress=false", "train.lr=0.02"]
@@ -49,17 +50,22 @@ def test_resume_continues_exactly(tmp_path):
 
 def test_refuses_to_overwrite_a_run_and_rejects_mismatched_resume(tmp_path):
     train_from_config(small_cfg(tmp_path))
-    with pytest.raises(ckpt.CheckpointError, match="already holds a run"):
+    with pytest.raises(RunDirError, match="already holds a run"):
         train_from_config(small_cfg(tmp_path))
-    with pytest.raises(ckpt.CheckpointError, match="key 'model' differs"):
+    with pytest.raises(RunDirError, match=r"key 'model' differs .*model\.layers"):
         train_from_config(small_cfg(tmp_path, "model.layers=5", "train.epochs=5"), resume=True)
 
 
 def test_corrupt_checkpoint_is_reported(tmp_path):
     train_from_config(small_cfg(tmp_path))
     d = ckpt.latest(tmp_path / "run")
-    (d / "shard-0.pt").write_bytes(b"garbage")
+    shard = d / "shard-0.pt"
+    size = shard.stat().st_size
+    shard.write_bytes(b"x" * size)  # same size, not a checkpoint
     with pytest.raises(ckpt.CheckpointError, match="shard-0.pt: cannot be read"):
+        ckpt.load(d)
+    shard.write_bytes(b"x" * (size // 2))  # truncated
+    with pytest.raises(ckpt.CheckpointError, match=f"shard-0.pt: {size // 2} bytes, the checkpoint recorded {size}"):
         ckpt.load(d)
 
 

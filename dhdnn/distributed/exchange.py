@@ -1,32 +1,34 @@
-"""Neighbour exchanges (DESIGN §3-4): ``gather`` and ``scatter_add`` as autograd Functions.
+"""Neighbour exchanges: ``gather`` and ``scatter_add``, each the other's adjoint.
 
-An :class:`Exchanger` turns one rank's halo plan into two static message patterns on a
-*field*: an ``(F, B)`` tensor whose rows are this rank's state entries (its agents' slices
-of ``p`` or ``q``, or of ``y`` for H1) and whose columns are the batch. Feature-major, so
-every message is a set of contiguous rows:
+A rank's *field* is an ``(F, B)`` tensor whose rows are its agents' entries (its slices of
+``p``, ``q`` or ``y``) and whose columns are the batch: feature-major, so every message is
+a set of whole rows. Its *halo* is an ``(H, B)`` tensor of the neighbours' rows it reads,
+laid out neighbour rank by neighbour rank (ascending), agent by agent.
 
-* ``gather(x) -> halo``: send each neighbour rank the rows of my agents it reads,
-  receive the rows of theirs that I read (laid out rank by rank, agent by agent);
-* ``scatter_add(c_local, c_halo) -> c_local + received``: send each neighbour the
-  contributions I computed for its agents, add the ones I receive for mine.
+* gather: send each neighbour rank the rows of my agents it reads; receive theirs;
+* scatter-add: send each neighbour the contributions I computed for its agents (halo rows);
+  add the ones I receive for mine.
 
-Each is the other's adjoint, so the backward of one runs the other. Every exchange posts
-all receives and sends, then waits on all (a blocking ``send`` deadlocks on a ring, and
-gloo requests only progress inside ``wait``); one message per neighbour rank; tags carry
-nothing. With gloo, CUDA tensors are staged through CPU. Messages can be traced.
+An :class:`Exchanger` runs both on one rank's static :class:`FieldLayout`: it posts every
+receive and send (``start_*``), lets the caller compute while messages are in flight, and
+waits (``finish_*``). Several tensors of the same layout travel together as one message per
+neighbour. Receives land directly in caller-owned storage, send buffers are allocated once,
+nothing relies on tags, and a failing peer is named (:class:`PeerFailure`). With gloo, CUDA
+tensors are staged through CPU. Every message can be traced.
+
+``gather`` and ``scatter_add`` are also autograd Functions (each one's backward runs the
+other), for tests and for any code that wants the primitives on their own.
 """
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
-
-from ..partition import HaloPlan
 
 
 class PeerFailure(RuntimeError):
@@ -38,18 +40,20 @@ class PeerFailure(RuntimeError):
 
 
 class Tracer:
-    """Records every message sent: step, phase, layer, op, source, destination, bytes."""
+    """Records every message sent (and every gradient reduction): step, phase, layer, op,
+    source, destination, bytes. Written to ``path`` as JSON lines at the end of each epoch."""
 
-    def __init__(self, rank: int, path: Path | None = None):
+    def __init__(self, rank: int, path: Path | None = None, to_global=None):
         self.rank, self.path = rank, path
+        self.to_global = to_global or (lambda r: r)  # group rank -> global rank
         self.step = 0
         self.evaluating = False  # forward passes of evaluation are traced as phase "eval"
         self.records: list[dict] = []
 
-    def record(self, phase: str, layer: int, op: str, dst: int, nbytes: int) -> None:
+    def record(self, phase: str, layer: int, op: str, dst: int, nbytes: int, **extra) -> None:
         phase = "eval" if self.evaluating else phase
         self.records.append({"step": self.step, "phase": phase, "layer": layer, "op": op,
-                             "src": self.rank, "dst": dst, "bytes": nbytes})
+                             "src": self.rank, "dst": self.to_global(dst), "bytes": nbytes, **extra})
 
     def flush(self) -> None:
         if self.path is None or not self.records:
@@ -62,7 +66,7 @@ class Tracer:
 
 @dataclass
 class CommStats:
-    """Time spent inside exchanges (posting and waiting) and bytes sent, for benchmarks."""
+    """Time spent posting and waiting on exchanges, bytes and messages sent (benchmarks)."""
 
     seconds: float = 0.0
     bytes: int = 0
@@ -74,116 +78,185 @@ class CommStats:
 
 @dataclass
 class FieldLayout:
-    """Column bookkeeping of one field on one rank."""
+    """Row bookkeeping of one rank's fields (all fields of a layer share it)."""
 
     width: int  # F: local rows
-    send_cols: dict[int, Tensor]  # peer -> my rows it reads (LongTensor)
-    halo_slices: dict[int, slice]  # peer -> its rows within my halo
-    halo_width: int
+    send_rows: dict[int, Tensor]  # neighbour rank -> my rows it reads (LongTensor)
+    halo_slices: dict[int, slice]  # neighbour rank -> its rows within my halo
+    halo_width: int  # H
+
+    @property
+    def peers(self) -> list[int]:
+        return sorted(self.send_rows)
 
 
-def field_layout(plan: HaloPlan, local_cols: dict[int, list[int]], width: int,
-                 halo_width_of: dict[int, int]) -> FieldLayout:
-    """``local_cols[a]``: the field rows of my agent ``a``; ``halo_width_of[a]``: rows of a
-    foreign agent ``a`` in this field. Halo layout: neighbour ranks ascending, agents by index."""
-    send = {s: torch.tensor([c for a in agents for c in local_cols[a]], dtype=torch.long)
-            for s, agents in plan.send.items()}
-    slices, at = {}, 0
-    for s in plan.neighbor_ranks:
-        w = sum(halo_width_of[a] for a in plan.recv[s])
-        slices[s] = slice(at, at + w)
-        at += w
-    return FieldLayout(width, send, slices, at)
+@dataclass
+class Pending:
+    """Messages in flight: requests, receive buffers, and where received values go."""
+
+    kind: str
+    reqs: list = field(default_factory=list)
+    recv: dict = field(default_factory=dict)
+    outs: list | None = None
+    what: str = ""
+    t0: float = 0.0
 
 
 class Exchanger:
-    """Point-to-point exchanges of one field layout, with static buffers and tracing."""
+    """Point-to-point exchanges on one :class:`FieldLayout`, with static send buffers and tracing."""
 
     def __init__(self, layout: FieldLayout, group=None, tracer: Tracer | None = None, stage_cpu: bool = False,
                  stats: CommStats | None = None):
+        """``layout``'s ranks are ranks of ``group`` (the default group if None)."""
         self.layout, self.group, self.tracer, self.stage_cpu = layout, group, tracer, stage_cpu
+        self.pg = group if group is not None or not layout.send_rows else dist.group.WORLD
         self.stats = stats if stats is not None else CommStats()
         self._buffers: dict[tuple, Tensor] = {}
-        self._send_cols_dev: dict[torch.device, dict[int, Tensor]] = {}
+        self._rows: dict[torch.device, dict[int, Tensor]] = {}
 
-    def _buf(self, key: tuple, shape, like: Tensor) -> Tensor:
-        """A message buffer allocated once per (role, peer, batch size, dtype, device) and reused:
-        exchanges never overlap, and what leaves an exchange is always a fresh tensor."""
-        device = torch.device("cpu") if self.stage_cpu else like.device
-        k = (*key, tuple(shape), like.dtype, device)
+    @property
+    def active(self) -> bool:
+        return bool(self.layout.send_rows)
+
+    def _buf(self, key: tuple, shape: tuple, like: Tensor, device=None) -> Tensor:
+        """A message buffer allocated once per (role, peer, shape, dtype, device) and reused: an
+        exchange's buffers are free again once it has finished."""
+        device = device or (torch.device("cpu") if self.stage_cpu else like.device)
+        k = (*key, shape, like.dtype, device)
         b = self._buffers.get(k)
         if b is None:
             b = self._buffers[k] = torch.empty(shape, dtype=like.dtype, device=device)
         return b
 
-    def _cols(self, device) -> dict[int, Tensor]:
-        if device not in self._send_cols_dev:
-            self._send_cols_dev[device] = {s: c.to(device) for s, c in self.layout.send_cols.items()}
-        return self._send_cols_dev[device]
+    def _send_rows(self, device) -> dict[int, Tensor]:
+        if device not in self._rows:
+            self._rows[device] = {s: r.to(device) for s, r in self.layout.send_rows.items()}
+        return self._rows[device]
 
-    def _p2p(self, sends: dict[int, Tensor], recvs: dict[int, Tensor], phase: str, layer: int, op: str) -> None:
-        """Post every receive and send, then wait on all; errors name the peer."""
+    def _post(self, sends: dict[int, Tensor], recvs: dict[int, Tensor], phase: str, layer: int, op: str) -> list:
+        """Post every receive, then every send. The process group's own ``recv``/``send`` (what
+        ``dist.irecv``/``dist.isend`` call after their argument checks): once per message, the
+        checks would cost more than a small message's transfer."""
         reqs, peer = [], None
-        t0 = time.perf_counter()
+        pg = self.pg
         try:
             for peer, buf in recvs.items():
-                reqs.append((peer, dist.irecv(buf, src=peer, group=self.group)))
+                reqs.append((peer, pg.recv([buf], peer, 0)))
             for peer, t in sends.items():
-                reqs.append((peer, dist.isend(t, dst=peer, group=self.group)))
-                if self.tracer is not None:
-                    self.tracer.record(phase, layer, op, peer, t.numel() * t.element_size())
-            for peer, r in reqs:
-                r.wait()
-            st = self.stats
-            st.seconds += time.perf_counter() - t0
-            st.messages += len(sends)
-            st.bytes += sum(t.numel() * t.element_size() for t in sends.values())
+                reqs.append((peer, pg.send([t], peer, 0)))
         except RuntimeError as e:
-            raise PeerFailure(f"{phase} {op} of layer {layer}: exchange with neighbour rank {peer} failed: "
-                              f"{str(e).splitlines()[0][:300]}", peer) from e
+            raise self._failure(e, peer, phase, layer, op) from e
+        nbytes = 0
+        for peer, t in sends.items():
+            b = t.numel() * t.element_size()
+            nbytes += b
+            if self.tracer is not None:
+                self.tracer.record(phase, layer, op, peer, b)
+        self.stats.messages += len(sends)
+        self.stats.bytes += nbytes
+        return reqs
 
-    def _stage_out(self, t: Tensor) -> Tensor:
-        return t.cpu() if self.stage_cpu and t.device.type != "cpu" else t
+    def _wait(self, p: Pending) -> None:
+        peer = None
+        t = time.perf_counter()
+        try:
+            for peer, r in p.reqs:
+                r.wait()
+        except RuntimeError as e:
+            raise self._failure(e, peer, *p.what) from e
+        self.stats.seconds += time.perf_counter() - t + p.t0
 
-    def gather_values(self, x: Tensor, phase: str, layer: int, op: str) -> Tensor:
-        """Send my boundary rows of ``x`` (F, B); return the halo (H, B) as a new tensor."""
-        L, B = self.layout, x.shape[1]
-        src = self._stage_out(x)
-        sends = {}
-        for s, c in self._cols(src.device).items():
-            sends[s] = torch.index_select(src, 0, c, out=self._buf(("gs", s), (len(c), B), x))
-        recvs = {s: self._buf(("gr", s), (sl.stop - sl.start, B), x) for s, sl in L.halo_slices.items()}
-        self._p2p(sends, recvs, phase, layer, op)
-        if not recvs:
-            return x.new_zeros(0, B)
-        return torch.cat([recvs[s] for s in L.halo_slices], dim=0).to(x.device)
+    @staticmethod
+    def _failure(e: Exception, peer, phase, layer, op) -> PeerFailure:
+        return PeerFailure(f"{phase} {op} of layer {layer}: exchange with neighbour rank {peer} failed: "
+                           f"{str(e).splitlines()[0][:300]}", peer)
 
-    def scatter_values(self, c_local: Tensor | None, c_halo: Tensor, phase: str, layer: int, op: str) -> Tensor:
-        """Send the halo contributions to their owners; return ``c_local`` (zeros if None) plus
-        what I receive."""
-        L, B = self.layout, c_halo.shape[1]
-        staged = self._stage_out(c_halo)
-        sends = {s: staged[sl] for s, sl in L.halo_slices.items()}  # row slices are contiguous
-        cols = self._cols(c_halo.device)
-        recvs = {s: self._buf(("sr", s), (len(c), B), c_halo) for s, c in cols.items()}
-        self._p2p(sends, recvs, phase, layer, op)
-        out = c_halo.new_zeros(L.width, B) if c_local is None else c_local.clone()
-        for s, c in cols.items():
-            out.index_add_(0, c, recvs[s].to(out.device))
+    # ---- gather ---------------------------------------------------------------------------
+    def start_gather(self, xs: list[Tensor], outs: list[Tensor], phase: str = "forward", layer: int = -1,
+                     op: str = "gather") -> Pending:
+        """Send my boundary rows of every ``xs[i]`` (F, B); their halos arrive in ``outs[i]`` (H, B)
+        at :meth:`finish_gather`. One message per neighbour carries all of ``xs``."""
+        t = time.perf_counter()
+        L, k, B = self.layout, len(xs), xs[0].shape[1]
+        rows = self._send_rows(torch.device("cpu") if self.stage_cpu else xs[0].device)
+        sends, recvs = {}, {}
+        direct = k == 1 and not self.stage_cpu
+        src = [x.cpu() for x in xs] if self.stage_cpu else xs
+        for s in L.peers:
+            buf = self._buf(("gs", s), (k, len(rows[s]), B), xs[0])
+            for i, x in enumerate(src):
+                torch.index_select(x, 0, rows[s], out=buf[i])
+            sends[s] = buf
+            sl = L.halo_slices[s]
+            recvs[s] = outs[0][sl] if direct else self._buf(("gr", s), (k, sl.stop - sl.start, B), xs[0])
+        p = Pending("gather", self._post(sends, recvs, phase, layer, op), recvs, outs, (phase, layer, op))
+        p.t0 = time.perf_counter() - t
+        return p
+
+    def finish_gather(self, p: Pending) -> None:
+        self._wait(p)
+        if len(p.outs) == 1 and not self.stage_cpu:
+            return  # received in place
+        for s, buf in p.recv.items():
+            sl = self.layout.halo_slices[s]
+            for i, out in enumerate(p.outs):
+                out[sl].copy_(buf[i])
+
+    # ---- scatter-add ----------------------------------------------------------------------
+    def start_scatter(self, cs: list[Tensor], phase: str = "forward", layer: int = -1,
+                      op: str = "scatter_add") -> Pending:
+        """Send the halo rows of every ``cs[i]`` (H, B) to their owners; what I receive is added to
+        the caller's local tensors at :meth:`finish_scatter`."""
+        t = time.perf_counter()
+        L, k, B = self.layout, len(cs), cs[0].shape[1]
+        rows = self._send_rows(torch.device("cpu") if self.stage_cpu else cs[0].device)
+        sends, recvs = {}, {}
+        for s in L.peers:
+            sl = L.halo_slices[s]
+            if k == 1 and not self.stage_cpu:
+                sends[s] = cs[0][sl]  # a row slice of a contiguous tensor is contiguous
+            else:
+                buf = self._buf(("ss", s), (k, sl.stop - sl.start, B), cs[0])
+                for i, c in enumerate(cs):
+                    buf[i].copy_(c[sl])
+                sends[s] = buf
+            recvs[s] = self._buf(("sr", s), (k, len(rows[s]), B), cs[0])
+        p = Pending("scatter", self._post(sends, recvs, phase, layer, op), recvs, None, (phase, layer, op))
+        p.t0 = time.perf_counter() - t
+        return p
+
+    def finish_scatter(self, p: Pending, outs: list[Tensor]) -> None:
+        """Wait, then ``outs[i][my rows] += received`` (outs: (F, B) each)."""
+        self._wait(p)
+        rows = self._send_rows(outs[0].device)
+        for s, buf in p.recv.items():
+            for i, out in enumerate(outs):
+                out.index_add_(0, rows[s], buf[i].to(out.device) if self.stage_cpu else buf[i])
+
+    # ---- whole exchanges --------------------------------------------------------------------
+    def gather_values(self, x: Tensor, phase: str = "forward", layer: int = -1, op: str = "gather") -> Tensor:
+        halo = x.new_empty(self.layout.halo_width, x.shape[1])
+        self.finish_gather(self.start_gather([x.contiguous()], [halo], phase, layer, op))
+        return halo
+
+    def scatter_values(self, c_local: Tensor | None, c_halo: Tensor, phase: str = "forward", layer: int = -1,
+                       op: str = "scatter_add") -> Tensor:
+        out = c_halo.new_zeros(self.layout.width, c_halo.shape[1]) if c_local is None else c_local.clone()
+        self.finish_scatter(self.start_scatter([c_halo.contiguous()], phase, layer, op), [out])
         return out
 
 
 class Gather(torch.autograd.Function):
-    """``x -> halo``; backward: scatter_add of the halo's gradient."""
+    """``x -> halo``; backward: scatter-add of the halo's gradient."""
 
     @staticmethod
     def forward(ctx, x, ex: Exchanger, layer: int, op: str):
         ctx.ex, ctx.layer, ctx.op = ex, layer, op
-        return ex.gather_values(x.contiguous(), "forward", layer, op)
+        return ex.gather_values(x, "forward", layer, op)
 
     @staticmethod
     def backward(ctx, g_halo):
-        return ctx.ex.scatter_values(None, g_halo.contiguous(), "backward", ctx.layer, ctx.op), None, None, None
+        return ctx.ex.scatter_values(None, g_halo, "backward", ctx.layer, ctx.op), None, None, None
 
 
 class ScatterAdd(torch.autograd.Function):
@@ -192,7 +265,7 @@ class ScatterAdd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, c_local, c_halo, ex: Exchanger, layer: int, op: str):
         ctx.ex, ctx.layer, ctx.op = ex, layer, op
-        return ex.scatter_values(c_local.contiguous(), c_halo.contiguous(), "forward", layer, op)
+        return ex.scatter_values(c_local, c_halo, "forward", layer, op)
 
     @staticmethod
     def backward(ctx, g):

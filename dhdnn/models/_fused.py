@@ -96,3 +96,58 @@ class H2Stack(torch.autograd.Function):
         gAq = torch.bmm(S.transpose(1, 2), GPn).mul_(-h)
         gy = torch.cat([gp, GQ[0]], dim=1)
         return gy, gKp, gAp, gKq, gAq, GC.sum(1), GA.sum(1), None
+
+
+class H2RevStack(torch.autograd.Function):
+    """:class:`H2Stack` with reversible backprop: the forward keeps only the last state (and an
+    anchor every ``anchor_every`` layers); the backward rebuilds each layer's input by undoing
+    the layer, ``q_j = q_{j+1} - h T A_p`` then ``p_j = p_{j+1} + h S A_q``, and runs the same
+    adjoint as :class:`H2Stack`. Activation memory is a few ``(B, m)`` buffers at any depth."""
+
+    @staticmethod
+    def forward(ctx, y, Kp, Ap, Kq, Aq, bp, bq, h, anchor_every):
+        L, m = Kp.shape[0], Kp.shape[1]
+        P, Q = y[:, :m].clone(), y[:, m:].clone()
+        S = torch.empty_like(P)
+        Kpt, Kqt = Kp.transpose(1, 2), Kq.transpose(1, 2)
+        anchors = {}
+        for j in range(L):
+            if anchor_every and j and j % anchor_every == 0:
+                anchors[j] = (P.clone(), Q.clone())
+            torch.tanh(torch.addmm(bq[j], Q, Kqt[j]), out=S)
+            P.addmm_(S, Aq[j], alpha=-h)
+            torch.tanh(torch.addmm(bp[j], P, Kpt[j]), out=S)
+            Q.addmm_(S, Ap[j], alpha=h)
+        ctx.save_for_backward(Kp, Ap, Kq, Aq, bp, bq, P, Q)
+        ctx.h, ctx.anchors = h, anchors
+        return torch.cat([P, Q], dim=1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        Kp, Ap, Kq, Aq, bp, bq, P, Q = ctx.saved_tensors
+        h, (L, m) = ctx.h, Kp.shape[:2]
+        P, Q = P.clone(), Q.clone()
+        gp, gq = g[:, :m].clone(), g[:, m:].clone()
+        gKp, gAp, gKq, gAq = (torch.zeros_like(t) for t in (Kp, Ap, Kq, Aq))
+        gbp, gbq = torch.zeros_like(bp), torch.zeros_like(bq)
+        Kpt, Kqt = Kp.transpose(1, 2), Kq.transpose(1, 2)
+        for j in reversed(range(L)):
+            T = torch.tanh(torch.addmm(bp[j], P, Kpt[j]))  # P = p_{j+1}
+            Q.addmm_(T, Ap[j], alpha=-h)  # q_j
+            gC = torch.mm(gq, Ap[j].T).mul_(h).mul_(1 - T * T)
+            torch.mm(gC.T, P, out=gKp[j])
+            torch.mm(T.T, gq, out=gAp[j]).mul_(h)
+            torch.sum(gC, 0, out=gbp[j])
+            gp.addmm_(gC, Kp[j])
+            S = torch.tanh(torch.addmm(bq[j], Q, Kqt[j]))  # Q = q_j
+            P.addmm_(S, Aq[j], alpha=h)  # p_j
+            gA = torch.mm(gp, Aq[j].T).mul_(-h).mul_(1 - S * S)
+            torch.mm(gA.T, Q, out=gKq[j])
+            torch.mm(S.T, gp, out=gAq[j]).mul_(-h)
+            torch.sum(gA, 0, out=gbq[j])
+            gq.addmm_(gA, Kq[j])
+            if j in ctx.anchors:  # drift stops here
+                P.copy_(ctx.anchors[j][0])
+                Q.copy_(ctx.anchors[j][1])
+        return torch.cat([gp, gq], dim=1), gKp, gAp, gKq, gAq, gbp, gbq, None, None

@@ -11,6 +11,7 @@ Pure maths: this module never imports ``torch.distributed``.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import ClassVar, Mapping
 
 import torch
@@ -19,6 +20,94 @@ from torch import Tensor, nn
 from . import _fused
 
 ARCHITECTURES: dict[str, type["ODENet"]] = {}
+
+
+class NotDistributable(ValueError):
+    """An architecture (or option) with no agent-local structure; ``key`` is the config key to change."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key, self.reason = key, message
+
+
+@dataclass(frozen=True)
+class HalfStep:
+    """One update of a layer, run agent by agent by the distributed engine:
+
+    ``target <- target + h C (K^T tanh(K source + b))``, with ``K`` (parameter ``matrix``)
+    block-sparse along the graph, ``b`` (``bias``) per agent and ``C`` a fixed agent-local map:
+    ``"-"`` (``-z``), ``"+"`` (``+z``) or ``"J1"`` (``(z_p, z_q) -> (z_q, -z_p)``).
+    ``K x`` reads the neighbours' ``source`` (one gather); ``K^T s`` produces contributions for
+    the neighbours (one scatter-add).
+    """
+
+    matrix: str
+    bias: str
+    source: str
+    target: str
+    coupling: str
+
+    def __post_init__(self):
+        if self.coupling not in ("-", "+", "J1"):
+            raise ValueError(f"coupling: expected '-', '+' or 'J1', got {self.coupling!r}")
+
+
+@dataclass(frozen=True)
+class AgentLayout:
+    """What the distributed engine needs from an architecture.
+
+    ``fields`` names the agent-local state pieces the layer works on, each holding the listed
+    parts of an agent's state side by side (H2: ``p`` and ``q`` apart; H1: ``(p, q)`` together);
+    ``half_steps`` is one layer. Everything else is derived: exchanges per layer, whether a layer
+    can be inverted exactly (each half-step updates a field it does not read), matrices, biases.
+    """
+
+    fields: tuple[tuple[str, tuple[str, ...]], ...]
+    half_steps: tuple[HalfStep, ...]
+
+    def __post_init__(self):
+        widths = {len(parts) for _, parts in self.fields}
+        if len(widths) != 1:
+            raise ValueError("fields: every field must hold the same number of parts per agent")
+        names = {f for f, _ in self.fields}
+        for hs in self.half_steps:
+            if hs.source not in names or hs.target not in names:
+                raise ValueError(f"half-step {hs.matrix}: unknown field")
+            if hs.coupling == "J1" and self.parts_per_agent != 2:
+                raise ValueError("J1 coupling needs fields holding (p, q) side by side")
+
+    @property
+    def field_names(self) -> tuple[str, ...]:
+        return tuple(f for f, _ in self.fields)
+
+    def parts(self, field: str) -> tuple[str, ...]:
+        return dict(self.fields)[field]
+
+    @property
+    def parts_per_agent(self) -> int:
+        """Entries an agent of dimension ``n_i`` holds in each field, in units of ``n_i``."""
+        return len(self.fields[0][1])
+
+    @property
+    def matrices(self) -> tuple[str, ...]:
+        return tuple(hs.matrix for hs in self.half_steps)
+
+    @property
+    def biases(self) -> tuple[str, ...]:
+        return tuple(hs.bias for hs in self.half_steps)
+
+    @property
+    def exchanges_per_layer(self) -> int:
+        """Forward exchanges per layer (a gather and a scatter-add per half-step)."""
+        return 2 * len(self.half_steps)
+
+    @property
+    def invertible(self) -> bool:
+        """A layer can be undone exactly from its output (every half-step leaves its source alone)."""
+        return all(hs.source != hs.target for hs in self.half_steps)
+
+    def matrix_field(self, matrix: str) -> str:
+        return next(hs.source for hs in self.half_steps if hs.matrix == matrix)
 
 
 def register(name: str):
@@ -46,6 +135,9 @@ class ODENet(nn.Module):
     smooth_params: ClassVar[tuple[str, ...]] = ()  # entering the smoothness regulariser
     needs_even_dim: ClassVar[bool] = False
     default_std: ClassVar[float | None] = 1.0  # None: torch.nn.Linear's default uniform init
+    distributable: ClassVar[bool] = False  # agent_layout() exists (for some options)
+    config_options: ClassVar[tuple[str, ...]] = ()  # model config keys passed to the class (H1: J)
+    invertible: ClassVar[bool] = False  # has a reversible backward (run.backprop: reversible)
 
     def __init__(self, dim: int, layers: int, h: float, mask=None, init_std: float | None = None,
                  generator: torch.Generator | None = None):
@@ -59,6 +151,7 @@ class ODENet(nn.Module):
                              f"so dim must be even, got {dim}")
         self.dim, self.layers, self.h = dim, layers, float(h)
         self.half = dim // 2
+        self.backprop, self.anchor_every = "autograd", 0  # set_backprop() switches invertible stacks
         std = self.default_std if init_std is None else init_std
         for name, shape in self.param_shapes.items():
             self.register_parameter(name, nn.Parameter(self._init((layers, *self._dims(shape)), std, generator)))
@@ -155,6 +248,19 @@ class ODENet(nn.Module):
     def extra_repr(self) -> str:
         return f"arch={self.arch_name}, dim={self.dim}, layers={self.layers}, h={self.h}"
 
+    def set_backprop(self, mode: str, anchor_every: int = 0) -> None:
+        """``autograd`` (keep every layer's state) or ``reversible`` (rebuild them in the backward)."""
+        if mode == "reversible" and not self.invertible:
+            raise ValueError(f"backprop: {self.arch_name} layers cannot be inverted exactly; expected autograd")
+        self.backprop, self.anchor_every = mode, anchor_every
+
+    @classmethod
+    def agent_layout(cls, **options) -> AgentLayout:
+        """How the distributed engine runs this architecture agent by agent; raises
+        :class:`NotDistributable` where it cannot (the default)."""
+        raise NotDistributable("model.arch", f"{cls.arch_name} has no agent-local structure; the distributed "
+                                             f"engine runs {sorted(a for a, c in ARCHITECTURES.items() if c.distributable)}")
+
 
 def _check_positive_int(name: str, v) -> None:
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -183,6 +289,8 @@ class H1(ODENet):
     param_shapes = {"K": ("n", "n"), "b": ("n",)}
     masked = {"K": "K"}
     smooth_params = ("K", "b")
+    config_options = ("J",)
+    distributable = True  # with J1
 
     def __init__(self, dim, layers, h, mask=None, J: str = "J1", **kw):
         super().__init__(dim, layers, h, mask=mask, **kw)
@@ -206,6 +314,13 @@ class H1(ODENet):
     def extra_repr(self):
         return super().extra_repr() + f", J={self.J_kind}"
 
+    @classmethod
+    def agent_layout(cls, J: str = "J1", **options) -> AgentLayout:
+        if J != "J1":
+            raise NotDistributable("model.J", f"{J} couples every agent with every other (centralised only); "
+                                              "use J1 for distributed runs")
+        return AgentLayout(fields=(("y", ("p", "q")),), half_steps=(HalfStep("K", "b", "y", "y", "J1"),))
+
 
 @register("H2")
 class H2(ODENet):
@@ -219,6 +334,8 @@ class H2(ODENet):
     masked = {"K_p": "K_p", "K_q": "K_q"}
     smooth_params = ("K_p", "K_q", "b_p", "b_q")
     needs_even_dim = True
+    distributable = True
+    invertible = True
 
     def __init__(self, dim, layers, h, mask=None, X=None, **kw):
         super().__init__(dim, layers, h, mask=mask, **kw)
@@ -245,7 +362,25 @@ class H2(ODENet):
         X = self.X.to(P["K_p"].dtype)
         # the p-update uses rows (K_q X), the q-update (K_p X^T): fold X in once per forward
         Aq, Ap = (P["K_q"], P["K_p"]) if self.X_is_identity else (P["K_q"] @ X, P["K_p"] @ X.T)
+        if self.backprop == "reversible" and torch.is_grad_enabled():
+            return _fused.H2RevStack.apply(y, P["K_p"], Ap, P["K_q"], Aq, P["b_p"], P["b_q"], self.h,
+                                           self.anchor_every)
         return _fused.H2Stack.apply(y, P["K_p"], Ap, P["K_q"], Aq, P["b_p"], P["b_q"], self.h)
+
+    def inverse_step(self, y: Tensor, j: int, P: Mapping[str, Tensor]) -> Tensor:
+        """Undo layer ``j``: the state before it from the state after it (exact in exact arithmetic)."""
+        m = self.half
+        p, q = y[:, :m], y[:, m:]
+        Kq, Kp = P["K_q"][j], P["K_p"][j]
+        q = q - self.h * (torch.tanh(p @ Kp.T + P["b_p"][j]) @ Kp) @ self.X.T
+        p = p + self.h * (torch.tanh(q @ Kq.T + P["b_q"][j]) @ Kq) @ self.X
+        return torch.cat([p, q], dim=1)
+
+    @classmethod
+    def agent_layout(cls, **options) -> AgentLayout:
+        # X = I: p <- p - h K_q^T tanh(K_q q + b_q), then q <- q + h K_p^T tanh(K_p p + b_p)
+        return AgentLayout(fields=(("p", ("p",)), ("q", ("q",))),
+                           half_steps=(HalfStep("K_q", "b_q", "q", "p", "-"), HalfStep("K_p", "b_p", "p", "q", "+")))
 
 
 def build_model(name: str, dim: int, layers: int, h: float, mask=None, **options) -> ODENet:
@@ -255,8 +390,6 @@ def build_model(name: str, dim: int, layers: int, h: float, mask=None, **options
     sparsity of the weight matrices; options such as ``J`` (H1), ``X`` (H2) and ``init_std``
     are passed to the class.
     """
-    from . import baselines  # noqa: F401  (registers the baselines)
-
     try:
         cls = ARCHITECTURES[name]
     except KeyError:

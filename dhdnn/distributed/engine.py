@@ -1,0 +1,161 @@
+"""The engine of one rank of a sharded run, and how it is built from a run config.
+
+:func:`build_sharded_engine` partitions the topology (every rank computes the same
+partition; a setup-time check confirms it), builds this rank's halo plan and
+:class:`~dhdnn.distributed.network.ShardedNet` from per-agent initial blocks, and wraps it
+in a :class:`ShardedEngine`, the trainer's interface: objective (the root computes the
+loss from the tree-reduced logits), evaluation, logging reductions (outside
+forward/backward), barriers and checkpoint entries.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..blocks import BlockTable
+from ..engine import Engine, StepOut, eval_chunk, stats_of
+from ..halo import build_plans
+from ..partition import partition
+from ..topology import Topology
+from .exchange import Tracer
+from .mesh import Groups
+from .network import ShardedNet
+
+
+class ShardedEngine(Engine):
+    """The :class:`~dhdnn.engine.Engine` of one rank of a sharded run."""
+
+    def __init__(self, net: ShardedNet, groups: Groups, tracer: Tracer | None = None,
+                 fault: tuple[int, int, str] | None = None, device: str = "cpu"):
+        self.net, self.groups, self.tracer = net, groups, tracer
+        self.rank, self.world = groups.rank, groups.dims.world
+        self.table = net.table
+        self._step, self._fault, self.device = 0, fault, torch.device(device)
+
+    @property
+    def shard_rank(self) -> int | None:
+        """Checkpoint shards are written by replica 0 only (one per agent partition)."""
+        return self.groups.agent_rank if self.groups.replica_rank == 0 else None
+
+    @property
+    def shard_count(self) -> int:
+        return self.groups.dims.agents
+
+    def optimizer_groups(self, weight_decay):
+        wd = {id(p) for p in self.net.readout_parameters()}
+        rest = [p for p in self.net.parameters() if id(p) not in wd]
+        return [{"params": rest, "weight_decay": 0.0},
+                {"params": self.net.readout_parameters(), "weight_decay": weight_decay}]
+
+    def _maybe_fail(self) -> None:
+        """Test-only fault injection (``DHDNN_FAULT=rank:step:kill|raise|stop``)."""
+        if self._fault and self._fault[0] == self.rank and self._fault[1] == self._step:
+            mode = self._fault[2]
+            if mode == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if mode == "stop":
+                os.kill(os.getpid(), signal.SIGSTOP)
+            raise RuntimeError(f"injected fault on rank {self.rank} at step {self._step}")
+
+    def objective(self, x, y, alpha, record=False):
+        self._maybe_fail()
+        if self.tracer is not None:
+            self.tracer.step = self._step
+        self._step += 1
+        x, y = x.to(self.device), y.to(self.device)
+        out = self.net(x)
+        reg = self.net.regularizer(alpha) if alpha else out.new_zeros(())
+        zeros = torch.zeros(3, dtype=reg.dtype)
+        if self.net.has_logits:
+            ce = F.cross_entropy(out, y)
+            stats = stats_of(out, y) if self.groups.agent_rank == 0 else zeros
+            return StepOut(ce + reg, torch.cat([stats, reg.detach().reshape(1).cpu()]))
+        return StepOut(out + reg, torch.cat([zeros, reg.detach().reshape(1).cpu()]))
+
+    @torch.no_grad()
+    def eval_stats(self, x, y):
+        out = torch.zeros(3, dtype=torch.float64)
+        chunk = self._eval_chunk(len(x))
+        if self.tracer is not None:
+            self.tracer.evaluating = True
+        try:
+            for i in range(0, len(x), chunk):
+                logits = self.net(x[i:i + chunk].to(self.device))
+                if self.groups.agent_rank == 0:
+                    out += stats_of(logits, y[i:i + chunk].to(self.device)).double()
+        finally:
+            if self.tracer is not None:
+                self.tracer.evaluating = False
+        return out
+
+    def _eval_chunk(self, n: int) -> int:
+        """Sized by memory; the same on every rank of the agent group (they exchange per chunk)."""
+        mine = torch.tensor([float(eval_chunk(self.net.bytes_per_sample()))])
+        return max(1, min(n, int(self._reduce(mine, dist.ReduceOp.MIN, self.groups.agent).item()))) if n else 1
+
+    def _reduce(self, t, op, group):
+        t = t.to(self.device if dist.get_backend(group) == "nccl" else "cpu").clone()
+        dist.all_reduce(t, op=op, group=group)  # logging and setup only: outside forward/backward
+        return t.cpu()
+
+    def reduce_sum(self, t):
+        return self._reduce(t, dist.ReduceOp.SUM, dist.group.WORLD)
+
+    def reduce_max(self, t):
+        return self._reduce(t, dist.ReduceOp.MAX, dist.group.WORLD)
+
+    def barrier(self):
+        dist.barrier()
+
+    def entries(self):
+        return self.net.entries()
+
+    def end_epoch(self):
+        if self.tracer is not None:
+            self.tracer.flush()
+
+    def close(self):
+        self.end_epoch()
+
+
+def build_sharded_engine(cfg, data, groups: Groups, topo: Topology, device: str = "cpu", fault=None,
+                         partition_method: str = "auto") -> ShardedEngine:
+    """The engine of this rank: partition, halo plan, per-agent initial blocks, the sharded net."""
+    from ..models import ARCHITECTURES
+    from ..train import DTYPES
+
+    mc, rc = cfg.model, cfg.run
+    layout = ARCHITECTURES[mc.arch].agent_layout(J=mc.J)
+    P, agent_rank = groups.dims.agents, groups.agent_rank
+    part = partition(topo, P, partition_method)
+    check_same_partition(part.assignment, device)
+    plan = build_plans(topo, part, ranks=[agent_rank])[0]
+    table = BlockTable(topo, layout, mc.layers, data.n_classes)
+    tracer = None
+    if rc.trace:
+        out = Path(rc.out_dir)
+        tracer = Tracer(groups.rank, out / f"trace-rank{groups.rank}.jsonl", groups.to_global)
+    stage = device.startswith("cuda") and dist.get_backend(groups.agent) == "gloo"
+    net = ShardedNet(table, mc.h, plan, part.assignment, data.n_features, cfg.train.seed, mc.init_std,
+                     DTYPES[rc.dtype], rc.readout, groups.agent, tracer, stage, rc.local_kernel,
+                     rc.backprop, rc.reversible_anchor_every).to(device)
+    return ShardedEngine(net, groups, tracer, fault, device)
+
+
+def check_same_partition(assignment, device: str) -> None:
+    """Every rank computes the partition itself; make sure they agree (a setup-time collective)."""
+    import hashlib
+
+    on = device if dist.get_backend() == "nccl" else "cpu"
+    digest = int.from_bytes(hashlib.sha256(assignment.tobytes()).digest()[:6], "little")
+    h = torch.tensor([float(digest)], dtype=torch.float64, device=on)
+    lo, hi = h.clone(), h.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if lo.item() != hi.item():
+        raise RuntimeError("ranks computed different partitions; is pymetis the same version on every machine?")

@@ -1,0 +1,195 @@
+"""One rank's share of a topology network: its agents' inputs, layers and readout.
+
+The rank holds every parameter block whose row agent is one of its agents, in the block
+classes of ``blocks.py`` (one tensor per class; matrix blocks with local column agents
+first), its agents' embeddings and readout blocks, and ``mu`` if it owns the first readout
+agent. The forward places the inputs into the rank's fields, runs
+:class:`~dhdnn.distributed.stack.ShardedStack` and sums the partial logits over the readout
+tree. Nothing here depends on which architecture runs: its
+:class:`~dhdnn.models.hamiltonian.AgentLayout` says which fields exist and what a layer does.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..blocks import BlockTable, init_class
+from ..engine import Entry
+from ..halo import HaloPlan, RankRows, ranges
+from .exchange import CommStats, Exchanger, FieldLayout, Tracer
+from .kernels import KERNELS, choose_kernel, class_rows
+from .readout import AllReduceSum, Tree, TreeReduce
+from .stack import Coupling, ShardedStack, StackPlan
+
+
+class ShardedNet(nn.Module):
+    """The network of one rank; ``owner[a]`` is the rank of agent ``a``."""
+
+    def __init__(self, table: BlockTable, h: float, plan: HaloPlan, owner: np.ndarray, n_features: int,
+                 seed: int, init_std: float | None = None, dtype=torch.float32, readout: str = "tree", group=None,
+                 tracer: Tracer | None = None, stage_cpu: bool = False, local_kernel: str = "auto",
+                 backprop: str = "autograd", anchor_every: int = 0):
+        super().__init__()
+        self.table, self.layout, self.layers, self.h, self.rank = table, table.layout, table.layers, h, plan.rank
+        self.readout_mode, self.group, self.n_classes = readout, group, table.n_classes
+        self.rows = RankRows(plan, table.width)
+        self.comm_stats = CommStats()
+        layout = FieldLayout(self.rows.F, {s: torch.as_tensor(r) for s, r in self.rows.send_rows().items()},
+                             self.rows.halo_slices(), self.rows.H)
+        self.ex = Exchanger(layout, group, tracer, stage_cpu, self.comm_stats)
+        self.params = nn.ModuleDict()  # block kind -> its class tensors held here
+        self._entries: list[Entry] = []
+        self._init = (seed, init_std, dtype)
+        mine = owner == plan.rank
+        self._build_stack(mine, plan, local_kernel, backprop, anchor_every)
+        self._build_io(mine, n_features)
+        self.tree = Tree(plan.tree_parent, plan.tree_children, group, tracer, stage_cpu, self.comm_stats)
+
+    def _add(self, c, sel: np.ndarray) -> nn.Parameter:
+        """A class's blocks ``sel`` (canonical indices, in stored order) as one parameter."""
+        key = c.kind.replace(".", "_")
+        if key not in self.params:
+            self.params[key] = nn.ParameterList()
+        p = nn.Parameter(init_class(self.table, c, *self._init[:2], sel, self._init[2]))
+        self.params[key].append(p)
+        self._entries.append(Entry(c.key, [p], torch.as_tensor(sel), c.block_axis))
+        return p
+
+    def kind(self, kind: str) -> list[nn.Parameter]:
+        key = kind.replace(".", "_")
+        return list(self.params[key]) if key in self.params else []
+
+    # ---- the layers ---------------------------------------------------------------------
+    def _build_stack(self, mine, plan: HaloPlan, local_kernel: str, backprop: str, anchor_every: int) -> None:
+        lay, F, E = self.layout, self.rows.F, self.rows.E
+        kern_rows: dict[str, list] = {m: [] for m in lay.matrices}
+        bias_rows: dict[str, list] = {b: [] for b in lay.biases}
+        for c in self.table:
+            sel = np.flatnonzero(mine[c.rows])
+            if c.kind in kern_rows and len(sel):
+                cr, order = class_rows(self.rows.rows(c.rows[sel]).reshape(len(sel), -1),
+                                       self.rows.rows(c.cols[sel]).reshape(len(sel), -1), F)
+                kern_rows[c.kind].append(cr)
+                self._add(c, sel[order])
+            elif c.kind in bias_rows and len(sel):
+                bias_rows[c.kind].append((torch.as_tensor(self.rows.rows(c.rows[sel])),
+                                          (self.layers, len(sel), *c.shape)))
+                self._add(c, sel)
+        nnz = min(sum(int(np.prod(cr.shape)) for cr in rs) for rs in kern_rows.values())
+        self.local_kernel = choose_kernel(local_kernel, F, E, nnz)
+        kernels = {m: KERNELS[self.local_kernel](kern_rows[m], F, E, self.layers) for m in lay.matrices}
+        n_classes = {k: len(self.kind(k)) for k in (*lay.matrices, *lay.biases)}
+        self.plan = StackPlan(lay, self.h, self.layers, F, E, kernels, n_classes, bias_rows,
+                              [self._coupling(hs.coupling, plan) for hs in lay.half_steps],
+                              self.ex if self.ex.active else None, backprop, anchor_every)
+
+    def _coupling(self, kind: str, plan: HaloPlan) -> Coupling:
+        if kind in ("-", "+"):
+            return Coupling(-1.0 if kind == "-" else 1.0)
+        # J1 on each agent's (p, q) rows: (z_p, z_q) -> (z_q, -z_p)
+        n = self.table.topo.dims[plan.local]
+        p_rows = ranges(self.rows.start[plan.local], n)
+        q_rows = ranges(self.rows.start[plan.local] + n, n)
+        perm, sign = np.empty(self.rows.F, np.int64), np.empty(self.rows.F)
+        perm[p_rows], perm[q_rows] = q_rows, p_rows
+        sign[p_rows], sign[q_rows] = 1.0, -1.0
+        inv = np.empty_like(perm)
+        inv[perm] = np.arange(len(perm))
+        dtype = self._init[2]
+        return Coupling(1.0, torch.as_tensor(perm), torch.as_tensor(sign, dtype=dtype).unsqueeze(1),
+                        torch.as_tensor(inv))
+
+    def stack_params(self) -> list[nn.Parameter]:
+        out = []
+        for hs in self.layout.half_steps:
+            out += self.kind(hs.matrix) + self.kind(hs.bias)
+        return out
+
+    # ---- inputs and readout ---------------------------------------------------------------
+    def _part_rows(self, agents: np.ndarray, part: str) -> np.ndarray:
+        """``(len(agents), n)`` rows of ``part`` of every agent, in the fields stacked one after another."""
+        field = next(f for f in self.layout.field_names if part in self.layout.parts(f))
+        t = self.layout.parts(field).index(part)
+        fi = self.layout.field_names.index(field)
+        n = self.table.topo.dims[agents]
+        return ranges(fi * self.rows.F + self.rows.start[agents] + t * n, n).reshape(len(agents), -1)
+
+    def _state_rows(self, agents: np.ndarray) -> Tensor:
+        """``(len(agents), 2 n)``: rows of ``(p^[i], q^[i])`` of every agent (one dimension per call)."""
+        return torch.as_tensor(np.concatenate([self._part_rows(agents, "p"), self._part_rows(agents, "q")], 1))
+
+    def _build_io(self, mine, n_features: int) -> None:
+        topo = self.table.topo
+        feeds = [f for f in topo.input_feeds(n_features) if mine[f.agent]]
+        dst = [int(self._part_rows(np.array([f.agent]), f.part)[0, f.index]) for f in feeds]
+        self.register_buffer("in_src", torch.tensor([f.feature for f in feeds], dtype=torch.long))
+        self.register_buffer("in_dst", torch.tensor(dst, dtype=torch.long))
+        features = {e.agent: e.features for e in topo.embeddings}
+        self._embed, self._embed_bias, self._readout, self.mu = [], [], [], None
+        for c in self.table:
+            sel = np.flatnonzero(mine[c.rows])
+            if not len(sel) or c.kind not in ("embed.weight", "embed.bias", "W", "mu"):
+                continue
+            agents = c.rows[sel]
+            p = self._add(c, sel)
+            if c.kind == "embed.weight":
+                feats = torch.tensor([features[a] for a in agents.tolist()])
+                self._embed.append((p, feats, self._state_rows(agents)))
+            elif c.kind == "embed.bias":
+                self._embed_bias.append((p, self._state_rows(agents)))
+            elif c.kind == "W":
+                self._readout.append((p, self._state_rows(agents)))
+            else:
+                self.mu = p
+
+    def initial_fields(self, x: Tensor) -> list[Tensor]:
+        """My agents' initial ``(F, B)`` fields from a batch of input features ``x`` (B, features)."""
+        B, F, nf = x.shape[0], self.rows.F, len(self.layout.field_names)
+        Y = x.new_zeros(nf * F, B)
+        Y[self.in_dst] = x[:, self.in_src].T
+        for W, feats, rows in self._embed:  # (agents, 2n, f) x (B, agents, f) -> (agents, 2n, B)
+            Y = Y.index_add(0, rows.reshape(-1), torch.einsum("akf,baf->akb", W, x[:, feats]).reshape(-1, B))
+        for b, rows in self._embed_bias:
+            Y = Y.index_add(0, rows.reshape(-1), b.reshape(-1, 1).expand(-1, B))
+        fields = list(Y.split(F, 0))
+        if torch.is_grad_enabled():
+            # every rank must run the same backward exchanges, even where its inputs carry no gradient
+            fields = [f if f.requires_grad else f.requires_grad_() for f in fields]
+        return fields
+
+    def readout_partial(self, fields: list[Tensor]) -> Tensor:
+        """``sum_i W^[i] y^[i] (+ mu)`` over my readout agents, batch-first ``(B, classes)``."""
+        Y = torch.cat(fields, 0) if len(fields) > 1 else fields[0]
+        out = Y.new_zeros(Y.shape[1], self.n_classes)
+        for W, rows in self._readout:  # (agents, C, 2n) x (agents, 2n, B) -> (B, C)
+            out = out + torch.einsum("ack,akb->bc", W, Y[rows])
+        return out + self.mu[0] if self.mu is not None else out
+
+    def forward(self, x: Tensor) -> Tensor:
+        fields = self.initial_fields(x)
+        fields = ShardedStack.apply(self.plan, len(fields), *fields, *self.stack_params())
+        partial = self.readout_partial(list(fields))
+        if self.readout_mode == "allreduce":
+            return AllReduceSum.apply(partial, self.group)
+        return TreeReduce.apply(partial, self.tree)
+
+    @property
+    def has_logits(self) -> bool:
+        return self.readout_mode == "allreduce" or self.tree.parent is None
+
+    def readout_parameters(self) -> list[nn.Parameter]:
+        return self.kind("W")
+
+    def regularizer(self, alpha: float) -> Tensor:
+        """This rank's share of ``alpha h sum_j 1/2 ||theta_{j+1} - theta_j||^2``."""
+        total = sum(((P[1:] - P[:-1]) ** 2).sum() for P in self.stack_params())
+        return alpha * self.h * 0.5 * total
+
+    def entries(self) -> list[Entry]:
+        return list(self._entries)
+
+    def bytes_per_sample(self) -> int:
+        """Activation bytes one evaluation sample costs here (two extended fields and scratch)."""
+        itemsize = torch.finfo(self._init[2]).bits // 8
+        return 6 * self.rows.E * len(self.layout.field_names) * itemsize

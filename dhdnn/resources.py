@@ -1,0 +1,101 @@
+"""What a run will need and what this machine has: memory per rank, cores.
+
+The estimate counts what a rank holds: parameters, their gradients and optimiser moments,
+the activations the backward keeps (per-layer states and tanh outputs of its own agents and
+halo, or a few buffers in reversible mode), an evaluation chunk and the dataset. It is used
+to refuse a run that cannot fit before any worker starts, and reported by the scale benchmark
+against measured peaks.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .engine import EVAL_BYTES
+
+ITEMSIZE = {"float32": 4, "float64": 8}
+
+
+@dataclass
+class Estimate:
+    params: int  # bytes of parameters on the largest rank
+    optimizer: int  # gradients and optimiser moments
+    activations: int  # kept for the backward of one training batch
+    evaluation: int
+    data: int
+
+    @property
+    def total(self) -> int:
+        return self.params + self.optimizer + self.activations + self.evaluation + self.data
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{k} {human(getattr(self, k))}" for k in ("params", "optimizer", "activations", "data"))
+        return f"{human(self.total)} per rank ({parts})"
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def estimate(cfg, topo, n_features: int, n_classes: int, n_samples: int, agents: int, sharded: bool) -> Estimate:
+    """Memory per rank of ``cfg`` with ``agents`` agent partitions."""
+    from .models import ARCHITECTURES
+
+    mc, w = cfg.model, ITEMSIZE[cfg.run.dtype]
+    cls = ARCHITECTURES[mc.arch]
+    B, L = cfg.train.batch_size, mc.layers
+    moments = 3 if cfg.train.optimizer == "adam" else 2  # gradient + moments
+    reversible = cfg.run.backprop == "reversible"
+    if topo is not None and sharded:
+        layout = cls.agent_layout(J=mc.J)
+        widths = topo.dims * layout.parts_per_agent
+        ip, ix = topo.closed_csr
+        per_matrix = float((widths * np.add.reduceat(widths[ix], ip[:-1])).sum())  # sum_i w_i sum_{k in N[i]} w_k
+        params = (len(layout.matrices) * per_matrix * L + len(layout.biases) * float(widths.sum()) * L) / agents * 1.1
+        F = float(widths.sum()) / agents * 1.1
+        E = 2 * F
+        nf, nhs = len(layout.field_names), len(layout.half_steps)
+        acts = (6 * nf * E if reversible else nf * (L + 1) * E + L * nhs * F) * B * w
+        per_sample = 6 * E * nf * w
+    else:
+        dim = topo.state_dim if topo is not None else mc.dim
+        shapes = {"n": dim, "m": dim // 2}
+        params = sum(L * math.prod(shapes[s] for s in shape) for shape in cls.param_shapes.values())
+        if topo is not None:
+            params *= 1.25  # the boolean masks beside the dense matrices
+        acts = (6 if reversible else 3 * (L + 1)) * B * dim * w
+        per_sample = 4 * (L + 1) * dim * w
+    params_b = int(params * w)
+    evaluation = min(EVAL_BYTES, int(per_sample * n_samples))
+    return Estimate(params_b, moments * params_b, int(acts), evaluation, int(n_samples * (n_features + 1) * w))
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still allocate: MemAvailable, capped by a cgroup limit if any."""
+    avail = None
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        if limit != "max":
+            used = int(open("/sys/fs/cgroup/memory.current").read())
+            room = int(limit) - used
+            avail = room if avail is None else min(avail, room)
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

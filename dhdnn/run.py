@@ -1,0 +1,270 @@
+"""``dhdnn train``: validate, own the run directory, then train densely here or sharded on workers.
+
+Everything that can be checked from the config and the topology (architecture support,
+partition feasibility and pins, data paths, estimated memory) is checked in the launching
+process and reported in one line before any worker starts. The run directory is then locked
+and prepared (:class:`~dhdnn.rundir.RunDir`), and training runs in this process (the dense
+engine), on local workers, or in this process as one rank of a torchrun job. A signal ends
+the run cleanly (:class:`~dhdnn.distributed.launch.Interrupted`): workers stopped, temporary
+files removed, the last complete checkpoint intact.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import Config, ConfigError, config_from_dict
+from .engine import DenseEngine, build_classifier
+from .rundir import RunDir, hold_as_worker
+from .train import DTYPES, Trainer, load_data
+
+
+@dataclass
+class Setup:
+    """What validation found: the topology, the data's shape, and how the run is laid out."""
+
+    topo: object
+    n_features: int
+    n_classes: int
+    sharded: bool
+    world: int
+    replicas: int
+
+
+def _engine_is_sharded(cfg: Config, torchrun: bool) -> bool:
+    rc = cfg.run
+    return rc.engine == "sharded" or (rc.engine == "auto" and (rc.workers > 1 or torchrun))
+
+
+def validate(cfg: Config, world: int | None = None, local_world: int | None = None) -> Setup:
+    """Check the run before anything starts; errors name the file and the key (ConfigError)."""
+    from .distributed.mesh import ParallelDims
+    from .models import ARCHITECTURES
+    from .models.hamiltonian import NotDistributable
+    from .partition import check_workers
+    from .resources import available_memory, cores, estimate, human
+    from .topology import load_topology
+
+    src, mc, rc = cfg.source, cfg.model, cfg.run
+    sharded = _engine_is_sharded(cfg, world is not None)
+    world = world or rc.workers
+    topo = load_topology(cfg.topology) if cfg.topology is not None else None
+    data = load_data(cfg)
+    if topo is not None:
+        topo.input_feeds(data.n_features)
+    cls = ARCHITECTURES[mc.arch]
+    if sharded:
+        if topo is None:
+            raise ConfigError(f"{src}: key 'topology': the sharded engine needs a topology (a file or inline)")
+        try:
+            layout = cls.agent_layout(J=mc.J)
+        except NotDistributable as e:
+            raise ConfigError(f"{src}: key '{e.key}': {e.reason}") from None
+        if cfg.train.grad_norm_every:
+            raise ConfigError(f"{src}: key 'train.grad_norm_every': expected 0 with the sharded engine "
+                              "(per-layer gradient norms are recorded by the dense engine)")
+        if rc.backprop == "reversible" and not layout.invertible:
+            raise ConfigError(f"{src}: key 'run.backprop': {mc.arch} layers cannot be inverted exactly; "
+                              "expected autograd")
+        try:
+            dims = ParallelDims(world, rc.replicas)
+        except ValueError as e:
+            raise ConfigError(f"{src}: key 'run.replicas': {str(e).split(': ', 1)[1]}") from None
+        check_workers(topo, dims.agents)
+        if cfg.train.batch_size < dims.replicas:
+            raise ConfigError(f"{src}: key 'train.batch_size': {cfg.train.batch_size} samples cannot be split over "
+                              f"{dims.replicas} replicas; expected at least one sample per replica")
+    else:
+        dims = ParallelDims(1)
+        if rc.backprop == "reversible" and not cls.invertible:
+            raise ConfigError(f"{src}: key 'run.backprop': {mc.arch} layers cannot be inverted exactly; "
+                              "expected autograd")
+        if rc.replicas != 1:
+            raise ConfigError(f"{src}: key 'run.replicas': expected 1 with the dense engine (one process)")
+    n_samples = len(data.x_train) + len(data.x_test)
+    est = estimate(cfg, topo, data.n_features, data.n_classes, n_samples, dims.agents, sharded)
+    here = local_world or (world if sharded else 1)
+    avail = available_memory()
+    if avail is not None and est.total * here > avail:
+        keys = "model.layers, model.dim or the topology's dims, train.batch_size" + (", run.workers" if sharded else
+                                                                                     " (or run the sharded engine)")
+        raise ConfigError(f"{src}: key 'model': the run needs an estimated {est.describe()}"
+                          f"{f' x {here} ranks' if here > 1 else ''}, more than this machine's {human(avail)} "
+                          f"available; lower {keys}")
+    if here * rc.threads > cores():
+        print(f"dhdnn: warning: {here} worker(s) x {rc.threads} thread(s) on {cores()} cores: workers will wait "
+              "for each other's CPU time (every exchange then costs a scheduling delay); use at most "
+              f"{max(1, cores() // rc.threads)} workers here", file=sys.stderr)
+    return Setup(topo, data.n_features, data.n_classes, sharded, world, dims.replicas)
+
+
+def resolve_resume(cfg: Config, resume: bool | str) -> bool:
+    """``"auto"``: resume when the run directory holds a complete checkpoint."""
+    if resume == "auto":
+        return ckpt.latest(Path(cfg.run.out_dir)) is not None
+    return bool(resume)
+
+
+def train_from_config(cfg: Config, resume: bool | str = False) -> dict | None:
+    """Entry point of ``dhdnn train``: the dense engine in this process, or the sharded engine on
+    local workers / under torchrun. Returns the summary (None on ranks other than 0)."""
+    from .distributed.launch import torchrun_env
+
+    env = torchrun_env()
+    if env is not None:
+        return _train_torchrun(cfg, resume, env)
+    setup = validate(cfg)
+    resume = resolve_resume(cfg, resume)
+    with RunDir(cfg, setup.topo, resume), _signals_raise():
+        if setup.sharded:
+            return _train_local_workers(cfg, setup, resume)
+        return train_dense(cfg, setup, resume)
+
+
+def _worker_config(cfg: Config, setup: Setup) -> dict:
+    """The config the workers get: the topology inline, as validated (a file edited meanwhile
+    cannot change what they train)."""
+    raw = cfg.to_dict()
+    if setup.topo is not None:
+        raw["topology"] = setup.topo.spec
+    return raw
+
+
+def _train_local_workers(cfg: Config, setup: Setup, resume: bool) -> dict:
+    from .distributed.launch import fault_from_env, pick_backend, run_local
+
+    backend = pick_backend(cfg.run.backend, cfg.run.device)
+    args = (_worker_config(cfg, setup), resume, cfg.source, None, fault_from_env(), setup.topo.source)
+    return run_local(worker_main, cfg.run.workers, args, backend, cfg.run.timeout_s, threads=cfg.run.threads,
+                     pin_workers=cfg.run.pin_workers)[0]
+
+
+def _train_torchrun(cfg: Config, resume, env) -> dict | None:
+    import torch.distributed as dist
+
+    from .distributed.launch import available_cores, fault_from_env, init_group, pick_backend, pin
+
+    rank, world, local_rank = env
+    if cfg.run.workers not in (1, world):
+        raise ConfigError(f"{cfg.source}: key 'run.workers': {cfg.run.workers} differs from torchrun's world size "
+                          f"{world}; leave it at 1 under torchrun")
+    import os
+
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    setup = validate(cfg, world, local_world)
+    cores = available_cores()
+    if cfg.run.pin_workers and local_world * cfg.run.threads <= len(cores):
+        pin(local_rank, cfg.run.threads, cores)
+    init_group(pick_backend(cfg.run.backend, cfg.run.device), rank, world, cfg.run.timeout_s)
+    rundir = None
+    try:
+        with _signals_raise():
+            # rank 0 owns the run directory; everyone learns whether it could and whether to resume
+            ok = torch.zeros(2, dtype=torch.float64)
+            error = None
+            if rank == 0:
+                try:
+                    resume = resolve_resume(cfg, resume)
+                    rundir = RunDir(cfg, setup.topo, resume).__enter__()
+                    ok[:] = torch.tensor([1.0, float(resume)])
+                except Exception as e:  # reported by rank 0 itself, after the others know
+                    error = e
+            dist.all_reduce(ok)  # setup-time collective
+            if error is not None:
+                raise error
+            if ok[0] != 1:
+                from .rundir import RunDirError
+
+                raise RunDirError(f"run.out_dir: {cfg.run.out_dir}: rank 0 could not take the run directory")
+            return worker_main(rank, world, _worker_config(cfg, setup), bool(ok[1]), cfg.source, local_rank,
+                               fault_from_env(), setup.topo.source if setup.topo is not None else None)
+    finally:
+        if rundir is not None:
+            rundir.__exit__(*sys.exc_info())
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def worker_main(rank: int, world: int, cfg_dict: dict, resume: bool, source: str = "<config>",
+                local_rank: int | None = None, fault=None, topo_source: str | None = None):
+    """Train one rank of a sharded run (already in its process group); the summary on rank 0."""
+    import torch.distributed as dist
+
+    from .distributed.engine import build_sharded_engine
+    from .distributed.launch import quiet_transport_threads
+    from .distributed.mesh import ParallelDims, make_groups
+    from .topology import topology_from_dict
+
+    cfg = config_from_dict(cfg_dict, source)
+    torch.set_num_threads(cfg.run.threads)
+    hold_as_worker(cfg.run.out_dir)
+    device = cfg.run.device
+    if device == "cuda":
+        device = f"cuda:{(rank if local_rank is None else local_rank) % torch.cuda.device_count()}"
+    data = load_data(cfg)
+    topo = topology_from_dict(cfg.topology, topo_source or "<topology>")
+    groups = make_groups(ParallelDims(world, cfg.run.replicas), rank, device)
+    engine = build_sharded_engine(cfg, data, groups, topo, device=device, fault=fault)
+    if dist.get_backend() == "gloo":
+        quiet_transport_threads()
+    try:
+        summary = Trainer(cfg, engine, data, resume=resume, fingerprint=topo.fingerprint).fit()
+    finally:
+        engine.close()
+    return summary if rank == 0 else None
+
+
+def train_dense(cfg: Config, setup: Setup, resume: bool) -> dict:
+    """Train the dense single-process model of ``cfg``; returns the summary."""
+    torch.set_num_threads(cfg.run.threads)
+    data = load_data(cfg)
+    model, table = build_classifier(cfg, data.n_features, data.n_classes, setup.topo, DTYPES[cfg.run.dtype])
+    model = model.to(cfg.run.device)
+    model.body.set_backprop(cfg.run.backprop, cfg.run.reversible_anchor_every)
+    fingerprint = setup.topo.fingerprint if setup.topo is not None else None
+    engine = DenseEngine(model, cfg.run.device, table)
+    return Trainer(cfg, engine, data, resume=resume, fingerprint=fingerprint,
+                   dense_to_packed=_dense_to_packed(cfg, setup, data)).fit()
+
+
+def _dense_to_packed(cfg: Config, setup: Setup, data):
+    """Reads format-1 checkpoints of a topology run trained by the dense engine."""
+    if setup.topo is None:
+        return None
+
+    def convert(plain: dict) -> dict:
+        from .blocks import dense_packed
+
+        model, table = build_classifier(cfg, data.n_features, data.n_classes, setup.topo, DTYPES[cfg.run.dtype])
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(plain[n])
+        return dense_packed(table, model)
+    return convert
+
+
+class _signals_raise:
+    """SIGTERM and SIGHUP raise :class:`Interrupted` in this (main) thread, as SIGINT raises
+    KeyboardInterrupt; the run directory's cleanup then runs on the way out."""
+
+    def __enter__(self):
+        from .distributed.launch import Interrupted
+
+        def raise_(signum, frame):
+            raise Interrupted(signum)
+        self.old = {}
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+                self.old[s] = signal.signal(s, raise_)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+        return False
