@@ -2,20 +2,21 @@
 
 A rank holds the row blocks of its agents for every layer. Against its *extended* field
 ``X = [x_local; x_halo]`` (``(E, B)``, local rows ``[0, F)`` first) a kernel computes, per
-layer ``j``:
+layer ``j`` (every method overwrites its output unless it says "add"):
 
-* ``mv(j, X, out, part)``: ``out += K_part X`` on my rows (``part`` = ``"local"``: blocks
-  whose column agent is mine, computable before the halo arrives; ``"halo"``: the rest);
-* ``tmv(j, s, Z, part)``: ``Z[cols] += K_part^T s`` — ``"halo"`` writes the contributions
-  neighbours must receive (``Z[F:]``), ``"local"`` those for my own agents (``Z[:F]``);
-* ``grad(j, gu, X, s, GZ)``: the weight gradient of ``s = tanh(K X + b)``, ``z = K^T s``:
-  ``dK += gu X^T + s GZ^T`` on the blocks only.
+* ``mv_local(st, j, X, out, bias)``: ``out = K_local X (+ bias)`` — blocks whose column agent
+  is mine, computable before the halo arrives; ``mv_halo(st, j, X, out)`` adds the rest;
+* ``tmv_halo(st, j, s, Z)``: ``Z[F:] = K_halo^T s``, the contributions neighbours must
+  receive; ``tmv_local(st, j, s, Z)``: ``Z[:F] = K_local^T s``;
+* ``grad(st, G, j, gu, X, s, GZ)``: the weight gradient of ``s = tanh(K X + b)``,
+  ``z = K^T s``: ``dK += gu X^T + s GZ^T`` on the blocks only.
 
-:class:`DenseKernel` assembles the blocks into ``(layers, F, E)`` matrices once per pass
-(small or dense ranks: one ``addmm`` per product); :class:`BlockKernel` multiplies block by
+:class:`DenseKernel` works on the rank's rows stored assembled, ``(layers, F, E)`` matrices zero
+off the blocks (small or dense ranks: one BLAS call per product); :class:`BlockKernel` multiplies block by
 block with chunked ``bmm`` (cost follows the non-zero blocks, so a rank of 30,000 ring agents
 never forms a 30,000-agent matrix). Both take the parameter tensors as arguments, so the
-autograd Function that calls them owns the gradients.
+autograd Function that calls them owns the gradients. ``prepare`` builds per-pass state
+(views per layer), so a product costs one call, not an indexing chain.
 """
 from __future__ import annotations
 
@@ -42,6 +43,13 @@ class ClassRows:
         return self.rows.shape[0], self.rows.shape[1], self.cols.shape[1]
 
 
+@dataclass
+class DenseState:
+    K: Tensor  # (L, F, E)
+    loc: list  # per layer: (F, F) views
+    halo: list  # per layer: (F, H) views (None without a halo)
+
+
 class DenseKernel:
     """Assembled local matrices: ``K[j]`` is ``(F, E)``, zero off the blocks."""
 
@@ -51,37 +59,50 @@ class DenseKernel:
         self.F, self.E, self.L = F, E, layers
         # flat positions of every block entry in an (F, E) matrix, class by class
         self.flat = [(c.rows[:, :, None] * E + c.cols[:, None, :]).reshape(-1) for c in classes]
-        self.shapes = [c.shape for c in classes]
+        mask = torch.zeros(F * E, dtype=torch.bool)
+        for f in self.flat:
+            mask[f] = True
+        self.mask = mask.view(F, E)
 
-    def begin(self, Ws: list[Tensor]) -> Tensor:
-        K = Ws[0].new_zeros(self.L, self.F * self.E)
-        for W, flat in zip(Ws, self.flat):
-            K.index_copy_(1, flat, W.reshape(self.L, -1))
-        return K.view(self.L, self.F, self.E)
+    def move(self, fn) -> None:
+        """Move the kernel's index tensors (``fn`` as in ``Module._apply``)."""
+        self.flat = [fn(f) for f in self.flat]
+        self.mask = fn(self.mask)
 
-    def mv(self, K, j, X, out, part):
+    def prepare(self, Ws: list[Tensor]) -> DenseState:
+        """``Ws``: the one ``(L, F, E)`` parameter (stored assembled, zero off the blocks)."""
+        K = Ws[0]
         F = self.F
-        if part == "local":
-            out.addmm_(K[j, :, :F], X[:F])
-        elif self.E > F:
-            out.addmm_(K[j, :, F:], X[F:])
+        if self.E == F:  # no halo: the whole matrix is local
+            return DenseState(K, list(K.unbind(0)), None)
+        return DenseState(K, list(K[:, :, :F].unbind(0)), list(K[:, :, F:].unbind(0)))
 
-    def tmv(self, K, j, s, Z, part):
-        F = self.F
-        if part == "local":
-            torch.mm(K[j, :, :F].T, s, out=Z[:F])
-        elif self.E > F:
-            torch.mm(K[j, :, F:].T, s, out=Z[F:])
+    def mv_local(self, st, j, X, out, bias=None):
+        if bias is None:
+            torch.mm(st.loc[j], X[:self.F], out=out)
+        else:
+            torch.addmm(bias, st.loc[j], X[:self.F], out=out)
 
-    def grad_buffers(self, Ws: list[Tensor]) -> Tensor:
-        return Ws[0].new_zeros(self.L, self.F, self.E)
+    def mv_halo(self, st, j, X, out):
+        if st.halo is not None:
+            out.addmm_(st.halo[j], X[self.F:])
 
-    def grad(self, K, G, j, gu, X, s, GZ):
+    def tmv_local(self, st, j, s, Z):
+        torch.mm(st.loc[j].T, s, out=Z[:self.F])
+
+    def tmv_halo(self, st, j, s, Z):
+        if st.halo is not None:
+            torch.mm(st.halo[j].T, s, out=Z[self.F:])
+
+    def grad_buffers(self, st) -> Tensor:
+        return torch.zeros_like(st.K)
+
+    def grad(self, st, G, j, gu, X, s, GZ):
         G[j].addmm_(gu, X.T).addmm_(s, GZ.T)
 
     def end_grad(self, G: Tensor) -> list[Tensor]:
-        flat = G.view(self.L, -1)
-        return [flat.index_select(1, f).view(self.L, *shape) for f, shape in zip(self.flat, self.shapes)]
+        """Entries off the blocks get no gradient: they stay exactly zero under any optimiser."""
+        return [G.mul_(self.mask)]
 
 
 class BlockKernel:
@@ -90,9 +111,12 @@ class BlockKernel:
 
     name = "blocks"
 
-    def __init__(self, classes: list[ClassRows], F: int, E: int, layers: int, batch_hint: int = 128):
+    def __init__(self, classes: list[ClassRows], F: int, E: int, layers: int):
         self.F, self.E, self.L = F, E, layers
         self.classes = classes
+
+    def move(self, fn) -> None:
+        self.classes = [ClassRows(fn(c.rows), fn(c.cols), c.n_local) for c in self.classes]
 
     def _chunks(self, c: ClassRows, part: str, B: int):
         nb, r, cc = c.shape
@@ -102,25 +126,41 @@ class BlockKernel:
             b = min(hi, a + step)
             yield slice(a, b), c.rows[a:b].reshape(-1), c.cols[a:b].reshape(-1)
 
-    def begin(self, Ws):
+    def prepare(self, Ws):
         return Ws
 
-    def mv(self, Ws, j, X, out, part):
+    def _mv(self, Ws, j, X, out, part):
         B = X.shape[1]
         for W, c in zip(Ws, self.classes):
-            nb, r, cc = c.shape
+            _, r, cc = c.shape
             for sl, rows, cols in self._chunks(c, part, B):
                 xs = X.index_select(0, cols).view(-1, cc, B)
                 out.index_add_(0, rows, torch.bmm(W[j, sl], xs).view(-1, B))
 
-    def tmv(self, Ws, j, s, Z, part):
-        F, B = self.F, s.shape[1]
-        (Z[:F] if part == "local" else Z[F:]).zero_()
+    def mv_local(self, Ws, j, X, out, bias=None):
+        if bias is None:
+            out.zero_()
+        else:
+            out.copy_(bias.expand_as(out))
+        self._mv(Ws, j, X, out, "local")
+
+    def mv_halo(self, Ws, j, X, out):
+        self._mv(Ws, j, X, out, "halo")
+
+    def _tmv(self, Ws, j, s, Z, part):
+        B = s.shape[1]
+        (Z[:self.F] if part == "local" else Z[self.F:]).zero_()
         for W, c in zip(Ws, self.classes):
-            nb, r, cc = c.shape
+            _, r, cc = c.shape
             for sl, rows, cols in self._chunks(c, part, B):
                 ss = s.index_select(0, rows).view(-1, r, B)
                 Z.index_add_(0, cols, torch.bmm(W[j, sl].transpose(1, 2), ss).view(-1, B))
+
+    def tmv_local(self, Ws, j, s, Z):
+        self._tmv(Ws, j, s, Z, "local")
+
+    def tmv_halo(self, Ws, j, s, Z):
+        self._tmv(Ws, j, s, Z, "halo")
 
     def grad_buffers(self, Ws):
         return [torch.zeros_like(W) for W in Ws]
@@ -128,7 +168,7 @@ class BlockKernel:
     def grad(self, Ws, G, j, gu, X, s, GZ):
         B = X.shape[1]
         for gW, c in zip(G, self.classes):
-            nb, r, cc = c.shape
+            _, r, cc = c.shape
             for part in ("local", "halo"):
                 for sl, rows, cols in self._chunks(c, part, 2 * B):
                     g = gW[j, sl]

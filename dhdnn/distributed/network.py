@@ -46,15 +46,39 @@ class ShardedNet(nn.Module):
         self._build_io(mine, n_features)
         self.tree = Tree(plan.tree_parent, plan.tree_children, group, tracer, stage_cpu, self.comm_stats)
 
-    def _add(self, c, sel: np.ndarray) -> nn.Parameter:
-        """A class's blocks ``sel`` (canonical indices, in stored order) as one parameter."""
-        key = c.kind.replace(".", "_")
+    def _param(self, kind: str, value: Tensor) -> nn.Parameter:
+        key = kind.replace(".", "_")
         if key not in self.params:
             self.params[key] = nn.ParameterList()
-        p = nn.Parameter(init_class(self.table, c, *self._init[:2], sel, self._init[2]))
+        p = nn.Parameter(value)
         self.params[key].append(p)
+        return p
+
+    def _init_values(self, c, sel: np.ndarray) -> Tensor:
+        return init_class(self.table, c, self._init[0], self._init[1], sel, self._init[2])
+
+    def _add(self, c, sel: np.ndarray) -> nn.Parameter:
+        """A class's blocks ``sel`` (canonical indices, in stored order) as one parameter."""
+        p = self._param(c.kind, self._init_values(c, sel))
         self._entries.append(Entry(c.key, [p], torch.as_tensor(sel), c.block_axis))
         return p
+
+    def _add_inside(self, p: nn.Parameter, c, sel: np.ndarray, flat: Tensor) -> None:
+        """Blocks ``sel`` of class ``c`` stored inside ``p`` (``(layers, ...)``) at the flat positions
+        ``flat`` of each layer (block after block): initialised there, checkpointed from there."""
+        L = self.layers
+        shape = (L, len(sel), *c.shape)
+        with torch.no_grad():
+            p.view(L, -1).index_copy_(1, flat, self._init_values(c, sel).reshape(L, -1))
+        self._entries.append(Entry(c.key, [p], torch.as_tensor(sel), c.block_axis,
+                                   get=lambda ts: ts[0].view(L, -1).index_select(1, flat).view(shape),
+                                   put=lambda ts, v: ts[0].view(L, -1).index_copy_(1, flat, v.reshape(L, -1))))
+
+    def _apply(self, fn, *args, **kwargs):
+        """``.to(device)`` and friends also move the stack plan's index tensors."""
+        out = super()._apply(fn, *args, **kwargs)
+        self.plan.move(fn)
+        return out
 
     def kind(self, kind: str) -> list[nn.Parameter]:
         key = kind.replace(".", "_")
@@ -62,25 +86,37 @@ class ShardedNet(nn.Module):
 
     # ---- the layers ---------------------------------------------------------------------
     def _build_stack(self, mine, plan: HaloPlan, local_kernel: str, backprop: str, anchor_every: int) -> None:
-        lay, F, E = self.layout, self.rows.F, self.rows.E
-        kern_rows: dict[str, list] = {m: [] for m in lay.matrices}
-        bias_rows: dict[str, list] = {b: [] for b in lay.biases}
+        """Matrices: one ``(layers, F, E)`` tensor (zero off the blocks) for the dense kernel, one
+        tensor per block class for the block kernel. Biases: one ``(layers, F)`` tensor each."""
+        lay, F, E, L, dtype = self.layout, self.rows.F, self.rows.E, self.layers, self._init[2]
+        mats: dict[str, list] = {m: [] for m in lay.matrices}
         for c in self.table:
             sel = np.flatnonzero(mine[c.rows])
-            if c.kind in kern_rows and len(sel):
+            if c.kind in mats and len(sel):
                 cr, order = class_rows(self.rows.rows(c.rows[sel]).reshape(len(sel), -1),
                                        self.rows.rows(c.cols[sel]).reshape(len(sel), -1), F)
-                kern_rows[c.kind].append(cr)
-                self._add(c, sel[order])
-            elif c.kind in bias_rows and len(sel):
-                bias_rows[c.kind].append((torch.as_tensor(self.rows.rows(c.rows[sel])),
-                                          (self.layers, len(sel), *c.shape)))
-                self._add(c, sel)
-        nnz = min(sum(int(np.prod(cr.shape)) for cr in rs) for rs in kern_rows.values())
+                mats[c.kind].append((c, sel[order], cr))
+        nnz = min(sum(int(np.prod(cr.shape)) for _, _, cr in v) for v in mats.values())
         self.local_kernel = choose_kernel(local_kernel, F, E, nnz)
-        kernels = {m: KERNELS[self.local_kernel](kern_rows[m], F, E, self.layers) for m in lay.matrices}
+        kernels = {}
+        for m, parts in mats.items():
+            rows = [cr for _, _, cr in parts]
+            kernels[m] = KERNELS[self.local_kernel](rows, F, E, L)
+            if self.local_kernel == "dense":
+                p = self._param(m, torch.zeros(L, F, E, dtype=dtype))
+                for (c, sel, _), flat in zip(parts, kernels[m].flat):
+                    self._add_inside(p, c, sel, flat)
+            else:
+                for c, sel, _ in parts:
+                    self._add(c, sel)
+        for b in lay.biases:
+            p = self._param(b, torch.zeros(L, F, dtype=dtype))
+            for c in self.table:
+                sel = np.flatnonzero(mine[c.rows])
+                if c.kind == b and len(sel):
+                    self._add_inside(p, c, sel, torch.as_tensor(self.rows.rows(c.rows[sel])))
         n_classes = {k: len(self.kind(k)) for k in (*lay.matrices, *lay.biases)}
-        self.plan = StackPlan(lay, self.h, self.layers, F, E, kernels, n_classes, bias_rows,
+        self.plan = StackPlan(lay, self.h, L, F, E, kernels, n_classes,
                               [self._coupling(hs.coupling, plan) for hs in lay.half_steps],
                               self.ex if self.ex.active else None, backprop, anchor_every)
 
@@ -101,10 +137,10 @@ class ShardedNet(nn.Module):
                         torch.as_tensor(inv))
 
     def stack_params(self) -> list[nn.Parameter]:
-        out = []
-        for hs in self.layout.half_steps:
-            out += self.kind(hs.matrix) + self.kind(hs.bias)
-        return out
+        """The stack's parameters in :meth:`StackPlan.split` order (fixed after construction)."""
+        if not hasattr(self, "_stack_params"):
+            self._stack_params = [p for hs in self.layout.half_steps for p in self.kind(hs.matrix) + self.kind(hs.bias)]
+        return self._stack_params
 
     # ---- inputs and readout ---------------------------------------------------------------
     def _part_rows(self, agents: np.ndarray, part: str) -> np.ndarray:
@@ -161,10 +197,13 @@ class ShardedNet(nn.Module):
     def readout_partial(self, fields: list[Tensor]) -> Tensor:
         """``sum_i W^[i] y^[i] (+ mu)`` over my readout agents, batch-first ``(B, classes)``."""
         Y = torch.cat(fields, 0) if len(fields) > 1 else fields[0]
-        out = Y.new_zeros(Y.shape[1], self.n_classes)
-        for W, rows in self._readout:  # (agents, C, 2n) x (agents, 2n, B) -> (B, C)
-            out = out + torch.einsum("ack,akb->bc", W, Y[rows])
-        return out + self.mu[0] if self.mu is not None else out
+        terms = [torch.einsum("ack,akb->bc", W, Y[rows]) for W, rows in self._readout]  # (agents, C, 2n) x (agents, 2n, B)
+        if self.mu is not None:
+            terms.append(self.mu.expand(Y.shape[1], -1))
+        out = terms[0] if terms else Y.new_zeros(Y.shape[1], self.n_classes)
+        for t in terms[1:]:
+            out = out + t
+        return out
 
     def forward(self, x: Tensor) -> Tensor:
         fields = self.initial_fields(x)
@@ -172,6 +211,8 @@ class ShardedNet(nn.Module):
         partial = self.readout_partial(list(fields))
         if self.readout_mode == "allreduce":
             return AllReduceSum.apply(partial, self.group)
+        if self.tree.parent is None and not self.tree.children:  # a lone rank: the partial sum is the sum
+            return partial
         return TreeReduce.apply(partial, self.tree)
 
     @property

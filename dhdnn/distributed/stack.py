@@ -13,7 +13,9 @@ The backward is the exact discrete adjoint, run the same way: the gather of the 
 gradient overlaps ``K_local gz``, and the scatter-add of the source's halo gradient overlaps
 the weight-gradient products (the bulk of the backward). One :class:`ShardedStack` call
 runs every layer, so there is no autograd graph per layer and no per-message Python beyond
-posting and waiting.
+posting and waiting. A rank without neighbours and with assembled local matrices takes a
+shorter path: ``C K^T`` folded into one matrix per layer, weight gradients formed for all
+layers at once after the backward (as the dense model's fused stacks do).
 
 ``backprop="reversible"`` keeps no per-layer state: the backward rebuilds each half-step's
 input by undoing it (``target -= h C z``, exact in exact arithmetic for invertible layouts),
@@ -29,6 +31,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..models.hamiltonian import AgentLayout, HalfStep
+from .kernels import DenseKernel
 
 
 @dataclass
@@ -49,6 +52,17 @@ class Coupling:
             return torch.mul(g, h * self.scale, out=out)
         return torch.mul(torch.mul(g, self.sign).index_select(0, self.inv), h, out=out)
 
+    def move(self, fn) -> None:
+        if self.perm is not None:
+            self.perm, self.sign, self.inv = fn(self.perm), fn(self.sign), fn(self.inv)
+
+    def fold(self, Kt: Tensor) -> Tensor:
+        """``C K^T`` for every layer (``Kt``: ``(L, F, F)``)."""
+        if self.perm is None:
+            return Kt * self.scale
+        return Kt.index_select(1, self.perm) * self.sign.unsqueeze(0)
+
+
 
 @dataclass
 class StackPlan:
@@ -60,12 +74,23 @@ class StackPlan:
     F: int
     E: int
     kernels: dict  # matrix -> kernel
-    n_classes: dict  # matrix or bias -> number of class tensors
-    bias_rows: dict  # bias -> [(flat row indices, class tensor shape)], one per class
+    n_classes: dict  # matrix or bias -> number of parameter tensors (a bias: one (layers, F) tensor)
     couplings: list  # per half-step: Coupling
     ex: object = None  # Exchanger, or None for a rank without neighbours
     backprop: str = "autograd"
     anchor_every: int = 0
+
+    def move(self, fn) -> None:
+        """Move every tensor of the plan (``fn`` as in ``Module._apply``: device and float dtype)."""
+        for k in self.kernels.values():
+            k.move(fn)
+        for c in self.couplings:
+            c.move(fn)
+
+    @property
+    def local_dense(self) -> bool:
+        """No exchanges and assembled matrices: the short path."""
+        return self.ex is None and all(isinstance(k, DenseKernel) for k in self.kernels.values())
 
     def split(self, params: tuple[Tensor, ...]) -> tuple[list, list]:
         """The flat parameter tuple as per-half-step (matrix class tensors, bias class tensors)."""
@@ -79,18 +104,27 @@ class StackPlan:
             at += n
         return mats, biases
 
-    def bias(self, k: int, Ws: list[Tensor]) -> Tensor:
-        """Half-step ``k``'s bias for every layer, ``(layers, F)``."""
-        b = Ws[0].new_zeros(self.layers, self.F)
-        for W, (rows, _) in zip(Ws, self.bias_rows[self.layout.half_steps[k].bias]):
-            b.index_copy_(1, rows, W.reshape(self.layers, -1))
-        return b
-
-    def bias_grad(self, k: int, gb: Tensor) -> list[Tensor]:
-        return [gb.index_select(1, rows).view(shape) for rows, shape in self.bias_rows[self.layout.half_steps[k].bias]]
 
 
-def _names(hs: HalfStep) -> tuple[str, str]:
+class _Pass:
+    """One forward or backward pass's prepared operands: kernel states, bias columns per layer,
+    and on the short path ``C K^T`` per layer."""
+
+    def __init__(self, plan: StackPlan, params, with_bias: bool = True):
+        mats, bias_ws = plan.split(params)
+        self.kern = [plan.kernels[hs.matrix] for hs in plan.layout.half_steps]
+        self.st = [k.prepare(Ws) for k, Ws in zip(self.kern, mats)]
+        self.mats = mats
+        self.bcols = [list(Ws[0].unsqueeze(2).unbind(0)) for Ws in bias_ws] if with_bias else None
+        self.akt = None
+        if plan.local_dense:  # per layer: K^T, and C K^T (a scalar C stays in the BLAS call's alpha)
+            self.kt = [list(st.K.transpose(1, 2).unbind(0)) for st in self.st]
+            self.akt = [kt if c.perm is None else list(c.fold(st.K.transpose(1, 2)).unbind(0))
+                        for kt, c, st in zip(self.kt, plan.couplings, self.st)]
+            self.alpha = [plan.h * c.scale if c.perm is None else plan.h for c in plan.couplings]
+
+
+def _ops(hs: HalfStep) -> tuple[str, str]:
     return f"gather_{hs.source}", f"scatter_{hs.source}"
 
 
@@ -100,39 +134,46 @@ class ShardedStack(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: StackPlan, n_fields: int, *tensors):
         fields, params = tensors[:n_fields], tensors[n_fields:]
-        lay, F, E, L = plan.layout, plan.F, plan.E, plan.layers
-        names = lay.field_names
+        lay, F, E, L, h = plan.layout, plan.F, plan.E, plan.layers, plan.h
+        names, steps = lay.field_names, lay.half_steps
         B = fields[0].shape[1]
         grad = any(ctx.needs_input_grad)  # (forward itself runs with grad mode off)
         save = grad and plan.backprop == "autograd"
-        mats, bias_ws = plan.split(params)
-        K = [plan.kernels[hs.matrix].begin(Ws) for hs, Ws in zip(lay.half_steps, mats)]
-        b = [plan.bias(k, Ws) for k, Ws in enumerate(bias_ws)]
-        updates = {f: sum(1 for hs in lay.half_steps if hs.target == f) for f in names}
+        ps = _Pass(plan, params)
+        updates = {f: sum(1 for hs in steps if hs.target == f) for f in names}
         store = {f: x.new_empty((1 + L * updates[f]) if save else 1, E, B) for f, x in zip(names, fields)}
         for f, x in zip(names, fields):
             store[f][0, :F] = x
         cur = {f: 0 for f in names}
-        S = fields[0].new_empty(L, len(lay.half_steps), F, B) if save else fields[0].new_empty(1, 1, F, B)
-        U, Z = fields[0].new_empty(F, B), fields[0].new_empty(E, B)
+        S = fields[0].new_empty(L if save else 1, len(steps), F, B)
+        Sv = [list(r.unbind(0)) for r in S.unbind(0)]
+        Z = fields[0].new_empty(E, B)
+        ext = {f: list(store[f].unbind(0)) for f in names}  # views, made once: the loop only indexes lists
+        loc = {f: list(store[f][:, :F].unbind(0)) for f in names}
         versions, anchors = [], {}
+        short = ps.akt is not None
         for j in range(L):
-            if grad and plan.anchor_every and j and j % plan.anchor_every == 0 and plan.backprop == "reversible":
-                anchors[j] = {f: store[f][cur[f], :F].clone() for f in names}
+            if grad and plan.backprop == "reversible" and plan.anchor_every and j and j % plan.anchor_every == 0:
+                anchors[j] = {f: loc[f][cur[f]].clone() for f in names}
             row = []
-            for k, hs in enumerate(lay.half_steps):
-                X = store[hs.source][cur[hs.source]]
-                row.append(cur[hs.source])
-                s = S[j, k] if save else S[0, 0]
-                _half_forward(plan, K[k], hs, k, j, b[k][j], X, U, s, Z)
-                T = store[hs.target]
-                new = cur[hs.target] + 1 if save else cur[hs.target]
-                c = plan.couplings[k]
-                torch.add(T[cur[hs.target], :F], c.apply(Z[:F]), alpha=plan.h * c.scale, out=T[new, :F])
-                cur[hs.target] = new
+            s_row = Sv[j if save else 0]
+            for k, hs in enumerate(steps):
+                src, tgt = hs.source, hs.target
+                row.append(cur[src])
+                s = s_row[k]
+                old, new = cur[tgt], cur[tgt] + (1 if save else 0)
+                if short:  # three BLAS calls
+                    torch.addmm(ps.bcols[k][j], ps.st[k].loc[j], loc[src][cur[src]], out=s).tanh_()
+                    torch.addmm(loc[tgt][old], ps.akt[k][j], s, alpha=ps.alpha[k], out=loc[tgt][new])
+                else:
+                    _half_forward(plan, ps, k, j, ext[src][cur[src]], s, Z)
+                    c = plan.couplings[k]
+                    torch.add(loc[tgt][old], c.apply(Z[:F]), alpha=h * c.scale, out=loc[tgt][new])
+                cur[tgt] = new
             versions.append(row)
         outs = tuple(store[f][cur[f], :F].clone() for f in names)
-        ctx.plan, ctx.n_fields = plan, n_fields
+        ctx.plan = plan
+        ctx.prepared = ps if save and short else None  # the short backward reuses the assembled matrices
         if save:
             ctx.save_for_backward(*params, S, *[store[f] for f in names])
             ctx.versions = versions
@@ -145,122 +186,155 @@ class ShardedStack(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, *grads):
         plan = ctx.plan
-        lay, F, E, L = plan.layout, plan.F, plan.E, plan.layers
+        lay, F, L = plan.layout, plan.F, plan.layers
         names = lay.field_names
         saved = ctx.saved_tensors
         n_p = len(saved) - (1 + len(names) if plan.backprop == "autograd" else len(names))
-        params = saved[:n_p]
-        mats, bias_ws = plan.split(params)
-        K = [plan.kernels[hs.matrix].begin(Ws) for hs, Ws in zip(lay.half_steps, mats)]
-        G = [plan.kernels[hs.matrix].grad_buffers(Ws) for hs, Ws in zip(lay.half_steps, mats)]
-        like = saved[n_p]
-        B = grads[0].shape[1] if grads[0] is not None else saved[-1].shape[-1]
+        params, rest = saved[:n_p], saved[n_p:]
+        like = rest[0]
+        B = rest[-1].shape[-1]
         g = {f: (gr.clone() if gr is not None else like.new_zeros(F, B)) for f, gr in zip(names, grads)}
-        gb = [like.new_zeros(L, F) for _ in lay.half_steps]
-        GZ, GX, GU = like.new_empty(E, B), like.new_empty(E, B), like.new_empty(F, B)
-        if plan.backprop == "autograd":
-            S = saved[n_p]
-            store = dict(zip(names, saved[n_p + 1:]))
-            for j in reversed(range(L)):
-                for k in reversed(range(len(lay.half_steps))):
-                    hs = lay.half_steps[k]
-                    X = store[hs.source][ctx.versions[j][k]]
-                    _half_backward(plan, K[k], G[k], hs, k, j, g, X, S[j, k], GZ, GX, GU, gb[k])
+        if plan.backprop == "reversible":
+            G, gb = _backward_reversible(plan, ctx.anchors, params, rest, g)
+        elif plan.local_dense:
+            G, gb = _backward_local(plan, ctx.versions, ctx.prepared, rest[0], dict(zip(names, rest[1:])), g)
         else:
-            b = [plan.bias(k, Ws) for k, Ws in enumerate(bias_ws)]
-            cur = {f: like.new_empty(E, B) for f in names}
-            for f, y in zip(names, saved[n_p:]):
-                cur[f][:F] = y
-            S, U, Z = like.new_empty(F, B), like.new_empty(F, B), like.new_empty(E, B)
-            for j in reversed(range(L)):
-                for k in reversed(range(len(lay.half_steps))):
-                    hs = lay.half_steps[k]
-                    _half_reverse(plan, K[k], G[k], hs, k, j, b[k][j], g, cur, S, U, Z, GZ, GX, GU, gb[k])
-                if j in ctx.anchors:  # drift stops here: continue from the stored state
-                    for f in names:
-                        cur[f][:F] = ctx.anchors[j][f]
+            G, gb = _backward_general(plan, ctx.versions, params, rest[0], dict(zip(names, rest[1:])), g)
         grads_out = []
         for k, hs in enumerate(lay.half_steps):
             grads_out += plan.kernels[hs.matrix].end_grad(G[k])
-            grads_out += plan.bias_grad(k, gb[k])
+            grads_out.append(gb[k])
         return (None, None, *[g[f] for f in names], *grads_out)
 
 
-def _half_forward(plan: StackPlan, K, hs: HalfStep, k: int, j: int, bias: Tensor, X: Tensor, U: Tensor,
-                  s: Tensor, Z: Tensor) -> None:
+# ---- one half-step, with exchanges ------------------------------------------------------------
+def _half_forward(plan: StackPlan, ps: _Pass, k: int, j: int, X: Tensor, s: Tensor, Z: Tensor) -> None:
     """``s = tanh(K X + b)`` on my rows, ``Z[:F] = (K^T s)`` for my agents including what the
     neighbours send (``Z[F:]`` holds what I sent them)."""
-    kern, ex, F = plan.kernels[hs.matrix], plan.ex, plan.F
-    g_op, s_op = _names(hs)
+    kern, st, ex, F = ps.kern[k], ps.st[k], plan.ex, plan.F
+    g_op, s_op = _ops(plan.layout.half_steps[k])
     pend = ex.start_gather([X[:F]], [X[F:]], "forward", j, g_op) if ex is not None else None
-    U.copy_(bias.unsqueeze(1).expand_as(U))
-    kern.mv(K, j, X, U, "local")
+    kern.mv_local(st, j, X, s, ps.bcols[k][j])
     if pend is not None:
         ex.finish_gather(pend)
-        kern.mv(K, j, X, U, "halo")
-    torch.tanh(U, out=s)
+        kern.mv_halo(st, j, X, s)
+    s.tanh_()
     if ex is not None:
-        kern.tmv(K, j, s, Z, "halo")
+        kern.tmv_halo(st, j, s, Z)
         pend = ex.start_scatter([Z[F:]], "forward", j, s_op)
-    kern.tmv(K, j, s, Z, "local")
+    kern.tmv_local(st, j, s, Z)
     if ex is not None:
         ex.finish_scatter(pend, [Z[:F]])
 
 
-def _half_backward(plan: StackPlan, K, G, hs: HalfStep, k: int, j: int, g: dict, X: Tensor, s: Tensor,
-                   GZ: Tensor, GX: Tensor, GU: Tensor, gb: Tensor) -> None:
-    """Adjoint of one half-step: ``g[source] += dL/dsource``, weight and bias gradients."""
-    kern, ex, F = plan.kernels[hs.matrix], plan.ex, plan.F
-    g_op, s_op = _names(hs)
-    plan.couplings[k].transpose(g[hs.target], GZ[:F], plan.h)  # dL/dz = h C^T dL/dtarget
-    pend = ex.start_gather([GZ[:F]], [GZ[F:]], "backward", j, s_op) if ex is not None else None
-    GU.zero_()
-    kern.mv(K, j, GZ, GU, "local")
-    if pend is not None:
-        ex.finish_gather(pend)
-        kern.mv(K, j, GZ, GU, "halo")
-    GU.mul_(1 - s * s)  # dL/du
-    if ex is not None:
-        kern.tmv(K, j, GU, GX, "halo")
-        pend = ex.start_scatter([GX[F:]], "backward", j, g_op)
-    kern.tmv(K, j, GU, GX, "local")
-    kern.grad(K, G, j, GU, X, s, GZ)  # overlaps the scatter-add in flight
-    torch.sum(GU, 1, out=gb[j])
-    if ex is not None:
-        ex.finish_scatter(pend, [GX[:F]])
-    g[hs.source].add_(GX[:F])
+def _backward_general(plan: StackPlan, versions, params, S: Tensor, store: dict, g: dict):
+    """The adjoint, half-step by half-step, with the exchanges overlapped."""
+    lay, F, E, L, ex = plan.layout, plan.F, plan.E, plan.layers, plan.ex
+    ps = _Pass(plan, params, with_bias=False)
+    G = [kern.grad_buffers(st) for kern, st in zip(ps.kern, ps.st)]
+    gb = [S.new_zeros(L, F) for _ in lay.half_steps]
+    B = S.shape[-1]
+    GZ, GX, GU = S.new_empty(E, B), S.new_empty(E, B), S.new_empty(F, B)
+    D = S.square().neg_().add_(1)  # tanh' = 1 - s^2, every layer at once
+    for j in reversed(range(L)):
+        for k in reversed(range(len(lay.half_steps))):
+            hs, kern, st = lay.half_steps[k], ps.kern[k], ps.st[k]
+            X = store[hs.source][versions[j][k]]
+            g_op, s_op = _ops(hs)
+            plan.couplings[k].transpose(g[hs.target], GZ[:F], plan.h)  # dL/dz = h C^T dL/dtarget
+            pend = ex.start_gather([GZ[:F]], [GZ[F:]], "backward", j, s_op) if ex is not None else None
+            kern.mv_local(st, j, GZ, GU)
+            if pend is not None:
+                ex.finish_gather(pend)
+                kern.mv_halo(st, j, GZ, GU)
+            GU.mul_(D[j, k])  # dL/du
+            if ex is not None:
+                kern.tmv_halo(st, j, GU, GX)
+                pend = ex.start_scatter([GX[F:]], "backward", j, g_op)
+            kern.tmv_local(st, j, GU, GX)
+            kern.grad(st, G[k], j, GU, X, S[j, k], GZ)  # overlaps the scatter-add in flight
+            torch.sum(GU, 1, out=gb[k][j])
+            if ex is not None:
+                ex.finish_scatter(pend, [GX[:F]])
+            g[hs.source].add_(GX[:F])
+    return G, gb
 
 
-def _half_reverse(plan: StackPlan, K, G, hs: HalfStep, k: int, j: int, bias: Tensor, g: dict, cur: dict,
-                  S: Tensor, U: Tensor, Z: Tensor, GZ: Tensor, GX: Tensor, GU: Tensor, gb: Tensor) -> None:
+def _backward_local(plan: StackPlan, versions, ps: _Pass, S: Tensor, store: dict, g: dict):
+    """The adjoint of a rank without neighbours: four BLAS-level calls per half-step, then
+    every layer's weight and bias gradients in batched products."""
+    lay, F, L, h = plan.layout, plan.F, plan.layers, plan.h
+    nhs, B = len(lay.half_steps), S.shape[-1]
+    GU, GZ = S.new_empty(L, nhs, F, B), S.new_empty(L, nhs, F, B)
+    D = S.square().neg_().add_(1)
+    GUv, GZv, Dv = ([list(r.unbind(0)) for r in t.unbind(0)] for t in (GU, GZ, D))
+    order = [(k, hs.source, hs.target) for k, hs in reversed(list(enumerate(lay.half_steps)))]
+    for j in reversed(range(L)):
+        for k, src, tgt in order:
+            gz, gu = GZv[j][k], GUv[j][k]
+            plan.couplings[k].transpose(g[tgt], gz, h)  # dL/dz = h C^T dL/dtarget
+            torch.mm(ps.st[k].loc[j], gz, out=gu).mul_(Dv[j][k])
+            g[src].addmm_(ps.kt[k][j], gu)
+    G, gb = [], []
+    for k in range(nhs):
+        v = [versions[j][k] for j in range(L)]
+        consecutive = v == list(range(v[0], v[0] + L))
+        X = store[lay.half_steps[k].source][v[0]:v[0] + L] if consecutive else store[lay.half_steps[k].source][v]
+        W = torch.bmm(GU[:, k], X.transpose(1, 2))  # dK = GU X^T + S GZ^T, every layer at once
+        G.append(W.baddbmm_(S[:, k], GZ[:, k].transpose(1, 2)))
+        gb.append(GU[:, k].sum(-1))
+    return G, gb
+
+
+def _backward_reversible(plan: StackPlan, anchors: dict, params, outs, g: dict):
+    """Rebuild every half-step's input by undoing it, and run its adjoint on the way."""
+    lay, F, E, L = plan.layout, plan.F, plan.E, plan.layers
+    names = lay.field_names
+    ps = _Pass(plan, params)
+    G = [kern.grad_buffers(st) for kern, st in zip(ps.kern, ps.st)]
+    like, B = outs[0], outs[0].shape[1]
+    gb = [like.new_zeros(L, F) for _ in lay.half_steps]
+    cur = {f: like.new_empty(E, B) for f in names}
+    for f, y in zip(names, outs):
+        cur[f][:F] = y
+    S, Z = like.new_empty(F, B), like.new_empty(E, B)
+    GZ, GX, GU = like.new_empty(E, B), like.new_empty(E, B), like.new_empty(F, B)
+    for j in reversed(range(L)):
+        for k in reversed(range(len(lay.half_steps))):
+            _half_reverse(plan, ps, G[k], k, j, g, cur, S, Z, GZ, GX, GU, gb[k])
+        if j in anchors:  # drift stops here: continue from the stored state
+            for f in names:
+                cur[f][:F] = anchors[j][f]
+    return G, gb
+
+
+def _half_reverse(plan: StackPlan, ps: _Pass, G, k: int, j: int, g: dict, cur: dict, S: Tensor, Z: Tensor,
+                  GZ: Tensor, GX: Tensor, GU: Tensor, gb: Tensor) -> None:
     """Undo one half-step (rebuilding ``target`` before it) and run its adjoint; the rebuild's
     messages travel with the adjoint's (one gather and one scatter-add, each two tensors deep)."""
-    kern, ex, F = plan.kernels[hs.matrix], plan.ex, plan.F
-    g_op, s_op = _names(hs)
+    hs, kern, st, ex, F = plan.layout.half_steps[k], ps.kern[k], ps.st[k], plan.ex, plan.F
+    g_op, s_op = _ops(hs)
     X = cur[hs.source]
     c = plan.couplings[k]
     c.transpose(g[hs.target], GZ[:F], plan.h)
     pend = ex.start_gather([X[:F], GZ[:F]], [X[F:], GZ[F:]], "backward", j, g_op) if ex is not None else None
-    U.copy_(bias.unsqueeze(1).expand_as(U))
-    kern.mv(K, j, X, U, "local")
-    GU.zero_()
-    kern.mv(K, j, GZ, GU, "local")
+    kern.mv_local(st, j, X, S, ps.bcols[k][j])
+    kern.mv_local(st, j, GZ, GU)
     if pend is not None:
         ex.finish_gather(pend)
-        kern.mv(K, j, X, U, "halo")
-        kern.mv(K, j, GZ, GU, "halo")
-    torch.tanh(U, out=S)
-    GU.mul_(1 - S * S)
+        kern.mv_halo(st, j, X, S)
+        kern.mv_halo(st, j, GZ, GU)
+    S.tanh_()
+    GU.mul_(S.square().neg_().add_(1))
     if ex is not None:
-        kern.tmv(K, j, S, Z, "halo")
-        kern.tmv(K, j, GU, GX, "halo")
+        kern.tmv_halo(st, j, S, Z)
+        kern.tmv_halo(st, j, GU, GX)
         pend = ex.start_scatter([Z[F:], GX[F:]], "backward", j, s_op)
-    kern.tmv(K, j, S, Z, "local")
-    kern.tmv(K, j, GU, GX, "local")
-    kern.grad(K, G, j, GU, X, S, GZ)
+    kern.tmv_local(st, j, S, Z)
+    kern.tmv_local(st, j, GU, GX)
+    kern.grad(st, G, j, GU, X, S, GZ)
     torch.sum(GU, 1, out=gb[j])
     if ex is not None:
         ex.finish_scatter(pend, [Z[:F], GX[:F]])
-    T = cur[hs.target]
-    T[:F].sub_(c.apply(Z[:F]), alpha=plan.h * c.scale)  # the target before this half-step
+    cur[hs.target][:F].sub_(c.apply(Z[:F]), alpha=plan.h * c.scale)  # the target before this half-step
     g[hs.source].add_(GX[:F])
