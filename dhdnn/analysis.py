@@ -1,4 +1,4 @@
-"""Gradient analysis (DESIGN §1): backward sensitivity matrices and symplecticity.
+"""Gradient analysis: backward sensitivity matrices, symplecticity, reversible-rebuild drift.
 
 The backward sensitivity matrix (BSM) of layer ``j`` is ``dy_L/dy_j``. For H2 (``X = I``)
 every BSM is symplectic, ``M^T S M = S`` with ``S = [[0, I], [-I, 0]]``, so its spectral
@@ -61,3 +61,25 @@ def symplecticity_error(M: Tensor, S: Tensor | None = None) -> float:
     S = symplectic_form(M.shape[0], M.dtype) if S is None else S
     num = (M.T @ S @ M - S).abs().max()
     return float(num / max(1.0, float(torch.linalg.matrix_norm(M, ord=2)) ** 2))
+
+
+@torch.no_grad()
+def reconstruction_drift(model: ODENet, y0: Tensor, anchor_every: int = 0) -> list[float]:
+    """How far reversible backprop's rebuilt states drift: run the forward, then rebuild every
+    ``y_j`` from ``y_L`` with the inverse step (restarting from the stored state at anchors,
+    every ``anchor_every`` layers), and return ``||rebuilt y_j - y_j|| / ||y_j||`` for
+    ``j = 0..L`` (the last is 0: ``y_L`` is kept)."""
+    if not model.invertible:
+        raise ValueError(f"{model.arch_name} layers cannot be inverted exactly")
+    P = model.effective()
+    states = [y0]
+    for j in range(model.layers):
+        states.append(model.step(states[-1], j, P))
+    y, out = states[-1], [0.0]
+    for j in reversed(range(model.layers)):
+        y = model.inverse_step(y, j, P)
+        ref = states[j]
+        out.append(float((y - ref).norm() / ref.norm().clamp_min(1e-300)))
+        if anchor_every and j and j % anchor_every == 0:
+            y = ref
+    return out[::-1]

@@ -154,7 +154,7 @@ class RunConfig:
     trace: bool = False
     threads: int = 1  # torch threads per worker
     progress: bool = True
-    replicas: int = 1  # data-parallel replicas: workers = agent partitions x replicas
+    replicas: int | str = 1  # data-parallel replicas (workers = agent partitions x replicas); auto: measured choice
     backprop: str = "autograd"  # autograd (keep every layer's state) or reversible (rebuild states; H2)
     reversible_anchor_every: int = 0  # reversible: store the state every k layers (bounds float drift); 0 = never
     pin_workers: bool = True  # give each local worker its own cores when they fit
@@ -171,7 +171,9 @@ class RunConfig:
         _choice("local_kernel", self.local_kernel, ("auto", "blocks", "dense"))
         _expect(isinstance(self.trace, bool), "trace", "true or false", self.trace)
         _pos_int("threads", self.threads)
-        _pos_int("replicas", self.replicas)
+        _expect(self.replicas == "auto" or (isinstance(self.replicas, int) and not isinstance(self.replicas, bool)
+                                            and self.replicas > 0), "replicas", "a positive integer or 'auto'",
+                self.replicas)
         _choice("backprop", self.backprop, ("autograd", "reversible"))
         _expect(isinstance(self.reversible_anchor_every, int) and not isinstance(self.reversible_anchor_every, bool)
                 and self.reversible_anchor_every >= 0, "reversible_anchor_every", "an integer >= 0",

@@ -24,7 +24,7 @@ EVAL_BYTES = 256 << 20  # activation memory an evaluation chunk may use
 class StepOut:
     """What one training batch produced on this rank."""
 
-    objective: Tensor  # call .backward() on this
+    objective: Tensor  # call .backward() on this, then Engine.after_backward() (the regulariser's gradient)
     stats: Tensor  # [cross-entropy sum, correct, count, regulariser] (local; summed over ranks)
     grad_norms: Callable[[], list[float]] | None = None  # after backward: ||dloss/dy_j|| per layer
 
@@ -96,7 +96,9 @@ class Engine:
         raise NotImplementedError
 
     def after_backward(self) -> None:
-        """Called after ``backward()``, before the optimiser step (replica gradient averaging)."""
+        """Called after ``backward()``, before the optimiser step: adds the smoothness
+        regulariser's gradient in place (no parameter-sized graph per step) and, with replicas,
+        averages gradients."""
 
     def end_epoch(self) -> None:
         """Called after every epoch (flush traces, ...)."""
@@ -115,6 +117,7 @@ class DenseEngine(Engine):
 
     def __init__(self, model: Classifier, device: str | torch.device = "cpu", table=None):
         self.model, self.device, self.table = model, torch.device(device), table
+        self._alpha = 0.0
 
     def optimizer_groups(self, weight_decay):
         wd = {id(p) for p in self.model.readout_parameters()}
@@ -136,10 +139,15 @@ class DenseEngine(Engine):
             yL = m.body(y0)
         logits = m.readout(yL)
         ce = F.cross_entropy(logits, y)
-        reg = m.regularizer(alpha) if alpha else ce.new_zeros(())
-        stats = torch.cat([stats_of(logits, y), reg.detach().reshape(1).cpu()])
+        self._alpha = alpha  # the regulariser's gradient is added after backward (after_backward)
+        reg = m.body.regularizer_value(alpha) if alpha else ce.new_zeros(())
+        stats = torch.cat([stats_of(logits, y), reg.reshape(1).cpu()])
         norms = (lambda: [float(s.grad.norm()) for s in states]) if record else None
-        return StepOut(ce + reg, stats, norms)
+        return StepOut(ce, stats, norms)
+
+    def after_backward(self):
+        if self._alpha:
+            self.model.body.add_regularizer_grad(self._alpha)
 
     @torch.no_grad()
     def eval_stats(self, x, y):

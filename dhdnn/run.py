@@ -72,14 +72,23 @@ def validate(cfg: Config, world: int | None = None, local_world: int | None = No
         if rc.backprop == "reversible" and not layout.invertible:
             raise ConfigError(f"{src}: key 'run.backprop': {mc.arch} layers cannot be inverted exactly; "
                               "expected autograd")
-        try:
-            dims = ParallelDims(world, rc.replicas)
-        except ValueError as e:
-            raise ConfigError(f"{src}: key 'run.replicas': {str(e).split(': ', 1)[1]}") from None
-        check_workers(topo, dims.agents)
-        if cfg.train.batch_size < dims.replicas:
-            raise ConfigError(f"{src}: key 'train.batch_size': {cfg.train.batch_size} samples cannot be split over "
-                              f"{dims.replicas} replicas; expected at least one sample per replica")
+        if rc.replicas == "auto":
+            from .distributed.autolayout import candidates
+
+            layouts = candidates(world, topo.n_agents, cfg.train.batch_size)
+            if not layouts:
+                raise ConfigError(f"{src}: key 'run.replicas': no layout of {world} workers fits {topo.n_agents} "
+                                  f"agents and batch {cfg.train.batch_size}")
+            dims = ParallelDims(world, layouts[0][1])  # the largest agent split: the memory bound below
+        else:
+            try:
+                dims = ParallelDims(world, rc.replicas)
+            except ValueError as e:
+                raise ConfigError(f"{src}: key 'run.replicas': {str(e).split(': ', 1)[1]}") from None
+            check_workers(topo, dims.agents)
+            if cfg.train.batch_size < dims.replicas:
+                raise ConfigError(f"{src}: key 'train.batch_size': {cfg.train.batch_size} samples cannot be split "
+                                  f"over {dims.replicas} replicas; expected at least one sample per replica")
     else:
         dims = ParallelDims(1)
         if rc.backprop == "reversible" and not cls.invertible:
@@ -209,6 +218,12 @@ def worker_main(rank: int, world: int, cfg_dict: dict, resume: bool, source: str
         device = f"cuda:{(rank if local_rank is None else local_rank) % torch.cuda.device_count()}"
     data = load_data(cfg)
     topo = topology_from_dict(cfg.topology, topo_source or "<topology>")
+    layout = None
+    if cfg.run.replicas == "auto":
+        from .distributed.autolayout import choose
+
+        layout = choose(cfg, data, topo, log=lambda m: print(m, file=sys.stderr, flush=True))
+        cfg.run.replicas = layout.replicas
     groups = make_groups(ParallelDims(world, cfg.run.replicas), rank, device)
     engine = build_sharded_engine(cfg, data, groups, topo, device=device, fault=fault)
     if dist.get_backend() == "gloo":
@@ -217,6 +232,9 @@ def worker_main(rank: int, world: int, cfg_dict: dict, resume: bool, source: str
         summary = Trainer(cfg, engine, data, resume=resume, fingerprint=topo.fingerprint).fit()
     finally:
         engine.close()
+    if layout is not None:
+        summary["layout"] = {"agents": layout.agents, "replicas": layout.replicas,
+                             "predicted_step_s": layout.predicted_step_s, "candidates": layout.candidates}
     return summary if rank == 0 else None
 
 

@@ -54,8 +54,8 @@ def make_data(n_features: int, n_classes: int, batch: int, seed: int) -> Dataset
 
 
 def cfg_for(topo_path, arch: str, layers: int, out_dir: str, readout: str = "tree", trace: bool = True,
-            kernel: str = "blocks", backprop: str = "autograd", anchors: int = 0, replicas: int = 1):
-    cfg = load_config(None, [f"model.arch={arch}", f"model.layers={layers}", "model.h=0.3", f"run.local_kernel={kernel}",
+            kernel: str = "blocks", backprop: str = "autograd", anchors: int = 0, replicas: int = 1, h: float = 0.3):
+    cfg = load_config(None, [f"model.arch={arch}", f"model.layers={layers}", f"model.h={h}", f"run.local_kernel={kernel}",
                              "run.dtype=float64", f"run.out_dir={out_dir}", f"run.readout={readout}",
                              f"run.trace={'true' if trace else 'false'}", "train.alpha=0.01",
                              "train.weight_decay=0.001", "train.lr=0.01", f"run.backprop={backprop}",
@@ -82,10 +82,10 @@ def held(engine, grads: bool = False) -> dict:
 
 
 def exactness_worker(rank, world, topo_path, arch, layers, packed, data, out_dir, readout, steps, kernel="blocks",
-                     device="cpu", backprop="autograd", anchors=0, replicas=1):
+                     device="cpu", backprop="autograd", anchors=0, replicas=1, h=0.3):
     """One forward/backward + checks, then ``steps`` Adam steps; returns what the parent compares."""
     cfg = cfg_for(topo_path, arch, layers, out_dir, readout, kernel=kernel, backprop=backprop, anchors=anchors,
-                  replicas=replicas)
+                  replicas=replicas, h=h)
     groups = make_groups(ParallelDims(world, replicas), rank, device)
     engine = build_sharded_engine(cfg, data, groups, load_topology(topo_path), device=device)
     load_packed(engine, packed)

@@ -135,3 +135,79 @@ def test_classifier_places_features_like_the_paper(f64):
     assert clf(torch.randn(5, 2)).shape == (5, 2)
     with pytest.raises(ValueError, match="smaller than the 5 input features"):
         Classifier(build_model("H2", 4, 2, 0.5), 5, 2)
+
+
+def _grads(m, y, mode, anchors=0):
+    m.set_backprop(mode, anchors)
+    for p in m.parameters():
+        p.grad = None
+    yy = y.clone().requires_grad_()
+    (m(yy) ** 2).sum().backward()
+    return [yy.grad] + [p.grad.clone() for p in m.parameters()]
+
+
+def _rel(a, b):
+    return max(float((x - z).norm() / z.norm()) for x, z in zip(a, b))
+
+
+@pytest.mark.parametrize("layers,dtype,anchors,tol", [
+    (64, torch.float64, 0, 1e-10), (1024, torch.float64, 0, 1e-8),  # exact in exact arithmetic: round-off only
+    (1024, torch.float32, 64, 1e-4),  # float32 drift, bounded by anchors every 64 layers
+])
+def test_reversible_backprop_equals_autograd(layers, dtype, anchors, tol):
+    torch.manual_seed(0)
+    m = build_model("H2", 16, layers, 0.1, init_std=0.5).to(dtype)
+    y = torch.randn(32, 16, dtype=dtype)
+    assert _rel(_grads(m, y, "reversible", anchors), _grads(m, y, "autograd")) <= tol
+
+
+def test_reversible_training_equals_autograd_and_needs_an_invertible_layer(f64):
+    from dhdnn.models import Classifier
+
+    def train(mode):
+        torch.manual_seed(1)
+        model = Classifier(build_model("H2", 8, 32, 0.2, init_std=0.5), 2, 2)
+        model.body.set_backprop(mode)
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        g = torch.Generator().manual_seed(2)
+        for _ in range(20):  # an "epoch" of 20 batches
+            x, y = torch.randn(16, 2, generator=g), torch.randint(0, 2, (16,), generator=g)
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        return list(model.parameters())
+
+    for a, b in zip(train("reversible"), train("autograd")):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
+    with pytest.raises(ValueError, match="H1 layers cannot be inverted exactly"):
+        build_model("H1", 4, 2, 0.1).set_backprop("reversible")
+
+
+def test_inverse_step_undoes_a_layer_and_drift_is_measured(f64):
+    from dhdnn.analysis import reconstruction_drift
+
+    torch.manual_seed(0)
+    m = build_model("H2", 8, 16, 0.2, init_std=0.5)
+    P = m.effective()
+    y = torch.randn(5, 8)
+    torch.testing.assert_close(m.inverse_step(m.step(y, 3, P), 3, P), y, rtol=1e-12, atol=1e-12)
+    d = reconstruction_drift(m, y)
+    assert len(d) == 17 and d[-1] == 0 and max(d) < 1e-12
+    d32 = reconstruction_drift(m.float(), y.float())
+    assert max(d32) > max(d)  # float32 rebuilds drift more
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_in_place_regulariser_gradient_equals_autograd(masked, f64, monkeypatch):
+    """The regulariser's gradient added after backward (chunk by chunk, no graph) is autograd's."""
+    from dhdnn.models import _fused
+
+    monkeypatch.setattr(_fused, "SMOOTH_CHUNK", 3)  # several chunks, with overlaps at their ends
+    torch.manual_seed(0)
+    mask = (torch.rand(4, 4) > 0.4) | torch.eye(4, dtype=torch.bool) if masked else None
+    m = build_model("H2", 8, 11, 0.3, mask=mask)
+    ref = torch.autograd.grad(m.regularizer(0.7), list(m.parameters()))
+    m.add_regularizer_grad(0.7)
+    for p, g in zip(m.parameters(), ref):
+        torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(m.regularizer_value(0.7), m.regularizer(0.7).detach(), rtol=1e-12, atol=1e-12)

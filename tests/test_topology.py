@@ -219,3 +219,73 @@ def test_cli_topology_show_and_partition(tmp_path, capsys):
     assert "cut edges 3" in capsys.readouterr().out
     assert main(["partition", "topologies/ring8.yaml", "--workers", "9"]) == 2
     assert "9 workers but" in capsys.readouterr().err
+
+
+# ---- the partitioner's objective ------------------------------------------------------------
+def _ilp_optimum(topo, workers, bound):
+    """The minimum halo volume over every assignment with loads <= bound and no worker empty
+    (scipy's MILP): x[a, r] = agent a on rank r; y[a, r] >= x[b, r] - x[a, r] for neighbours b
+    (a is read by rank r); minimise sum n_a y[a, r]."""
+    import numpy as np
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    n, k = topo.n_agents, workers
+    nx_, ny_ = n * k, n * k
+    xi = lambda a, r: a * k + r  # noqa: E731
+    yi = lambda a, r: nx_ + a * k + r  # noqa: E731
+    rows, lo, hi = [], [], []
+
+    def add(coefs, lb, ub):
+        row = np.zeros(nx_ + ny_)
+        for i, c in coefs:
+            row[i] += c
+        rows.append(row)
+        lo.append(lb)
+        hi.append(ub)
+
+    for a in range(n):
+        add([(xi(a, r), 1) for r in range(k)], 1, 1)
+    for r in range(k):
+        add([(xi(a, r), int(topo.dims[a])) for a in range(n)], -np.inf, bound)
+        add([(xi(a, r), 1) for a in range(n)], 1, np.inf)
+    for a, b in topo.edges.tolist():
+        for u, v in ((a, b), (b, a)):
+            for r in range(k):
+                add([(yi(u, r), 1), (xi(v, r), -1), (xi(u, r), 1)], 0, np.inf)
+    for a, w in topo.pinned:
+        add([(xi(a, w), 1)], 1, 1)
+    c = np.concatenate([np.zeros(nx_), np.repeat(topo.dims.astype(float), k)])
+    res = milp(c, constraints=LinearConstraint(np.array(rows), lo, hi),
+               integrality=np.concatenate([np.ones(nx_), np.zeros(ny_)]), bounds=Bounds(0, 1))
+    assert res.success, res.message
+    return round(res.fun)
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_default_partition_reaches_the_exhaustive_optimum_on_small_graphs(seed):
+    rng = random.Random(1000 + seed)
+    n = rng.randint(6, 16)
+    kind = rng.choice(["ws", "er", "tree"])
+    if kind == "ws":
+        g = nx.connected_watts_strogatz_graph(n, 4, 0.3, seed=seed)
+    elif kind == "er":
+        g = nx.gnp_random_graph(n, 0.35, seed=seed)
+        g.add_edges_from((i, i + 1) for i in range(n - 1))  # connected
+    else:
+        g = nx.random_labeled_tree(n, seed=seed)
+    topo = topology_from_dict({"agents": [{"id": i, "dim": rng.randint(1, 3)} for i in range(n)],
+                               "edges": [list(e) for e in g.edges]})
+    workers = rng.randint(2, 4)
+    part = partition(topo, workers)
+    volume, _ = part.objective(topo)
+    assert volume == _ilp_optimum(topo, workers, max(part.loads(topo)))
+    assert part.imbalance(topo) <= 1.1 + 1e-9 or max(part.loads(topo)) <= max(partition(topo, workers, "metis").loads(topo))
+
+
+@pytest.mark.parametrize("path", ["topologies/rgg256.yaml", "topologies/grid16x16.yaml"])
+def test_default_partition_never_sends_more_than_metis(path):
+    topo = load_topology(path)
+    for w in range(2, 9):
+        ours, metis = partition(topo, w), partition(topo, w, "metis")
+        assert ours.objective(topo)[0] <= metis.objective(topo)[0], w
+        assert ours.imbalance(topo) <= 1.1 + 1e-9

@@ -76,3 +76,45 @@ def test_torchrun_restart_resumes_from_the_last_checkpoint(tmp_path):
     a, b = params(tmp_path / "tr"), params(tmp_path / "loc")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-9, atol=1e-9)
+
+
+def two_nodes(out: Path, port: int, fault: str | None = None, epochs: int = 2):
+    """Two torchrun agents on this machine as two nodes (2 workers each) through the shipped
+    multi-node script, laid out as 2 agent partitions x 2 replicas."""
+    env = torch_env(MAX_RESTARTS="1" if fault else "0", NNODES="2", NPROC="2", RDZV=f"127.0.0.1:{port}",
+                    RDZV_ID=f"nodes{port}", **({"DHDNN_FAULT": fault} if fault else {}))
+    cmd = ["bash", "launch/torchrun_multi_node.sh", RING, "--out", str(out), *ARGS, "--set", "run.replicas=2",
+           "--set", "run.trace=false", "--set", f"train.epochs={epochs}", "--set", "run.timeout_s=30"]
+    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    results = [n.communicate(timeout=400) for n in nodes]
+    return [n.returncode for n in nodes], [err for _, err in results]
+
+
+def one_process(out: Path, epochs: int):
+    p = subprocess.run([sys.executable, "-m", "dhdnn", "train", RING, "--out", str(out), *ARGS,
+                        "--set", "run.trace=false", "--set", f"train.epochs={epochs}"],
+                       capture_output=True, text=True, env=torch_env(), timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+
+def test_two_simulated_nodes_train_the_one_process_network(tmp_path):
+    codes, errs = two_nodes(tmp_path / "nodes", free_port())
+    assert codes == [0, 0], "\n".join(e[-3000:] for e in errs)
+    one_process(tmp_path / "one", 2)
+    a, b = params(tmp_path / "nodes"), params(tmp_path / "one")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-9, atol=1e-9)
+    assert json.loads((ckpt.latest(tmp_path / "nodes") / "meta.json").read_text())["shards"] == 2
+
+
+def test_a_killed_worker_on_one_node_restarts_both_nodes_from_the_checkpoint(tmp_path):
+    codes, errs = two_nodes(tmp_path / "nodes", free_port(), fault="3:6:kill:0", epochs=3)
+    assert codes == [0, 0], "\n".join(e[-3000:] for e in errs)
+    assert any("exitcode: -9" in e for e in errs)  # the worker died, and the run still finished
+    lines = [json.loads(x) for x in (tmp_path / "nodes" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [1, 2, 3]
+    one_process(tmp_path / "one", 3)
+    a, b = params(tmp_path / "nodes"), params(tmp_path / "one")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-9, atol=1e-9)

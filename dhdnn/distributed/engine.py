@@ -31,11 +31,24 @@ class ShardedEngine(Engine):
     """The :class:`~dhdnn.engine.Engine` of one rank of a sharded run."""
 
     def __init__(self, net: ShardedNet, groups: Groups, tracer: Tracer | None = None,
-                 fault: tuple[int, int, str] | None = None, device: str = "cpu"):
+                 fault: tuple[int, int, str] | None = None, device: str = "cpu", collectives: bool = True):
         self.net, self.groups, self.tracer = net, groups, tracer
         self.rank, self.world = groups.rank, groups.dims.world
         self.table = net.table
         self._step, self._fault, self.device = 0, fault, torch.device(device)
+        self._alpha = 0.0
+        self.replicas = groups.dims.replicas
+        self.reducer = None
+        if self.replicas > 1:
+            from .replicas import GradReducer
+
+            mates = [groups.dims.global_rank(r, groups.agent_rank) for r in range(self.replicas)]
+            self.reducer = GradReducer(list(net.parameters()), groups.replica, mates, tracer)
+        self._eval_chunk_size = self._agreed_eval_chunk() if collectives else eval_chunk(net.bytes_per_sample())
+
+    def _mine(self, x: torch.Tensor) -> torch.Tensor:
+        """This replica's slice of a global batch (replicas take distinct, nearly equal slices)."""
+        return x if self.replicas == 1 else x.tensor_split(self.replicas)[self.groups.replica_rank]
 
     @property
     def shard_rank(self) -> int | None:
@@ -63,24 +76,40 @@ class ShardedEngine(Engine):
             raise RuntimeError(f"injected fault on rank {self.rank} at step {self._step}")
 
     def objective(self, x, y, alpha, record=False):
+        """The loss of this replica's slice, normalised by the global batch: summed over replicas
+        (:meth:`after_backward`), the gradients are those of the whole batch in one process."""
         self._maybe_fail()
         if self.tracer is not None:
             self.tracer.step = self._step
         self._step += 1
-        x, y = x.to(self.device), y.to(self.device)
+        n_global = len(y)
+        x, y = self._mine(x).to(self.device), self._mine(y).to(self.device)
+        if self.reducer is not None:
+            self.reducer.start_step()
         out = self.net(x)
-        reg = self.net.regularizer(alpha) if alpha else out.new_zeros(())
+        self._alpha = alpha  # the regulariser's gradient is added after backward (after_backward)
+        counts = self.groups.replica_rank == 0  # the regulariser is counted once, not once per replica
+        reg = (self.net.regularizer_value(alpha) if alpha and counts else out.new_zeros(())).detach().reshape(1).cpu()
         zeros = torch.zeros(3, dtype=reg.dtype)
         if self.net.has_logits:
-            ce = F.cross_entropy(out, y)
+            ce = F.cross_entropy(out, y) if self.replicas == 1 else \
+                F.cross_entropy(out, y, reduction="sum") / n_global
             stats = stats_of(out, y) if self.groups.agent_rank == 0 else zeros
-            return StepOut(ce + reg, torch.cat([stats, reg.detach().reshape(1).cpu()]))
-        return StepOut(out + reg, torch.cat([zeros, reg.detach().reshape(1).cpu()]))
+            return StepOut(ce, torch.cat([stats.to(reg.dtype), reg]))
+        return StepOut(out, torch.cat([zeros, reg]))  # a placeholder whose backward receives the logits' gradient
+
+    def after_backward(self):
+        if self.reducer is not None:
+            self.reducer.finish()  # the data term, summed over the replicas of this shard
+        if self._alpha:
+            self.net.add_regularizer_grad(self._alpha)  # identical on every replica: added after the sum
 
     @torch.no_grad()
     def eval_stats(self, x, y):
+        """Each replica evaluates its own slice; the root of each replica's agent group counts it."""
+        x, y = self._mine(x), self._mine(y)
         out = torch.zeros(3, dtype=torch.float64)
-        chunk = self._eval_chunk(len(x))
+        chunk = max(1, min(len(x), self._eval_chunk_size))
         if self.tracer is not None:
             self.tracer.evaluating = True
         try:
@@ -93,10 +122,11 @@ class ShardedEngine(Engine):
                 self.tracer.evaluating = False
         return out
 
-    def _eval_chunk(self, n: int) -> int:
-        """Sized by memory; the same on every rank of the agent group (they exchange per chunk)."""
+    def _agreed_eval_chunk(self) -> int:
+        """Evaluation chunks sized by memory, agreed by every rank (they exchange per chunk):
+        a setup-time collective."""
         mine = torch.tensor([float(eval_chunk(self.net.bytes_per_sample()))])
-        return max(1, min(n, int(self._reduce(mine, dist.ReduceOp.MIN, self.groups.agent).item()))) if n else 1
+        return int(self._reduce(mine, dist.ReduceOp.MIN, dist.group.WORLD).item())
 
     def _reduce(self, t, op, group):
         t = t.to(self.device if dist.get_backend(group) == "nccl" else "cpu").clone()
@@ -124,8 +154,9 @@ class ShardedEngine(Engine):
 
 
 def build_sharded_engine(cfg, data, groups: Groups, topo: Topology, device: str = "cpu", fault=None,
-                         partition_method: str = "auto") -> ShardedEngine:
-    """The engine of this rank: partition, halo plan, per-agent initial blocks, the sharded net."""
+                         partition_method: str = "auto", collectives: bool = True) -> ShardedEngine:
+    """The engine of this rank: partition, halo plan, per-agent initial blocks, the sharded net.
+    ``collectives=False``: no setup-time checks across ranks (a stand-alone engine for timing)."""
     from ..models import ARCHITECTURES
     from ..train import DTYPES
 
@@ -133,18 +164,19 @@ def build_sharded_engine(cfg, data, groups: Groups, topo: Topology, device: str 
     layout = ARCHITECTURES[mc.arch].agent_layout(J=mc.J)
     P, agent_rank = groups.dims.agents, groups.agent_rank
     part = partition(topo, P, partition_method)
-    check_same_partition(part.assignment, device)
+    if collectives:
+        check_same_partition(part.assignment, device)
     plan = build_plans(topo, part, ranks=[agent_rank])[0]
     table = BlockTable(topo, layout, mc.layers, data.n_classes)
     tracer = None
     if rc.trace:
         out = Path(rc.out_dir)
         tracer = Tracer(groups.rank, out / f"trace-rank{groups.rank}.jsonl", groups.to_global)
-    stage = device.startswith("cuda") and dist.get_backend(groups.agent) == "gloo"
+    stage = device.startswith("cuda") and dist.get_backend() == "gloo"
     net = ShardedNet(table, mc.h, plan, part.assignment, data.n_features, cfg.train.seed, mc.init_std,
                      DTYPES[rc.dtype], rc.readout, groups.agent, tracer, stage, rc.local_kernel,
                      rc.backprop, rc.reversible_anchor_every).to(device)
-    return ShardedEngine(net, groups, tracer, fault, device)
+    return ShardedEngine(net, groups, tracer, fault, device, collectives)
 
 
 def check_same_partition(assignment, device: str) -> None:

@@ -127,7 +127,10 @@ def failed_rank(wait_s: float = 2.0) -> int | None:
 def keep_freed_memory() -> None:
     """Ask glibc to keep freed memory instead of unmapping every large block: otherwise each
     step's big temporaries come back as fresh pages and zero-filling them (page faults) costs
-    more than the arithmetic. A no-op where glibc is absent."""
+    more than the arithmetic. A no-op where glibc is absent, or where the environment tunes
+    malloc itself (``MALLOC_MMAP_THRESHOLD_``)."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
     try:
         import ctypes
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ..blocks import BlockTable, init_class
 from ..engine import Entry
 from ..halo import HaloPlan, RankRows, ranges
+from ..models._fused import add_smoothness_grad, smoothness_value
 from .exchange import CommStats, Exchanger, FieldLayout, Tracer
 from .kernels import KERNELS, choose_kernel, class_rows
 from .readout import AllReduceSum, Tree, TreeReduce
@@ -200,7 +201,9 @@ class ShardedNet(nn.Module):
         terms = [torch.einsum("ack,akb->bc", W, Y[rows]) for W, rows in self._readout]  # (agents, C, 2n) x (agents, 2n, B)
         if self.mu is not None:
             terms.append(self.mu.expand(Y.shape[1], -1))
-        out = terms[0] if terms else Y.new_zeros(Y.shape[1], self.n_classes)
+        # a rank without readout agents still depends on its fields: its backward (and the
+        # exchanges its neighbours wait for) must run like everyone else's
+        out = terms[0] if terms else Y[:1].sum(0, keepdim=True).T.mul(0).expand(-1, self.n_classes)
         for t in terms[1:]:
             out = out + t
         return out
@@ -222,10 +225,17 @@ class ShardedNet(nn.Module):
     def readout_parameters(self) -> list[nn.Parameter]:
         return self.kind("W")
 
-    def regularizer(self, alpha: float) -> Tensor:
+    def regularizer_value(self, alpha: float) -> Tensor:
         """This rank's share of ``alpha h sum_j 1/2 ||theta_{j+1} - theta_j||^2``."""
-        total = sum(((P[1:] - P[:-1]) ** 2).sum() for P in self.stack_params())
-        return alpha * self.h * 0.5 * total
+        return alpha * self.h * 0.5 * sum(smoothness_value(P) for P in self.stack_params())
+
+    def add_regularizer_grad(self, alpha: float) -> None:
+        """Its gradient, added to ``.grad`` in place (blocks are stored whole or assembled with
+        zeros off the blocks; zeros stay zero)."""
+        for P in self.stack_params():
+            if P.grad is None:
+                P.grad = torch.zeros_like(P)
+            add_smoothness_grad(P.detach(), P.grad, alpha * self.h * 0.5)
 
     def entries(self) -> list[Entry]:
         return list(self._entries)

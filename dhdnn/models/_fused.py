@@ -106,6 +106,7 @@ class H2RevStack(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, Kp, Ap, Kq, Aq, bp, bq, h, anchor_every):
+        ctx.shared = (Ap is Kp, Aq is Kq)  # X = I: one gradient buffer per matrix, not two
         L, m = Kp.shape[0], Kp.shape[1]
         P, Q = y[:, :m].clone(), y[:, m:].clone()
         S = torch.empty_like(P)
@@ -129,25 +130,55 @@ class H2RevStack(torch.autograd.Function):
         h, (L, m) = ctx.h, Kp.shape[:2]
         P, Q = P.clone(), Q.clone()
         gp, gq = g[:, :m].clone(), g[:, m:].clone()
-        gKp, gAp, gKq, gAq = (torch.zeros_like(t) for t in (Kp, Ap, Kq, Aq))
+        gKp, gKq = torch.zeros_like(Kp), torch.zeros_like(Kq)
+        gAp = gKp if ctx.shared[0] else torch.zeros_like(Ap)
+        gAq = gKq if ctx.shared[1] else torch.zeros_like(Aq)
         gbp, gbq = torch.zeros_like(bp), torch.zeros_like(bq)
         Kpt, Kqt = Kp.transpose(1, 2), Kq.transpose(1, 2)
         for j in reversed(range(L)):
             T = torch.tanh(torch.addmm(bp[j], P, Kpt[j]))  # P = p_{j+1}
             Q.addmm_(T, Ap[j], alpha=-h)  # q_j
             gC = torch.mm(gq, Ap[j].T).mul_(h).mul_(1 - T * T)
-            torch.mm(gC.T, P, out=gKp[j])
-            torch.mm(T.T, gq, out=gAp[j]).mul_(h)
+            gKp[j].addmm_(gC.T, P)
+            gAp[j].addmm_(T.T, gq, alpha=h)
             torch.sum(gC, 0, out=gbp[j])
             gp.addmm_(gC, Kp[j])
             S = torch.tanh(torch.addmm(bq[j], Q, Kqt[j]))  # Q = q_j
             P.addmm_(S, Aq[j], alpha=h)  # p_j
             gA = torch.mm(gp, Aq[j].T).mul_(-h).mul_(1 - S * S)
-            torch.mm(gA.T, Q, out=gKq[j])
-            torch.mm(S.T, gp, out=gAq[j]).mul_(-h)
+            gKq[j].addmm_(gA.T, Q)
+            gAq[j].addmm_(S.T, gp, alpha=-h)
             torch.sum(gA, 0, out=gbq[j])
             gq.addmm_(gA, Kq[j])
             if j in ctx.anchors:  # drift stops here
                 P.copy_(ctx.anchors[j][0])
                 Q.copy_(ctx.anchors[j][1])
-        return torch.cat([gp, gq], dim=1), gKp, gAp, gKq, gAq, gbp, gbq, None, None
+        return (torch.cat([gp, gq], dim=1), gKp, None if ctx.shared[0] else gAp, gKq, None if ctx.shared[1] else gAq,
+                gbp, gbq, None, None)
+
+
+SMOOTH_CHUNK = 64  # layers per chunk of the smoothness gradient (bounds its temporaries)
+
+
+@torch.no_grad()
+def smoothness_value(P: torch.Tensor) -> torch.Tensor:
+    """``sum_j ||P_{j+1} - P_j||^2`` over the leading (layer) axis, chunk by chunk."""
+    total = P.new_zeros((), dtype=torch.float64)
+    for a in range(0, P.shape[0] - 1, SMOOTH_CHUNK):
+        total += torch.diff(P[a:a + SMOOTH_CHUNK + 1], dim=0).square().sum()
+    return total.to(P.dtype)
+
+
+@torch.no_grad()
+def add_smoothness_grad(P: torch.Tensor, grad: torch.Tensor, coef: float, mask: torch.Tensor | None = None) -> None:
+    """``grad += coef * d/dP sum_j ||P_{j+1} - P_j||^2`` in place, chunk by chunk: the
+    regulariser's gradient costs no memory beyond a chunk, at any depth. ``mask``: the
+    gradient of a masked parameter (``P`` is already masked) stays masked."""
+    L = P.shape[0]
+    for a in range(0, L - 1, SMOOTH_CHUNK):
+        b = min(L, a + SMOOTH_CHUNK + 1)
+        d = torch.diff(P[a:b], dim=0).mul_(2 * coef)  # d/dP_j: 2 (P_j - P_{j-1}) - 2 (P_{j+1} - P_j)
+        if mask is not None:
+            d.mul_(mask)
+        grad[a + 1:b] += d
+        grad[a:b - 1] -= d

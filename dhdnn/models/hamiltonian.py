@@ -240,10 +240,27 @@ class ODENet(nn.Module):
         return states
 
     def regularizer(self, alpha: float) -> Tensor:
-        """Smoothness across depth: ``alpha h sum_j 1/2 ||theta_{j+1} - theta_j||_F^2``."""
+        """Smoothness across depth: ``alpha h sum_j 1/2 ||theta_{j+1} - theta_j||_F^2`` (differentiable)."""
         P = self.effective()
         total = sum(((P[n][1:] - P[n][:-1]) ** 2).sum() for n in self.smooth_params)
         return alpha * self.h * 0.5 * total
+
+    @torch.no_grad()
+    def regularizer_value(self, alpha: float) -> Tensor:
+        """:meth:`regularizer`'s value without a graph (see :meth:`add_regularizer_grad`)."""
+        P = self.effective()
+        return alpha * self.h * 0.5 * sum(_fused.smoothness_value(P[n]) for n in self.smooth_params)
+
+    def add_regularizer_grad(self, alpha: float) -> None:
+        """Add :meth:`regularizer`'s gradient to the parameters' ``.grad`` in place (after
+        ``backward``): the same gradient without keeping a parameter-sized graph per step."""
+        P = self.effective()
+        for n in self.smooth_params:
+            p = getattr(self, n)
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            _fused.add_smoothness_grad(P[n].detach(), p.grad, alpha * self.h * 0.5,
+                                       getattr(self, f"mask_{n}", None))
 
     def extra_repr(self) -> str:
         return f"arch={self.arch_name}, dim={self.dim}, layers={self.layers}, h={self.h}"
@@ -362,7 +379,7 @@ class H2(ODENet):
         X = self.X.to(P["K_p"].dtype)
         # the p-update uses rows (K_q X), the q-update (K_p X^T): fold X in once per forward
         Aq, Ap = (P["K_q"], P["K_p"]) if self.X_is_identity else (P["K_q"] @ X, P["K_p"] @ X.T)
-        if self.backprop == "reversible" and torch.is_grad_enabled():
+        if self.backprop == "reversible" or not torch.is_grad_enabled():  # (no gradient: keep no states either)
             return _fused.H2RevStack.apply(y, P["K_p"], Ap, P["K_q"], Aq, P["b_p"], P["b_q"], self.h,
                                            self.anchor_every)
         return _fused.H2Stack.apply(y, P["K_p"], Ap, P["K_q"], Aq, P["b_p"], P["b_q"], self.h)

@@ -1,0 +1,82 @@
+"""Data-parallel replicas of a shard: gradients summed over the replica group, overlapped.
+
+Every replica of an agent partition computes the same parameters' gradients on its own slice
+of the global batch, with the loss normalised by the *global* batch size, so the sum of the
+replicas' gradients is the gradient of the whole batch, exactly as one process computes it.
+Parameters are grouped into buckets (about ``BUCKET_BYTES``, in reverse registration order,
+roughly the order backward produces them); when the last gradient of a bucket has been
+accumulated, a hook copies the bucket into one flat buffer and starts an asynchronous
+``all_reduce`` on the replica group, so reductions overlap the rest of the backward (as
+DistributedDataParallel's buckets do). :meth:`GradReducer.finish` waits and writes the sums
+back. Every reduction can be traced (op ``allreduce_grad``, its bytes, the group's ranks).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .exchange import Tracer
+
+BUCKET_BYTES = 25 << 20  # as DistributedDataParallel's default
+
+
+class GradReducer:
+    def __init__(self, params: list[nn.Parameter], group, group_ranks: list[int], tracer: Tracer | None = None,
+                 bucket_bytes: int = BUCKET_BYTES):
+        self.group, self.ranks, self.tracer = group, group_ranks, tracer
+        self.buckets: list[list[nn.Parameter]] = []
+        size = bucket_bytes
+        for p in reversed(params):
+            nbytes = p.numel() * p.element_size()
+            if size + nbytes > bucket_bytes and (not self.buckets or self.buckets[-1]):
+                self.buckets.append([])
+                size = 0
+            self.buckets[-1].append(p)
+            size += nbytes
+        self._bucket_of = {id(p): b for b, ps in enumerate(self.buckets) for p in ps}
+        self._pending: dict[int, int] = {}
+        self._work: list = []
+        for p in params:
+            p.register_post_accumulate_grad_hook(self._ready)
+        self.bytes_per_step = sum(p.numel() * p.element_size() for p in params)
+
+    def start_step(self) -> None:
+        self._pending = {b: len(ps) for b, ps in enumerate(self.buckets)}
+        self._work = []
+
+    def _ready(self, p: nn.Parameter) -> None:
+        b = self._bucket_of[id(p)]
+        if b not in self._pending:
+            return  # outside a training step (or reduced already)
+        self._pending[b] -= 1
+        if self._pending[b] == 0:
+            del self._pending[b]
+            self._launch(b)
+
+    def _launch(self, b: int) -> None:
+        ps = self.buckets[b]
+        flat = torch.cat([p.grad.reshape(-1) for p in ps])
+        if self.tracer is not None:
+            self.tracer.record("backward", -1, "allreduce_grad", -1, flat.numel() * flat.element_size(),
+                               group=self.ranks)
+        work = dist.all_reduce(flat, group=self.group, async_op=True)
+        self._work.append((work, flat, ps))
+
+    def finish(self) -> None:
+        """Wait for every bucket (launching any a parameter without gradient held back) and
+        write the sums into ``.grad``."""
+        for b in list(self._pending):
+            for p in self.buckets[b]:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            del self._pending[b]
+            self._launch(b)
+        for work, flat, ps in self._work:
+            work.wait()
+            at = 0
+            for p in ps:
+                n = p.numel()
+                p.grad.copy_(flat[at:at + n].view_as(p.grad))
+                at += n
+        self._work = []
