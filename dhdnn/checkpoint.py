@@ -207,8 +207,8 @@ def restore(ckpt_dir: Path, shards: list[dict], entries, state_of: Callable[[Ten
         with torch.no_grad():
             e.put(list(e.params), _collect(ckpt_dir, e, parts, "values", like).to(like.dtype))
             states = [state_of(p) for p in e.params]
-            for k in moments:
-                if all(k in part["moments"] for part in parts):
+            if all(k in part["moments"] for part in parts for k in moments):  # all of them, or a fresh optimiser
+                for k in moments:
                     for s, p in zip(states, e.params):
                         s.setdefault(k, torch.zeros_like(p))
                     e.put([s[k] for s in states], _collect(ckpt_dir, e, parts, k, like).to(like.dtype))

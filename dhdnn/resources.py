@@ -14,22 +14,24 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .engine import EVAL_BYTES
 
 ITEMSIZE = {"float32": 4, "float64": 8}
+
+
+BASELINE = 400 << 20  # a worker process before it holds anything: Python, torch and its libraries
 
 
 @dataclass
 class Estimate:
     params: int  # bytes of parameters on the largest rank
     optimizer: int  # gradients and optimiser moments
-    activations: int  # kept for the backward of one training batch
-    evaluation: int
+    activations: int  # peak of one training batch's pass (what the backward keeps + its scratch)
     data: int
+    baseline: int = BASELINE
 
     @property
     def total(self) -> int:
-        return self.params + self.optimizer + self.activations + self.evaluation + self.data
+        return self.params + self.optimizer + self.activations + self.data + self.baseline
 
     def describe(self) -> str:
         parts = ", ".join(f"{k} {human(getattr(self, k))}" for k in ("params", "optimizer", "activations", "data"))
@@ -44,13 +46,19 @@ def human(n: float) -> str:
     return str(n)
 
 
-def estimate(cfg, topo, n_features: int, n_classes: int, n_samples: int, agents: int, sharded: bool) -> Estimate:
-    """Memory per rank of ``cfg`` with ``agents`` agent partitions."""
+def estimate(cfg, topo, n_features: int, n_classes: int, n_samples: int, agents: int, sharded: bool,
+             rows: tuple[int, int] | None = None, param_bytes: int | None = None) -> Estimate:
+    """Memory per rank of ``cfg`` with ``agents`` agent partitions. ``rows``: the rank's exact
+    ``(F, E)`` field sizes and ``param_bytes`` its exact parameter bytes, where known (a built
+    rank); otherwise an even share with 10 % imbalance and a halo as large as the rank's rows.
+    Evaluation runs in chunks sized to the training batch's activation bytes, after training's
+    buffers are released, so it does not add to the peak."""
     from .models import ARCHITECTURES
 
     mc, w = cfg.model, ITEMSIZE[cfg.run.dtype]
     cls = ARCHITECTURES[mc.arch]
-    B, L = cfg.train.batch_size, mc.layers
+    replicas = cfg.run.replicas if isinstance(cfg.run.replicas, int) else 1
+    B, L = -(-cfg.train.batch_size // replicas), mc.layers
     moments = 3 if cfg.train.optimizer == "adam" else 2  # gradient + moments
     reversible = cfg.run.backprop == "reversible"
     if topo is not None and sharded:
@@ -58,23 +66,21 @@ def estimate(cfg, topo, n_features: int, n_classes: int, n_samples: int, agents:
         widths = topo.dims * layout.parts_per_agent
         ip, ix = topo.closed_csr
         per_matrix = float((widths * np.add.reduceat(widths[ix], ip[:-1])).sum())  # sum_i w_i sum_{k in N[i]} w_k
-        params = (len(layout.matrices) * per_matrix * L + len(layout.biases) * float(widths.sum()) * L) / agents * 1.1
-        F = float(widths.sum()) / agents * 1.1
-        E = 2 * F
+        params = (len(layout.matrices) * per_matrix * L + len(layout.biases) * float(widths.sum()) * L) / agents * 1.1 * w
+        F, E = rows if rows is not None else (float(widths.sum()) / agents * 1.1, 2 * float(widths.sum()) / agents * 1.1)
         nf, nhs = len(layout.field_names), len(layout.half_steps)
-        acts = (6 * nf * E if reversible else nf * (L + 1) * E + L * nhs * F) * B * w
-        per_sample = 6 * E * nf * w
+        kept = 6 * nf * E if reversible else nf * (L + 1) * E + L * nhs * F
+        acts = (kept + 6 * E) * B * w  # + the backward's scratch fields
     else:
         dim = topo.state_dim if topo is not None else mc.dim
         shapes = {"n": dim, "m": dim // 2}
-        params = sum(L * math.prod(shapes[s] for s in shape) for shape in cls.param_shapes.values())
+        params = sum(L * math.prod(shapes[s] for s in shape) for shape in cls.param_shapes.values()) * w
         if topo is not None:
             params *= 1.25  # the boolean masks beside the dense matrices
         acts = (6 if reversible else 3 * (L + 1)) * B * dim * w
-        per_sample = 4 * (L + 1) * dim * w
-    params_b = int(params * w)
-    evaluation = min(EVAL_BYTES, int(per_sample * n_samples))
-    return Estimate(params_b, moments * params_b, int(acts), evaluation, int(n_samples * (n_features + 1) * w))
+    if param_bytes is not None:
+        params = param_bytes
+    return Estimate(int(params), moments * int(params), int(acts), int(n_samples * (n_features + 1) * w))
 
 
 def available_memory() -> int | None:

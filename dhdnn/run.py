@@ -228,8 +228,15 @@ def worker_main(rank: int, world: int, cfg_dict: dict, resume: bool, source: str
     engine = build_sharded_engine(cfg, data, groups, topo, device=device, fault=fault)
     if dist.get_backend() == "gloo":
         quiet_transport_threads()
+    from .resources import estimate
+
+    net = engine.net  # this rank's exact rows and parameter bytes
+    est = estimate(cfg, topo, data.n_features, data.n_classes, len(data.x_train) + len(data.x_test),
+                   groups.dims.agents, True, rows=(net.rows.F, net.rows.E),
+                   param_bytes=sum(p.numel() * p.element_size() for p in net.parameters()))
     try:
-        summary = Trainer(cfg, engine, data, resume=resume, fingerprint=topo.fingerprint).fit()
+        summary = Trainer(cfg, engine, data, resume=resume, fingerprint=topo.fingerprint,
+                          extra_summary={"memory_estimate_per_rank": est.total}).fit()
     finally:
         engine.close()
     if layout is not None:

@@ -47,8 +47,12 @@ class Trainer:
     """Epoch loop, optimiser, schedule, metrics and checkpoints around an :class:`Engine`."""
 
     def __init__(self, cfg: Config, engine: Engine, data: Dataset, resume: bool = False,
-                 fingerprint: str | None = None, dense_to_packed=None, log=None):
+                 fingerprint: str | None = None, dense_to_packed=None, log=None, extra_summary: dict | None = None):
         self.cfg, self.engine, self.data = cfg, engine, data
+        self.extra_summary = extra_summary or {}
+        # what the run's own timing says (summary.json "timing"): first step, checkpoint saves and load
+        self.timing = {"first_step_start_unix": None, "first_step_unix": None, "checkpoint_save_seconds": [],
+                       "checkpoint_load_seconds": None}
         self.out = Path(cfg.run.out_dir)
         self.fingerprint = fingerprint  # the topology's content hash (None: no topology)
         self.log = log or (lambda msg: None)  # the run directory reports skipped checkpoints
@@ -71,6 +75,7 @@ class Trainer:
         return self.opt.state[p]
 
     def save(self) -> None:
+        t0 = time.perf_counter()
         eng = self.engine
         if eng.shard_rank is not None:
             ckpt.save_shard(self.out, self.step, eng.shard_rank, ckpt.pack(eng.entries(), self._state_of,
@@ -81,8 +86,10 @@ class Trainer:
                                                 "optimizer_step": self.step, "topology": self.fingerprint,
                                                 "config": self.cfg.to_dict()})
         eng.barrier()
+        self.timing["checkpoint_save_seconds"].append(time.perf_counter() - t0)
 
     def _resume(self, dense_to_packed) -> None:
+        t0 = time.perf_counter()
         found = ckpt.load_newest_readable(self.out, self.log)
         if found is None:
             raise ckpt.CheckpointError(f"{self.out}: --resume given but no complete checkpoint found")
@@ -99,6 +106,7 @@ class Trainer:
         self.epoch, self.step = int(meta["epoch"]), int(meta["step"])
         if self.engine.is_main:
             self._truncate_logs()
+        self.timing["checkpoint_load_seconds"] = time.perf_counter() - t0
 
     def _truncate_logs(self) -> None:
         """Drop log lines written after the checkpoint we resume from (a crash, or a fallback to
@@ -150,6 +158,8 @@ class Trainer:
         acc = torch.zeros(4, dtype=torch.float64)
         batches = self._batches(self.epoch)
         for idx in batches:
+            if self.timing["first_step_start_unix"] is None:
+                self.timing["first_step_start_unix"] = time.time()
             record = bool(tc.grad_norm_every) and self.step % tc.grad_norm_every == 0
             self.opt.zero_grad(set_to_none=True)
             out = self.engine.objective(d.x_train[idx], d.y_train[idx], tc.alpha, record)
@@ -159,6 +169,8 @@ class Trainer:
             self.engine.after_backward()
             self._check_finite(stats)
             self.opt.step()
+            if self.timing["first_step_unix"] is None:
+                self.timing["first_step_unix"] = time.time()
             acc += stats
             if record and out.grad_norms is not None and self.engine.is_main:
                 self._append("grad_norms.jsonl", {"step": self.step, "norms": out.grad_norms()})
@@ -202,15 +214,30 @@ class Trainer:
             bar.close()
         if last is None:  # resumed a finished run: re-evaluate
             last = self.evaluate()
+        wall = time.perf_counter() - t_start
+        latest = ckpt.latest(self.out)
+        self.timing["checkpoint_bytes"] = sum(p.stat().st_size for p in latest.glob("shard-*.pt")) if latest else 0
         summary = {"train_acc": last["train_acc"], "test_acc": last["test_acc"],
                    "loss": last.get("loss", last["train_loss"]),
-                   "epochs": self.epoch, "steps": self.step, "wall_seconds": time.perf_counter() - t_start,
-                   "workers": self.engine.world, "config": cfg.to_dict()}
+                   "epochs": self.epoch, "steps": self.step, "wall_seconds": wall,
+                   "workers": self.engine.world, "timing": self.timing,
+                   "memory": {"peak_rss_per_rank": self._peak_rss_per_rank()}, **self.extra_summary,
+                   "config": cfg.to_dict()}
         if main:
             ckpt.atomic_write_text(self.out / "summary.json", json.dumps(
                 {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()},
                 indent=1, allow_nan=False))
         return summary
+
+    def _peak_rss_per_rank(self) -> list[int]:
+        """Every rank's peak resident memory (Linux ``VmHWM``; 0 where unknown), gathered once."""
+        try:
+            hwm = next(int(ln.split()[1]) * 1024 for ln in open("/proc/self/status") if ln.startswith("VmHWM:"))
+        except (OSError, StopIteration):
+            hwm = 0
+        mine = torch.zeros(self.engine.world, dtype=torch.float64)
+        mine[self.engine.rank] = hwm
+        return [int(v) for v in self.engine.reduce_sum(mine).tolist()]
 
     def evaluate(self) -> dict:
         """Accuracy of both splits and their losses (summed over ranks; outside forward/backward)."""

@@ -66,3 +66,54 @@ def test_bad_export_file_is_reported(tmp_path, capsys):
     torch.save({"format": "other"}, bad)
     assert main(["evaluate", str(bad)]) == 2
     assert "key 'format'" in capsys.readouterr().err
+
+
+def _write_format1(run, table_of_names):
+    """Rewrite the newest checkpoint of ``run`` in format 1: one tensor per named block."""
+    d = ckpt.latest(run)
+    meta, shards = ckpt.load(d)
+    full = ckpt.assemble(shards)
+    blocks, optim = table_of_names(full, shards)
+    for s in d.glob("shard-*.pt"):
+        s.unlink()
+    torch.save({"format": "dhdnn-checkpoint", "version": 1, "blocks": blocks, "optim": optim, "extra": {}},
+               d / "shard-0.pt")
+    meta = {k: v for k, v in meta.items() if k not in ("shard_sizes", "topology", "optimizer_step")}
+    (d / "meta.json").write_text(json.dumps({**meta, "version": 1, "shards": 1}))
+    return full
+
+
+def test_format_1_checkpoints_still_load(tmp_path):
+    """Per-agent block names (sharded runs of format 1) map onto the block classes."""
+    from dhdnn.blocks import BlockTable, named
+    from dhdnn.models import ARCHITECTURES
+    from dhdnn.topology import load_topology
+
+    run = tmp_path / "old"
+    train_from_config(_cfg(run, 2, 1))
+    topo = load_topology("topologies/ring8.yaml")
+    table = BlockTable(topo, ARCHITECTURES["H2"].agent_layout(), 3, 2)
+
+    def by_name(full, shards):
+        vals = named(table, full)
+        moments = {k: named(table, ckpt.assemble([{"entries": {kk: {**v, "values": v["moments"][k]}
+                                                               for kk, v in s["entries"].items()}} for s in shards]))
+                   for k in ("exp_avg", "exp_avg_sq")}
+        return vals, {n: {k: moments[k][n] for k in moments} for n in vals}
+
+    _write_format1(run, by_name)
+    train_from_config(_cfg(run, 3, 2), resume=True)  # resumes on 3 workers from format 1 ...
+    assert json.loads((ckpt.latest(run) / "meta.json").read_text())["version"] == 2
+    train_from_config(_cfg(tmp_path / "straight", 2, 2))  # ... exactly where an uninterrupted run ends
+    a, b = _blocks(run), _blocks(tmp_path / "straight")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-9, atol=1e-9)
+    # and a format-1 checkpoint exports: the dense model carries the saved blocks
+    run2 = tmp_path / "old2"
+    train_from_config(_cfg(run2, 2, 1))
+    full2 = _write_format1(run2, by_name)
+    _, model2, _ = dense_model_of_run(run2)
+    from dhdnn.blocks import dense_packed
+
+    for k, v in dense_packed(table, model2).items():
+        torch.testing.assert_close(v, full2[k].to(v.dtype), rtol=0, atol=0)

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..blocks import BlockTable
-from ..engine import Engine, StepOut, eval_chunk, stats_of
+from ..engine import EVAL_BYTES, Engine, StepOut, stats_of
 from ..halo import build_plans
 from ..partition import partition
 from ..topology import Topology
@@ -31,7 +31,8 @@ class ShardedEngine(Engine):
     """The :class:`~dhdnn.engine.Engine` of one rank of a sharded run."""
 
     def __init__(self, net: ShardedNet, groups: Groups, tracer: Tracer | None = None,
-                 fault: tuple[int, int, str] | None = None, device: str = "cpu", collectives: bool = True):
+                 fault: tuple[int, int, str] | None = None, device: str = "cpu", collectives: bool = True,
+                 train_batch: int = 0):
         self.net, self.groups, self.tracer = net, groups, tracer
         self.rank, self.world = groups.rank, groups.dims.world
         self.table = net.table
@@ -44,7 +45,11 @@ class ShardedEngine(Engine):
 
             mates = [groups.dims.global_rank(r, groups.agent_rank) for r in range(self.replicas)]
             self.reducer = GradReducer(list(net.parameters()), groups.replica, mates, tracer)
-        self._eval_chunk_size = self._agreed_eval_chunk() if collectives else eval_chunk(net.bytes_per_sample())
+        # evaluation may use the memory a training batch's activations use (or EVAL_BYTES)
+        budget = max(EVAL_BYTES, train_batch * net.bytes_per_sample(training=True))
+        self._eval_chunk_size = budget // max(1, net.bytes_per_sample())
+        if collectives:
+            self._eval_chunk_size = self._agreed_eval_chunk()
 
     def _mine(self, x: torch.Tensor) -> torch.Tensor:
         """This replica's slice of a global batch (replicas take distinct, nearly equal slices)."""
@@ -125,8 +130,8 @@ class ShardedEngine(Engine):
     def _agreed_eval_chunk(self) -> int:
         """Evaluation chunks sized by memory, agreed by every rank (they exchange per chunk):
         a setup-time collective."""
-        mine = torch.tensor([float(eval_chunk(self.net.bytes_per_sample()))])
-        return int(self._reduce(mine, dist.ReduceOp.MIN, dist.group.WORLD).item())
+        mine = torch.tensor([float(self._eval_chunk_size)])
+        return max(1, int(self._reduce(mine, dist.ReduceOp.MIN, dist.group.WORLD).item()))
 
     def _reduce(self, t, op, group):
         t = t.to(self.device if dist.get_backend(group) == "nccl" else "cpu").clone()
@@ -176,7 +181,8 @@ def build_sharded_engine(cfg, data, groups: Groups, topo: Topology, device: str 
     net = ShardedNet(table, mc.h, plan, part.assignment, data.n_features, cfg.train.seed, mc.init_std,
                      DTYPES[rc.dtype], rc.readout, groups.agent, tracer, stage, rc.local_kernel,
                      rc.backprop, rc.reversible_anchor_every).to(device)
-    return ShardedEngine(net, groups, tracer, fault, device, collectives)
+    return ShardedEngine(net, groups, tracer, fault, device, collectives,
+                         -(-cfg.train.batch_size // groups.dims.replicas))
 
 
 def check_same_partition(assignment, device: str) -> None:

@@ -240,7 +240,11 @@ class ShardedNet(nn.Module):
     def entries(self) -> list[Entry]:
         return list(self._entries)
 
-    def bytes_per_sample(self) -> int:
-        """Activation bytes one evaluation sample costs here (two extended fields and scratch)."""
+    def bytes_per_sample(self, training: bool = False) -> int:
+        """Activation bytes one sample costs here: in evaluation a few extended fields and scratch;
+        in training (autograd) every layer's fields and tanh outputs."""
         itemsize = torch.finfo(self._init[2]).bits // 8
-        return 6 * self.rows.E * len(self.layout.field_names) * itemsize
+        nf, nhs, L, F, E = len(self.layout.field_names), len(self.layout.half_steps), self.layers, self.rows.F, self.rows.E
+        if training and self.plan.backprop == "autograd":
+            return ((L + 1) * nf * E + L * nhs * F) * itemsize
+        return 6 * E * nf * itemsize

@@ -24,7 +24,7 @@ per layer is unchanged. Optional anchors (every ``anchor_every`` layers) bound f
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -64,6 +64,31 @@ class Coupling:
 
 
 
+class Workspace:
+    """Big buffers kept from one pass to the next: a training step's activations (hundreds of MiB
+    on a large rank) would otherwise come back as fresh pages every step, and zero-filling them
+    costs more than the arithmetic. A buffer is handed out only when nobody holds it: a forward
+    takes its buffers and the backward that consumed them gives them back (a forward whose
+    backward never runs simply leaves them to the garbage collector)."""
+
+    def __init__(self, keep: int = 16):
+        self.free: list[Tensor] = []
+        self.keep = keep
+
+    def take(self, shape, like: Tensor) -> Tensor:
+        shape = tuple(shape)
+        for i, t in enumerate(self.free):
+            if t.shape == shape and t.dtype == like.dtype and t.device == like.device:
+                return self.free.pop(i)
+        # a pass of another shape (evaluation after training, a last short batch): what was kept
+        # for the old shapes goes, so the workspace never holds two passes' buffers
+        self.free = [t for t in self.free if t.shape[-1] == shape[-1] and t.dtype == like.dtype]
+        return like.new_empty(shape)
+
+    def give(self, *ts: Tensor) -> None:
+        self.free = (list(ts) + self.free)[:self.keep]
+
+
 @dataclass
 class StackPlan:
     """Everything fixed about one rank's stack: layout, step, sizes, kernels, bias rows, exchanges."""
@@ -79,6 +104,7 @@ class StackPlan:
     ex: object = None  # Exchanger, or None for a rank without neighbours
     backprop: str = "autograd"
     anchor_every: int = 0
+    ws: Workspace = field(default_factory=Workspace)
 
     def move(self, fn) -> None:
         """Move every tensor of the plan (``fn`` as in ``Module._apply``: device and float dtype)."""
@@ -141,13 +167,14 @@ class ShardedStack(torch.autograd.Function):
         save = grad and plan.backprop == "autograd"
         ps = _Pass(plan, params)
         updates = {f: sum(1 for hs in steps if hs.target == f) for f in names}
-        store = {f: x.new_empty((1 + L * updates[f]) if save else 1, E, B) for f, x in zip(names, fields)}
+        ws = plan.ws
+        store = {f: ws.take(((1 + L * updates[f]) if save else 1, E, B), x) for f, x in zip(names, fields)}
         for f, x in zip(names, fields):
             store[f][0, :F] = x
         cur = {f: 0 for f in names}
-        S = fields[0].new_empty(L if save else 1, len(steps), F, B)
+        S = ws.take((L if save else 1, len(steps), F, B), fields[0])
         Sv = [list(r.unbind(0)) for r in S.unbind(0)]
-        Z = fields[0].new_empty(E, B)
+        Z = ws.take((E, B), fields[0])
         ext = {f: list(store[f].unbind(0)) for f in names}  # views, made once: the loop only indexes lists
         loc = {f: list(store[f][:, :F].unbind(0)) for f in names}
         versions, anchors = [], {}
@@ -172,6 +199,9 @@ class ShardedStack(torch.autograd.Function):
                 cur[tgt] = new
             versions.append(row)
         outs = tuple(store[f][cur[f], :F].clone() for f in names)
+        ws.give(Z)
+        if not save:
+            ws.give(S, *store.values())
         ctx.plan = plan
         ctx.prepared = ps if save and short else None  # the short backward reuses the assembled matrices
         if save:
@@ -200,6 +230,8 @@ class ShardedStack(torch.autograd.Function):
             G, gb = _backward_local(plan, ctx.versions, ctx.prepared, rest[0], dict(zip(names, rest[1:])), g)
         else:
             G, gb = _backward_general(plan, ctx.versions, params, rest[0], dict(zip(names, rest[1:])), g)
+        if plan.backprop == "autograd":
+            plan.ws.give(*rest)  # the forward's activations: free for the next step
         grads_out = []
         for k, hs in enumerate(lay.half_steps):
             grads_out += plan.kernels[hs.matrix].end_grad(G[k])
@@ -233,9 +265,8 @@ def _backward_general(plan: StackPlan, versions, params, S: Tensor, store: dict,
     ps = _Pass(plan, params, with_bias=False)
     G = [kern.grad_buffers(st) for kern, st in zip(ps.kern, ps.st)]
     gb = [S.new_zeros(L, F) for _ in lay.half_steps]
-    B = S.shape[-1]
-    GZ, GX, GU = S.new_empty(E, B), S.new_empty(E, B), S.new_empty(F, B)
-    D = S.square().neg_().add_(1)  # tanh' = 1 - s^2, every layer at once
+    B, ws = S.shape[-1], plan.ws
+    GZ, GX, GU, D = ws.take((E, B), S), ws.take((E, B), S), ws.take((F, B), S), ws.take((F, B), S)
     for j in reversed(range(L)):
         for k in reversed(range(len(lay.half_steps))):
             hs, kern, st = lay.half_steps[k], ps.kern[k], ps.st[k]
@@ -247,7 +278,8 @@ def _backward_general(plan: StackPlan, versions, params, S: Tensor, store: dict,
             if pend is not None:
                 ex.finish_gather(pend)
                 kern.mv_halo(st, j, GZ, GU)
-            GU.mul_(D[j, k])  # dL/du
+            torch.mul(S[j, k], S[j, k], out=D)
+            GU.addcmul_(GU, D, value=-1)  # dL/du = (1 - s^2) dL/ds
             if ex is not None:
                 kern.tmv_halo(st, j, GU, GX)
                 pend = ex.start_scatter([GX[F:]], "backward", j, g_op)
@@ -257,6 +289,7 @@ def _backward_general(plan: StackPlan, versions, params, S: Tensor, store: dict,
             if ex is not None:
                 ex.finish_scatter(pend, [GX[:F]])
             g[hs.source].add_(GX[:F])
+    ws.give(GZ, GX, GU, D)
     return G, gb
 
 
@@ -294,17 +327,19 @@ def _backward_reversible(plan: StackPlan, anchors: dict, params, outs, g: dict):
     G = [kern.grad_buffers(st) for kern, st in zip(ps.kern, ps.st)]
     like, B = outs[0], outs[0].shape[1]
     gb = [like.new_zeros(L, F) for _ in lay.half_steps]
-    cur = {f: like.new_empty(E, B) for f in names}
+    ws = plan.ws
+    cur = {f: ws.take((E, B), like) for f in names}
     for f, y in zip(names, outs):
         cur[f][:F] = y
-    S, Z = like.new_empty(F, B), like.new_empty(E, B)
-    GZ, GX, GU = like.new_empty(E, B), like.new_empty(E, B), like.new_empty(F, B)
+    S, Z = ws.take((F, B), like), ws.take((E, B), like)
+    GZ, GX, GU = ws.take((E, B), like), ws.take((E, B), like), ws.take((F, B), like)
     for j in reversed(range(L)):
         for k in reversed(range(len(lay.half_steps))):
             _half_reverse(plan, ps, G[k], k, j, g, cur, S, Z, GZ, GX, GU, gb[k])
         if j in anchors:  # drift stops here: continue from the stored state
             for f in names:
                 cur[f][:F] = anchors[j][f]
+    ws.give(S, Z, GZ, GX, GU, *cur.values())
     return G, gb
 
 
@@ -325,7 +360,7 @@ def _half_reverse(plan: StackPlan, ps: _Pass, G, k: int, j: int, g: dict, cur: d
         kern.mv_halo(st, j, X, S)
         kern.mv_halo(st, j, GZ, GU)
     S.tanh_()
-    GU.mul_(S.square().neg_().add_(1))
+    GU.addcmul_(GU, S * S, value=-1)  # (1 - s^2) dL/ds
     if ex is not None:
         kern.tmv_halo(st, j, S, Z)
         kern.tmv_halo(st, j, GU, GX)

@@ -1,0 +1,112 @@
+"""Scale: setup, checkpoints, step time and memory from 1,024 to 65,536 agents, and a
+million-agent partition.
+
+Grids of 32x32 ... 256x256 agents with 8 + 8 state dims (65,536 agents: 1,048,576 state
+entries), H2, 4 layers, batch 128, 512 samples (2 training steps per epoch), trained for 2
+epochs on 1 and 2 local workers by the ``dhdnn train`` command, then resumed for a third. Per
+run, from the run's own ``summary.json``: time from starting the command to the first training
+step, checkpoint save time (median of the saves) and size, load time (on resume), step time
+(epoch 2), every rank's peak resident memory against the estimate for that rank (parameters,
+gradients, Adam state, one batch's activations, data, the process itself). Growth factors per
+4x agents follow. Then METIS on a 1000x1000 grid for 64 workers: seconds and peak memory.
+
+    python benchmarks/bench_scale.py [--rows 32 64 128 256] [--workers 1 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import write_result
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def train(out: Path, rows: int, workers: int, epochs: int, resume: bool = False) -> dict:
+    cmd = [sys.executable, "-m", "dhdnn", "train", str(ROOT / "launch/ring8_swiss_roll.yaml"), "--no-progress",
+           "--out", str(out), "--workers", str(workers), "--set", "run.engine=sharded",
+           "--set", f"topology={{generator: {{kind: grid, rows: {rows}, cols: {rows}}}, defaults: {{dim: 8}}}}",
+           "--set", "model.layers=4", "--set", "model.h=0.1", "--set", "model.init_std=0.3",
+           "--set", "train.batch_size=128", "--set", "data.n_samples=512", "--set", f"train.epochs={epochs}"]
+    if resume:
+        cmd.append("--resume")
+    start = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=3600)
+    if p.returncode:
+        raise RuntimeError(p.stderr[-3000:])
+    s = json.loads((out / "summary.json").read_text())
+    s["command_start_unix"] = start
+    return s
+
+
+def one(rows: int, workers: int, tmp: Path) -> dict:
+    out = tmp / f"grid{rows}-w{workers}"
+    s = train(out, rows, workers, 2)
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    t = s["timing"]
+    saves = sorted(t["checkpoint_save_seconds"])
+    r = train(out, rows, workers, 3, resume=True)
+    return {"agents": rows * rows, "workers": workers,
+            "to_first_step_s": t["first_step_start_unix"] - s["command_start_unix"],
+            "first_step_done_s": t["first_step_unix"] - s["command_start_unix"],
+            "checkpoint_save_s": saves[len(saves) // 2], "checkpoint_bytes": t["checkpoint_bytes"],
+            "checkpoint_load_s": r["timing"]["checkpoint_load_seconds"],
+            "step_s": metrics[1]["seconds"] / (s["steps"] / s["epochs"]),
+            "peak_rss_per_rank": s["memory"]["peak_rss_per_rank"],
+            "estimate_per_rank": s["memory_estimate_per_rank"],
+            "peak_over_estimate": max(s["memory"]["peak_rss_per_rank"]) / s["memory_estimate_per_rank"]}
+
+
+def partition_million() -> dict:
+    code = ("import time, resource, json\n"
+            "t0 = time.time()\n"
+            "from dhdnn.topology import topology_from_dict\nfrom dhdnn.partition import partition\n"
+            "t = topology_from_dict({'generator': {'kind': 'grid', 'rows': 1000, 'cols': 1000}, 'defaults': {'dim': 8}})\n"
+            "t1 = time.time()\np = partition(t, 64)\nt2 = time.time()\n"
+            "print(json.dumps({'topology_s': t1 - t0, 'partition_s': t2 - t1, 'method': p.method,"
+            " 'imbalance': p.imbalance(t), 'halo_volume': p.objective(t)[0],"
+            " 'peak_rss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    if p.returncode:
+        raise RuntimeError(p.stderr[-2000:])
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, nargs="*", default=[32, 64, 128, 256])
+    ap.add_argument("--workers", type=int, nargs="*", default=[1, 2])
+    args = ap.parse_args()
+    rows_out = []
+    print(f"{'agents':>7} {'workers':>7} {'to 1st step s':>13} {'save s':>7} {'load s':>7} {'ckpt MB':>8} "
+          f"{'step s':>7} {'peak MiB/rank':>14} {'estimate MiB':>13} {'peak/est':>9}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for w in args.workers:
+            for rows in args.rows:
+                r = one(rows, w, Path(tmp))
+                rows_out.append(r)
+                print(f"{r['agents']:>7} {w:>7} {r['to_first_step_s']:>13.2f} {r['checkpoint_save_s']:>7.2f} "
+                      f"{r['checkpoint_load_s']:>7.2f} {r['checkpoint_bytes'] / 1e6:>8.1f} {r['step_s']:>7.2f} "
+                      f"{max(r['peak_rss_per_rank']) / 2**20:>14.0f} {r['estimate_per_rank'] / 2**20:>13.0f} "
+                      f"{r['peak_over_estimate']:>9.2f}", flush=True)
+    print("\ngrowth per 4x agents (target <= 4.5x)")
+    for w in args.workers:
+        sel = [r for r in rows_out if r["workers"] == w]
+        for key in ("to_first_step_s", "checkpoint_save_s", "checkpoint_load_s", "step_s"):
+            g = [b[key] / a[key] for a, b in zip(sel, sel[1:])]
+            print(f"  {w} worker(s) {key:>18}: " + "  ".join(f"{x:.2f}x" for x in g))
+    million = partition_million()
+    print(f"\n1,000,000-agent grid, 64 workers: topology {million['topology_s']:.1f} s, partition "
+          f"{million['partition_s']:.1f} s ({million['method']}, max/mean load {million['imbalance']:.3f}), "
+          f"peak memory {million['peak_rss'] / 2**30:.2f} GiB (targets <= 60 s, <= 4 GB)")
+    print(f"wrote {write_result('scale', {'runs': rows_out, 'million_agent_partition': million})}")
+
+
+if __name__ == "__main__":
+    main()
