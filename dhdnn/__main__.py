@@ -1,6 +1,5 @@
-"""``python -m dhdnn`` runs the command-line interface."""
-import sys
+"""``python -m dhdnn`` runs the CLI (also what torchrun starts on every rank)."""
+from .cli import run
 
-from .cli import main
-
-sys.exit(main())
+if __name__ == "__main__":
+    run()

@@ -140,7 +140,7 @@ def _uniforms(keys: np.ndarray, count: int) -> np.ndarray:
 def _block_keys(seed: int, kind: str, rows: np.ndarray, cols: np.ndarray | None) -> np.ndarray:
     tag = int.from_bytes(kind.encode()[:8].ljust(8, b"\0"), "little")
     with np.errstate(over="ignore"):
-        k = _mix(np.full(len(rows), (seed * 0x2545F4914F6CDD1D) ^ tag, dtype=np.uint64))
+        k = _mix(np.full(len(rows), ((seed * 0x2545F4914F6CDD1D) ^ tag) & 0xFFFFFFFFFFFFFFFF, dtype=np.uint64))
         k = _mix(k + rows.astype(np.uint64) * _GOLDEN)
         if cols is not None:
             k = _mix(k + (cols.astype(np.uint64) + np.uint64(1)) * np.uint64(0xD1B54A32D192ED03))

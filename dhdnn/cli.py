@@ -296,3 +296,17 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, RunDirError, *USER_ERRORS) as e:
         print(f"dhdnn: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
+
+
+def run() -> None:
+    """The console entry point: ``main()``'s exit code as the process's."""
+    import os
+
+    code = main()
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        # a torchrun worker leaves without interpreter finalisation, as multiprocessing's workers
+        # do: destructors of communication threads at exit can abort ("terminate called ...")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

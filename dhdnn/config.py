@@ -75,9 +75,13 @@ class ModelConfig:
     J: str = "J1"  # H1 only
     init_std: float | None = None  # None: the architecture's default
     feature_index: list[int] | None = None  # state index of each input feature (no topology)
+    network: str = "state"  # state: features placed into the H-DNN's state; conv: the paper's image network
+    channels: int = 8  # conv: 3x3 convolution channels = the H-DNN's state dimension on every pixel
 
     def __post_init__(self):
         _choice("arch", self.arch, ARCH_NAMES)
+        _choice("network", self.network, ("state", "conv"))
+        _pos_int("channels", self.channels)
         _pos_int("dim", self.dim)
         _pos_int("layers", self.layers)
         _pos("h", self.h)
@@ -158,6 +162,7 @@ class RunConfig:
     backprop: str = "autograd"  # autograd (keep every layer's state) or reversible (rebuild states; H2)
     reversible_anchor_every: int = 0  # reversible: store the state every k layers (bounds float drift); 0 = never
     pin_workers: bool = True  # give each local worker its own cores when they fit
+    tensorboard: bool | str = "auto"  # metrics also as TensorBoard scalars (RUN/tensorboard); auto: if installed
 
     def __post_init__(self):
         _pos_int("workers", self.workers)
@@ -179,6 +184,7 @@ class RunConfig:
                 and self.reversible_anchor_every >= 0, "reversible_anchor_every", "an integer >= 0",
                 self.reversible_anchor_every)
         _expect(isinstance(self.pin_workers, bool), "pin_workers", "true or false", self.pin_workers)
+        _expect(self.tensorboard in (True, False, "auto"), "tensorboard", "true, false or auto", self.tensorboard)
         _expect(self.engine != "dense" or self.workers == 1, "workers",
                 "1 with engine: dense (the dense model runs in one process)", self.workers)
 

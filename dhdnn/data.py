@@ -25,6 +25,7 @@ class Dataset:
     y_test: Tensor
     n_classes: int
     domain: tuple[float, float, float, float] | None = None  # plot window for 2-D sets
+    image_shape: tuple[int, int, int] | None = None  # (channels, rows, cols) of image sets (features row-major)
 
     @property
     def n_features(self) -> int:
@@ -32,7 +33,7 @@ class Dataset:
 
     def to(self, dtype: torch.dtype) -> "Dataset":
         return Dataset(self.name, self.x_train.to(dtype), self.y_train, self.x_test.to(dtype),
-                       self.y_test, self.n_classes, self.domain)
+                       self.y_test, self.n_classes, self.domain, self.image_shape)
 
 
 def _split(name, x, y, train_fraction, rng, n_classes, domain=None) -> Dataset:
@@ -97,11 +98,16 @@ def load_dataset(name: str, n_samples: int = 8000, train_fraction: float = 0.5, 
     if name in GENERATORS_2D:
         x, y, domain = GENERATORS_2D[name](n_samples, noise, rng)
         return _split(name, x, y, train_fraction, rng, 2, domain)
-    if name == "digits":
+    if name == "digits":  # 8x8 images, 1797 samples: a stratified, seeded split
         from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
 
         d = load_digits()
-        return _split(name, d.data / 16.0, d.target, train_fraction, rng, 10)
+        xtr, xte, ytr, yte = train_test_split(d.data / 16.0, d.target, train_size=train_fraction, stratify=d.target,
+                                              random_state=seed)
+        t = lambda a, dt: torch.as_tensor(a, dtype=dt)  # noqa: E731
+        return Dataset(name, t(xtr, torch.float64), t(ytr, torch.long), t(xte, torch.float64), t(yte, torch.long),
+                       10, image_shape=(1, 8, 8))
     if name == "mnist":
         return load_mnist(path)
     raise ValueError(f"data.name: unknown dataset {name!r}; expected one of {list(DATASETS)}")
@@ -155,4 +161,5 @@ def load_mnist(path: str | None) -> Dataset:
             raise ValueError(f"{directory}: {split} images and labels differ in count")
     x = {k: torch.as_tensor(arrays[k].reshape(len(arrays[k]), -1) / 255.0) for k in ("x_train", "x_test")}
     y = {k: torch.as_tensor(arrays[k].astype(np.int64)) for k in ("y_train", "y_test")}
-    return Dataset("mnist", x["x_train"], y["y_train"], x["x_test"], y["y_test"], 10)
+    shape = (1, *arrays["x_train"].shape[1:]) if arrays["x_train"].ndim == 3 else None
+    return Dataset("mnist", x["x_train"], y["y_train"], x["x_test"], y["y_test"], 10, image_shape=shape)

@@ -172,7 +172,7 @@ class DenseEngine(Engine):
         return out
 
 
-def build_classifier(cfg, n_features: int, n_classes: int, topology=None, dtype=None):
+def build_classifier(cfg, n_features: int, n_classes: int, topology=None, dtype=None, image_shape=None):
     """The dense classifier of a run config. With a topology: masked by it and initialised
     from the per-agent blocks (the same network the sharded engine builds on any number of
     workers); returns ``(model, table)`` with the topology's :class:`~dhdnn.blocks.BlockTable`
@@ -185,6 +185,13 @@ def build_classifier(cfg, n_features: int, n_classes: int, topology=None, dtype=
     options = {k: getattr(mc, k) for k in cls.config_options}
     options["init_std"] = mc.init_std
     dtype = dtype or torch.get_default_dtype()
+    if mc.network == "conv":
+        from .models.conv import ConvClassifier
+
+        torch.manual_seed(cfg.train.seed)  # the convolution and readout initialise from torch's generator
+        gen = torch.Generator().manual_seed(cfg.train.seed)
+        body = build_model(mc.arch, mc.channels, mc.layers, mc.h, generator=gen, **options)
+        return ConvClassifier(body, image_shape, n_classes).to(dtype), None
     if topology is None:
         gen = torch.Generator().manual_seed(cfg.train.seed)
         placement = InputPlacement(tuple(mc.feature_index)) if mc.feature_index is not None else None

@@ -3,7 +3,8 @@
 The file (``torch.save`` of plain tensors, numbers, strings, lists and dicts, so it loads
 with ``torch.load(weights_only=True)``) holds the dense masked network: architecture,
 ``h``, layers, the per-layer matrices assembled from every agent's blocks, biases, fixed
-matrices and masks, the input placement with its embeddings, and the readout ``W``, ``mu``.
+matrices and masks, the input placement with its embeddings, and the readout ``W``, ``mu``
+(or, for the image network, its convolution, image shape and linear readout).
 The schema is in the README.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .models import Classifier, build_model
+from .models.conv import ConvClassifier
 from .models.hamiltonian import ARCHITECTURES
 from .models.network import Embedding, InputPlacement
 
@@ -36,37 +38,42 @@ def dense_model_of_run(run_dir: str | Path):
     d, meta, shards = found
     topo = load_topology(cfg.topology) if cfg.topology is not None else None
     data = load_data(cfg)
-    model, table = build_classifier(cfg, data.n_features, data.n_classes, topo, DTYPES[cfg.run.dtype])
+    model, table = build_classifier(cfg, data.n_features, data.n_classes, topo, DTYPES[cfg.run.dtype], data.image_shape)
     if meta["version"] == 1:
         shards = ckpt.upgrade_v1(shards, table)
     ckpt.restore(d, shards, DenseEngine(model, table=table).entries(), lambda p: {}, ())
     return cfg, model, topo
 
 
-def trainable_parameters(model: Classifier) -> int:
+def trainable_parameters(model) -> int:
     """Parameters training can change: masked-out entries of the weight matrices do not count."""
     n = 0
     for name, p in model.named_parameters():
         mask = getattr(model.body, f"mask_{name.split('.', 1)[1]}", None) if name.startswith("body.") else None
-        n += int(mask.sum()) if mask is not None else p.numel()
+        n += int(mask.sum()) * (p.shape[0] if mask is not None and mask.dim() < p.dim() else 1) \
+            if mask is not None else p.numel()
     return n
 
 
-def export_model(model: Classifier, cfg, topo, out: str | Path) -> Path:
+def export_model(model, cfg, topo, out: str | Path) -> Path:
     body = model.body
-    pl = model.placement
     payload = {
         "format": FORMAT, "version": VERSION,
         "arch": body.arch_name, "h": body.h, "layers": body.layers, "dim": body.dim,
         "J": getattr(body, "J_kind", None), "trainable_parameters": trainable_parameters(model),
         "n_features": model.n_features, "n_classes": model.n_classes,
-        "placement": {"feature_index": list(pl.feature_index), "features": list(pl.features),
-                      "embeddings": [{"features": list(e.features), "states": list(e.states)} for e in pl.embeddings]},
-        "readout_states": model.readout_idx.tolist(),
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "config": cfg.to_dict() if cfg is not None else {},
         "topology": None,
     }
+    if isinstance(model, ConvClassifier):
+        payload.update(network="conv", image_shape=list(model.image_shape))
+    else:
+        pl = model.placement
+        payload.update(network="state", readout_states=model.readout_idx.tolist(),
+                       placement={"feature_index": list(pl.feature_index), "features": list(pl.features),
+                                  "embeddings": [{"features": list(e.features), "states": list(e.states)}
+                                                 for e in pl.embeddings]})
     if topo is not None:
         from .topology import topology_to_dict
 
@@ -106,6 +113,11 @@ def model_from_export(d: dict, path: str | Path = "<export>") -> Classifier:
     if "body.X" in sd:
         opts["X"] = sd["body.X"]
     body = build_model(d["arch"], d["dim"], d["layers"], d["h"], mask=masks or None, **opts)
+    if d.get("network") == "conv":
+        model = ConvClassifier(body, tuple(d["image_shape"]), d["n_classes"]).to(sd["body." + next(
+            iter(cls.param_shapes))].dtype)
+        model.load_state_dict(sd)
+        return model
     pl = d["placement"]
     placement = InputPlacement(tuple(pl["feature_index"]), tuple(pl["features"]),
                                tuple(Embedding(tuple(e["features"]), tuple(e["states"])) for e in pl["embeddings"]))

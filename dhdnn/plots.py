@@ -1,5 +1,18 @@
-"""Figures of a run: the decision boundary over 2-D data and the layer x iteration heatmap
-of ``||dloss/dy_j||`` recorded during training. Uses matplotlib's file-only Agg backend."""
+"""Pictures of a run, each one answering one question.
+
+* ``curves.png``: did training converge, and does the test split follow? Loss and accuracy per
+  epoch, train and test.
+* ``grad_norms.png``: do gradients vanish or explode across depth? ``||dloss/dy_j||`` per layer
+  and recorded iteration, on a log colour scale that ignores exact zeros.
+* ``decision_boundary.png`` (2-D data): what did the classifier learn? The plane coloured by
+  prediction, the test points on top, the split and its accuracy in the title.
+* ``confusion.png`` and ``misclassified.png`` (images): which classes are confused, and how
+  do the failures look?
+* ``partition.png`` (a topology run on several workers) and ``topology_plot``: where do the
+  agents live, what does each worker carry, which edges cross workers?
+
+Uses matplotlib's file-only Agg backend.
+"""
 from __future__ import annotations
 
 import json
@@ -13,6 +26,63 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
+def _save(fig, out: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return Path(out)
+
+
+def _predict(model, x) -> np.ndarray:
+    with torch.no_grad():
+        return torch.cat([model(x[i:i + 4096]).argmax(1) for i in range(0, len(x), 4096)]).numpy()
+
+
+def curves(metrics_path: Path, out: Path) -> Path:
+    rows = [json.loads(x) for x in Path(metrics_path).read_text().splitlines() if x.strip()]
+    epochs = [r["epoch"] for r in rows]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))
+    a1.plot(epochs, [r.get("train_loss", r["loss"]) for r in rows], label="train (end of epoch)")
+    a1.plot(epochs, [r["loss"] for r in rows], ":", label="train (running, during the epoch)")
+    a1.plot(epochs, [r["test_loss"] for r in rows], label="test")
+    a1.set(xlabel="epoch", ylabel="cross-entropy", title="loss", yscale="log")
+    a2.plot(epochs, [r["train_acc"] for r in rows], label="train")
+    a2.plot(epochs, [r["test_acc"] for r in rows], label="test")
+    a2.set(xlabel="epoch", ylabel="accuracy", title=f"accuracy (last: test {rows[-1]['test_acc']:.4f})",
+           ylim=(max(0.0, min(r["test_acc"] for r in rows) - 0.05), 1.005))
+    a1.legend(fontsize=8)
+    a2.legend(fontsize=8)
+    return _save(fig, out)
+
+
+def grad_norm_heatmap(run_dir: Path, out: Path) -> Path:
+    """``log10 ||dloss/dy_j||``: rows are layers (input at the bottom), columns recorded iterations.
+    Exact zeros (nothing to differentiate yet) are left blank and kept out of the colour range."""
+    path = Path(run_dir) / "grad_norms.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no gradient norms recorded; train with train.grad_norm_every > 0")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    steps = [r["step"] for r in rows]
+    logn, (lo, hi) = heatmap_values(np.array([r["norms"] for r in rows], dtype=float).T)
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    cmap = plt.get_cmap("viridis").with_extremes(bad="white")
+    im = ax.imshow(logn, aspect="auto", origin="lower", cmap=cmap, vmin=lo, vmax=hi,
+                   extent=(steps[0], steps[-1] + 1, -0.5, logn.shape[0] - 0.5), interpolation="nearest")
+    fig.colorbar(im, ax=ax, label="log10 ||dloss/dy_j||  (blank: exactly 0)")
+    ax.set(xlabel="training iteration", ylabel="layer j (0 = input state, top = output)",
+           title="gradient norms across depth")
+    return _save(fig, out)
+
+
+def heatmap_values(norms: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
+    """``log10`` of the norms with exact zeros masked (NaN), and a colour range spanning the
+    positive values only."""
+    positive = norms[norms > 0]
+    logn = np.where(norms > 0, np.log10(np.where(norms > 0, norms, 1.0)), np.nan)
+    lo, hi = (float(np.log10(positive.min())), float(np.log10(positive.max()))) if positive.size else (0.0, 1.0)
+    return logn, (lo, hi if hi > lo else lo + 1.0)
+
+
 def decision_boundary(model, data, out: Path, resolution: int = 200) -> Path:
     """Colour the plane by predicted class and overlay the test points."""
     if data.n_features != 2:
@@ -20,36 +90,51 @@ def decision_boundary(model, data, out: Path, resolution: int = 200) -> Path:
     x0, x1, y0, y1 = data.domain or (-2, 2, -2, 2)
     gx, gy = np.meshgrid(np.linspace(x0, x1, resolution), np.linspace(y0, y1, resolution))
     grid = torch.as_tensor(np.stack([gx.ravel(), gy.ravel()], 1), dtype=data.x_test.dtype)
-    with torch.no_grad():
-        pred = model(grid).argmax(1).numpy().reshape(gx.shape)
+    pred = _predict(model, grid).reshape(gx.shape)
+    acc = float((_predict(model, data.x_test) == data.y_test.numpy()).mean())
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.contourf(gx, gy, pred, levels=[-0.5, 0.5, 1.5], colors=["#9ecae1", "#fdae6b"], alpha=0.6)
     xt, yt = data.x_test.numpy(), data.y_test.numpy()
-    ax.scatter(xt[:, 0], xt[:, 1], c=np.where(yt == 1, "#e6550d", "#3182bd"), s=2)
-    ax.set(xlim=(x0, x1), ylim=(y0, y1), title=f"{data.name}: decision boundary")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    for c, colour in ((0, "#3182bd"), (1, "#e6550d")):
+        ax.scatter(xt[yt == c, 0], xt[yt == c, 1], c=colour, s=2, label=f"class {c}")
+    ax.set(xlim=(x0, x1), ylim=(y0, y1), title=f"{data.name}, test split: accuracy {acc:.4f}")
+    ax.legend(loc="upper right", fontsize=8, markerscale=4)
+    return _save(fig, out)
 
 
-def grad_norm_heatmap(run_dir: Path, out: Path) -> Path:
-    """Heatmap of ``log10 ||dloss/dy_j||`` (rows: layer j, columns: recorded iteration)."""
-    path = Path(run_dir) / "grad_norms.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no gradient norms recorded; train with train.grad_norm_every > 0")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    norms = np.array([r["norms"] for r in rows]).T
-    steps = [r["step"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    im = ax.imshow(np.log10(np.maximum(norms, 1e-300)), aspect="auto", origin="lower", cmap="viridis",
-                   extent=(steps[0], steps[-1] + 1, -0.5, norms.shape[0] - 0.5))
-    fig.colorbar(im, ax=ax, label="log10 ||dloss/dy_j||")
-    ax.set(xlabel="iteration", ylabel="layer j", title="gradient norms across depth")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+def confusion(model, data, out: Path) -> Path:
+    pred, true = _predict(model, data.x_test), data.y_test.numpy()
+    k = data.n_classes
+    m = np.zeros((k, k), dtype=int)
+    np.add.at(m, (true, pred), 1)
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    im = ax.imshow(m, cmap="Blues")
+    for i in range(k):
+        for j in range(k):
+            if m[i, j]:
+                ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if m[i, j] > m.max() / 2 else "black")
+    ax.set(xticks=range(k), yticks=range(k), xlabel="predicted class", ylabel="true class",
+           title=f"{data.name}, test split: accuracy {np.trace(m) / m.sum():.4f}")
+    fig.colorbar(im, ax=ax, label="test images")
+    return _save(fig, out)
+
+
+def misclassified(model, data, out: Path, most: int = 25) -> Path:
+    pred, true = _predict(model, data.x_test), data.y_test.numpy()
+    wrong = np.flatnonzero(pred != true)[:most]
+    c, H, W = data.image_shape
+    cols = 5
+    rows = max(1, -(-len(wrong) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows + 0.4), squeeze=False)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    for ax, i in zip(axes.ravel(), wrong):
+        ax.imshow(data.x_test[i].view(c, H, W)[0].numpy(), cmap="gray_r")
+        ax.set_title(f"true {true[i]} / pred {pred[i]}", fontsize=8, color="#b2182b")
+    fig.suptitle(f"{len(np.flatnonzero(pred != true))} misclassified test images (first {len(wrong)})"
+                 if len(wrong) else "no misclassified test image", fontsize=10)
+    return _save(fig, out)
 
 
 def plot_run(run: Path) -> list[Path]:
@@ -59,37 +144,71 @@ def plot_run(run: Path) -> list[Path]:
 
     run = Path(run)
     written = []
+    if not (run / "metrics.jsonl").exists():
+        raise FileNotFoundError(f"{run}: no metrics.jsonl; is this a dhdnn run directory that trained an epoch?")
+    written.append(curves(run / "metrics.jsonl", run / "curves.png"))
     if (run / "grad_norms.jsonl").exists():
         written.append(grad_norm_heatmap(run, run / "grad_norms.png"))
-    cfg, model, _ = dense_model_of_run(run)
+    cfg, model, topo = dense_model_of_run(run)
     data = load_data(cfg)
     if data.n_features == 2:
         written.append(decision_boundary(model, data, run / "decision_boundary.png"))
-    if not written:
-        raise ValueError(f"{run}: nothing to plot (no gradient norms recorded and the data is not 2-D)")
+    if data.image_shape is not None:
+        written.append(confusion(model, data, run / "confusion.png"))
+        written.append(misclassified(model, data, run / "misclassified.png"))
+    workers = cfg.run.workers // (cfg.run.replicas if isinstance(cfg.run.replicas, int) else 1)
+    if topo is not None and workers > 1:
+        from .partition import partition
+
+        written.append(topology_plot(topo, partition(topo, workers), run / "partition.png"))
     return written
 
 
 def topology_plot(topo, part, out) -> Path:
-    """The agent graph; with a partition, agents coloured by worker and cut edges dashed."""
+    """The agent graph. Node size follows the agent's dimension ``n_i`` (the label says it);
+    agents fed by input features are squares, readout agents have a black outline. With a
+    partition: colours by worker (legend: agents and load of each), cut edges dashed red."""
     import networkx as nx
+    from matplotlib.lines import Line2D
 
     g = topo.graph
     pos = nx.kamada_kawai_layout(g) if topo.n_agents <= 64 else nx.spring_layout(g, seed=0)
-    fig, ax = plt.subplots(figsize=(6, 6))
-    colors = [int(part.assignment[i]) for i in g.nodes] if part is not None else "#6baed6"
+    fig, ax = plt.subplots(figsize=(7, 6.5))
     cut = {tuple(e) for e in part.cut_edges(topo).tolist()} if part is not None else set()
-    nx.draw_networkx_edges(g, pos, edgelist=[e for e in g.edges if tuple(sorted(e)) not in cut], ax=ax, width=0.8)
+    nx.draw_networkx_edges(g, pos, edgelist=[e for e in g.edges if tuple(sorted(e)) not in cut], ax=ax, width=0.8,
+                           edge_color="#888888")
     if cut:
-        nx.draw_networkx_edges(g, pos, edgelist=sorted(cut), ax=ax, style="dashed", edge_color="#d62728", width=1.2)
-    cmap = {"cmap": "tab10", "vmin": 0, "vmax": 9} if part is not None else {}
-    nx.draw_networkx_nodes(g, pos, node_color=colors, node_size=max(20, 300 - topo.n_agents), ax=ax, **cmap)
-    if topo.n_agents <= 32:
-        nx.draw_networkx_labels(g, pos, {i: str(a) for i, a in enumerate(topo.ids)}, font_size=8, ax=ax)
-    title = topo.name if part is None else f"{topo.name}: {part.workers} workers, {len(cut)} cut edges"
-    ax.set_title(title)
+        nx.draw_networkx_edges(g, pos, edgelist=sorted(cut), ax=ax, style="dashed", edge_color="#d62728", width=1.4)
+    fed = {f.agent for f in topo.inputs} | {e.agent for e in topo.embeddings}
+    if not topo.inputs and not topo.embeddings:
+        fed = set(range(min(2, topo.n_agents)))  # default placement: feature f enters agent f
+    readout = set(topo.readout.tolist())
+    dims = topo.dims
+    size = lambda i: 120 + 60 * int(dims[i]) if topo.n_agents <= 64 else 12 + 4 * int(dims[i])  # noqa: E731
+    cmap = plt.get_cmap("tab10" if part is None or part.workers <= 10 else "tab20")
+    colour = lambda i: cmap(int(part.assignment[i]) % cmap.N) if part is not None else "#6baed6"  # noqa: E731
+    for shape, members in (("s", [i for i in g.nodes if i in fed]), ("o", [i for i in g.nodes if i not in fed])):
+        if members:
+            nx.draw_networkx_nodes(g, pos, nodelist=members, node_shape=shape, ax=ax,
+                                   node_size=[size(i) for i in members], node_color=[colour(i) for i in members],
+                                   edgecolors=["black" if i in readout else "none" for i in members], linewidths=1.5)
+    if topo.n_agents <= 32:  # beside the node, not on it: "id, n=dim"
+        span = np.ptp(np.array(list(pos.values())), axis=0).max() or 1.0
+        shifted = {i: (x, y + 0.045 * span) for i, (x, y) in pos.items()}
+        nx.draw_networkx_labels(g, shifted, {i: f"{a}, n={dims[i]}" for i, a in enumerate(topo.ids)}, font_size=8,
+                                ax=ax, verticalalignment="bottom")
+    handles = [Line2D([], [], marker="s", ls="", color="#999999", label="input agent"),
+               Line2D([], [], marker="o", ls="", color="#999999", markeredgecolor="black", label="readout agent"),
+               Line2D([], [], marker="o", ls="", color="#999999", markersize=4, label="size: agent dim n_i")]
+    title = f"{topo.name}: {topo.n_agents} agents, {len(topo.edges)} edges"
+    if part is not None:
+        loads = part.loads(topo)
+        counts = np.bincount(part.assignment, minlength=part.workers)
+        handles += [Line2D([], [], marker="o", ls="", color=cmap(r % cmap.N),
+                           label=f"worker {r}: {counts[r]} agents, load {loads[r]}") for r in range(part.workers)]
+        handles.append(Line2D([], [], ls="--", color="#d62728", label=f"cut edges: {len(cut)}"))
+        title += f"; {part.workers} workers, {len(cut)} cut edges, halo volume {part.objective(topo)[0]}"
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    ax.set_title(title, fontsize=9)
     ax.set_axis_off()
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return Path(out)
+    return _save(fig, out)

@@ -73,6 +73,8 @@ def estimate(cfg, topo, n_features: int, n_classes: int, n_samples: int, agents:
         acts = (kept + 6 * E) * B * w  # + the backward's scratch fields
     else:
         dim = topo.state_dim if topo is not None else mc.dim
+        if mc.network == "conv":  # every pixel is a state of the H-DNN
+            dim, B = mc.channels, B * n_features
         shapes = {"n": dim, "m": dim // 2}
         params = sum(L * math.prod(shapes[s] for s in shape) for shape in cls.param_shapes.values()) * w
         if topo is not None:

@@ -59,6 +59,13 @@ def validate(cfg: Config, world: int | None = None, local_world: int | None = No
     if topo is not None:
         topo.input_feeds(data.n_features)
     cls = ARCHITECTURES[mc.arch]
+    if mc.network == "conv":
+        if data.image_shape is None:
+            raise ConfigError(f"{src}: key 'model.network': conv needs an image dataset (digits, mnist), "
+                              f"got {data.name}")
+        if topo is not None or sharded:
+            raise ConfigError(f"{src}: key 'model.network': the conv network runs densely in one process; "
+                              "expected no topology and one worker (patches as agents: a topology with embeddings)")
     if sharded:
         if topo is None:
             raise ConfigError(f"{src}: key 'topology': the sharded engine needs a topology (a file or inline)")
@@ -234,14 +241,14 @@ def worker_main(rank: int, world: int, cfg_dict: dict, resume: bool, source: str
     est = estimate(cfg, topo, data.n_features, data.n_classes, len(data.x_train) + len(data.x_test),
                    groups.dims.agents, True, rows=(net.rows.F, net.rows.E),
                    param_bytes=sum(p.numel() * p.element_size() for p in net.parameters()))
+    extra = {"memory_estimate_per_rank": est.total}
+    if layout is not None:
+        extra["layout"] = {"agents": layout.agents, "replicas": layout.replicas,
+                           "predicted_step_s": layout.predicted_step_s, "candidates": layout.candidates}
     try:
-        summary = Trainer(cfg, engine, data, resume=resume, fingerprint=topo.fingerprint,
-                          extra_summary={"memory_estimate_per_rank": est.total}).fit()
+        summary = Trainer(cfg, engine, data, resume=resume, fingerprint=topo.fingerprint, extra_summary=extra).fit()
     finally:
         engine.close()
-    if layout is not None:
-        summary["layout"] = {"agents": layout.agents, "replicas": layout.replicas,
-                             "predicted_step_s": layout.predicted_step_s, "candidates": layout.candidates}
     return summary if rank == 0 else None
 
 
@@ -249,7 +256,8 @@ def train_dense(cfg: Config, setup: Setup, resume: bool) -> dict:
     """Train the dense single-process model of ``cfg``; returns the summary."""
     torch.set_num_threads(cfg.run.threads)
     data = load_data(cfg)
-    model, table = build_classifier(cfg, data.n_features, data.n_classes, setup.topo, DTYPES[cfg.run.dtype])
+    model, table = build_classifier(cfg, data.n_features, data.n_classes, setup.topo, DTYPES[cfg.run.dtype],
+                                    data.image_shape)
     model = model.to(cfg.run.device)
     model.body.set_backprop(cfg.run.backprop, cfg.run.reversible_anchor_every)
     fingerprint = setup.topo.fingerprint if setup.topo is not None else None
@@ -266,7 +274,8 @@ def _dense_to_packed(cfg: Config, setup: Setup, data):
     def convert(plain: dict) -> dict:
         from .blocks import dense_packed
 
-        model, table = build_classifier(cfg, data.n_features, data.n_classes, setup.topo, DTYPES[cfg.run.dtype])
+        model, table = build_classifier(cfg, data.n_features, data.n_classes, setup.topo, DTYPES[cfg.run.dtype],
+                                    data.image_shape)
         with torch.no_grad():
             for n, p in model.named_parameters():
                 p.copy_(plain[n])

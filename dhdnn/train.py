@@ -192,8 +192,23 @@ class Trainer:
         with open(self.out / name, "a") as f:
             f.write(finite_json(record) + "\n")
 
+    def _tensorboard(self):
+        """A SummaryWriter into RUN/tensorboard (main rank), or None (off, or not installed under auto)."""
+        want = self.cfg.run.tensorboard
+        if not self.engine.is_main or want is False:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            if want is True:
+                raise RuntimeError("run.tensorboard: true needs the tensorboard package "
+                                   "(pip install 'dhdnn[tensorboard]')") from None
+            return None
+        return SummaryWriter(str(self.out / "tensorboard"))
+
     def fit(self) -> dict:
         cfg, main = self.cfg, self.engine.is_main
+        board = self._tensorboard()
         bar = None
         if main and cfg.run.progress:
             from tqdm import tqdm
@@ -205,6 +220,11 @@ class Trainer:
             last = self.run_epoch()
             if main:
                 self._append("metrics.jsonl", last)
+            if board is not None:
+                for k, v in last.items():
+                    if k not in ("epoch", "step") and isinstance(v, float) and math.isfinite(v):
+                        board.add_scalar(k, v, self.epoch)
+                board.flush()
             if (every and self.epoch % every == 0) or self.epoch == cfg.train.epochs:
                 self.save()
             if bar is not None:
@@ -212,6 +232,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{last['loss']:.4f}", test_acc=f"{last['test_acc']:.4f}")
         if bar is not None:
             bar.close()
+        if board is not None:
+            board.close()
         if last is None:  # resumed a finished run: re-evaluate
             last = self.evaluate()
         wall = time.perf_counter() - t_start

@@ -125,7 +125,7 @@ def choose(cfg, data, topo, log=print) -> Layout:
     layout = ARCHITECTURES[cfg.model.arch].agent_layout(J=cfg.model.J)
     n_ex = 2 * cfg.model.layers * layout.exchanges_per_layer + 2
     params = _param_bytes(cfg, data, topo)
-    best, lines = None, []
+    best, lines, predicted = None, [], {}
     for i, (P, R) in enumerate(cands):
         tb = float(numbers[2 + i])
         overhead = t0 * (NEIGHBOUR_PATH_FACTOR if P > 1 else 1.0)
@@ -135,9 +135,10 @@ def choose(cfg, data, topo, log=print) -> Layout:
         if R > 1:
             t += lat + params / P * per_byte
         lines.append(f"{P}x{R} {1e3 * t:.2f} ms")
+        predicted[f"{P}x{R}"] = t
         if best is None or t < best.predicted_step_s:
             best = Layout(P, R, t)
-        best.candidates[f"{P}x{R}"] = t
+    best.candidates = predicted
     if rank == 0:
         log(f"dhdnn: run.replicas auto: {world} workers as {best.agents} agent partition(s) x {best.replicas} "
             f"replica(s), predicted {1e3 * best.predicted_step_s:.2f} ms per step (partitions x replicas: "

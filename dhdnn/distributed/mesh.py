@@ -67,6 +67,13 @@ def make_groups(dims: ParallelDims, rank: int, device: str = "cpu") -> Groups:
         return Groups(dims, rank, dist.group.WORLD, None)
     from torch.distributed.device_mesh import init_device_mesh
 
+    import torch
+
     mesh = init_device_mesh("cuda" if device.startswith("cuda") else "cpu", (dims.replicas, dims.agents),
                             mesh_dim_names=("replica", "agent"))
-    return Groups(dims, rank, mesh.get_group("agent"), mesh.get_group("replica"), mesh)
+    groups = Groups(dims, rank, mesh.get_group("agent"), mesh.get_group("replica"), mesh)
+    # connect the new groups now (gloo connects a group at its first operation: up to a second)
+    on = "cuda" if device.startswith("cuda") else "cpu"
+    for g in (groups.agent, groups.replica):
+        dist.all_reduce(torch.zeros(1, device=on), group=g)
+    return groups
