@@ -19,9 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import write_result
+from common import ROOT, write_result
 
-ROOT = Path(__file__).resolve().parent.parent
 LAYOUTS = {"one process": (1, 1), "2 workers: 2 partitions x 1 replica": (2, 1),
            "2 workers: 1 partition x 2 replicas": (2, 2)}
 

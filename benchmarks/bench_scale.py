@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import write_result
+from common import ROOT, write_result
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def train(out: Path, rows: int, workers: int, epochs: int, resume: bool = False) -> dict:

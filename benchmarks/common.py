@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -9,6 +10,10 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = RESULTS.parent.parent
+# The benchmarks name configs and topologies relative to the repository root (as the README
+# does), wherever they are started from; workers they spawn inherit this directory.
+os.chdir(ROOT)
 
 
 def timeit(fn, repeat: int = 20, warmup: int = 3) -> float:
@@ -31,3 +36,37 @@ def write_result(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=1))
     return path
+
+
+def mean_std(values) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof = 1, as for an estimate from a few seeds)."""
+    import numpy as np
+
+    a = np.asarray(values, dtype=float)
+    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
+
+
+def _train_one(job: tuple[str, list[str]]) -> dict:
+    """One training run in a fresh process: (config path, overrides) -> the run's summary."""
+    import tempfile
+
+    from dhdnn.config import load_config
+    from dhdnn.run import train_from_config
+
+    torch.set_num_threads(1)
+    path, overrides = job
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(ROOT / path, [*overrides, f"run.out_dir={tmp}/run", "run.progress=false"])
+        t = time.perf_counter()
+        summary = train_from_config(cfg)
+    return {**summary, "seconds": time.perf_counter() - t}
+
+
+def train_many(jobs: list[tuple[str, list[str]]], processes: int = 2) -> list[dict]:
+    """Train every job, ``processes`` at a time, each in its own spawned process (one thread each,
+    so two runs share this 2-core machine without slowing each other)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(processes, mp_context=mp.get_context("spawn")) as pool:
+        return list(pool.map(_train_one, jobs))

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS, write_result
+from common import ROOT, RESULTS, write_result
 
-ROOT = Path(__file__).resolve().parent.parent
 ARGS = ["--no-progress", "--set", "data.n_samples=400", "--set", "train.epochs=3", "--set", "train.batch_size=50",
         "--set", "model.layers=3", "--set", "run.dtype=float64"]
 

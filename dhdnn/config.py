@@ -1,7 +1,7 @@
 """Run configuration: one dataclass per YAML section, validation, ``--set`` overrides.
 
-A run config has the sections ``model``, ``topology``, ``data``, ``train`` and ``run``
-(DESIGN §6). Every error names the file, the key and what was expected.
+A run config has the sections ``model``, ``topology``, ``data``, ``train`` and ``run``.
+Every error names the file, the key and what was expected.
 """
 from __future__ import annotations
 

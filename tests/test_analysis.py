@@ -9,7 +9,7 @@ def test_h2_depth_512_is_symplectic_with_norms_at_least_one(f64):
     torch.manual_seed(0)
     m = build_model("H2", 8, 512, 0.1)
     bsm = sensitivity_matrices(m, torch.randn(8))
-    # relative error: round-off level even though ||M|| grows large (DESIGN §1)
+    # relative error: round-off level even though ||M|| grows large
     assert symplecticity_error(bsm[0]) <= 1e-10
     for M in bsm:
         assert symplecticity_error(M) <= 1e-10

@@ -12,7 +12,6 @@ from dhdnn.config import load_config
 from dhdnn.models import build_model
 from dhdnn.models.conv import ConvClassifier
 from dhdnn.plots import heatmap_values
-from dhdnn.run import train_from_config
 from dhdnn.topology import topology_from_dict
 
 CONV = "launch/digits_conv_H2.yaml"

@@ -216,7 +216,7 @@ class ShardedStack(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, *grads):
         plan = ctx.plan
-        lay, F, L = plan.layout, plan.F, plan.layers
+        lay, F = plan.layout, plan.F
         names = lay.field_names
         saved = ctx.saved_tensors
         n_p = len(saved) - (1 + len(names) if plan.backprop == "autograd" else len(names))

@@ -1,4 +1,4 @@
-"""Baseline architectures: the earlier ODE-inspired networks MS1-MS3 and ResNet/MLP (DESIGN §1).
+"""Baseline architectures: the earlier ODE-inspired networks MS1-MS3 and ResNet/MLP.
 
 MS1 (Haber & Ruthotto 2017, Verlet) and MS3 (Chang et al. 2018, Verlet) are special
 cases of the Hamiltonian ODE with block-antidiagonal ``K``; MS2 is forward Euler with an

@@ -8,7 +8,6 @@ so every engine, regulariser and gradient-norm record works with it unchanged. P
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from .hamiltonian import ODENet

@@ -1,4 +1,4 @@
-"""H-DNN layer stacks (DESIGN §1): the shared ODE-network base, H1, H2 and the registry.
+"""H-DNN layer stacks: the shared ODE-network base, H1, H2 and the registry.
 
 Every architecture is a stack of ``layers`` residual steps of size ``h``. A class
 declares its per-layer parameters and supplies ``step``; the base class owns
@@ -285,7 +285,7 @@ def _check_positive_int(name: str, v) -> None:
 
 
 def j_matrix(kind: str, dim: int) -> Tensor:
-    """The fixed skew matrices of DESIGN §1: ``J1 = [[0, I], [-I, 0]]``; ``J2`` = +1 above, -1 below."""
+    """The fixed skew matrices: ``J1 = [[0, I], [-I, 0]]``; ``J2`` = +1 above, -1 below."""
     if kind == "J1":
         if dim % 2:
             raise ValueError(f"J: J1 pairs p with q, so dim must be even, got {dim}")
