@@ -64,12 +64,13 @@ def main():
         pred = 1e3 * auto["candidates"][key] if key and auto else None
         rows.append({"layout": name, "epoch_s": epoch, "train_s": train, "ms_per_step": per_step,
                      "predicted_ms_per_step": pred})
-        print(f"{name:40} {epoch:>8.3f} {train:>8.3f} {per_step:>8.2f} {pred if pred is not None else '':>18}")
+        print(f"{name:40} {epoch:>8.3f} {train:>8.3f} {per_step:>8.2f} {f'{pred:.2f}' if pred is not None else '':>18}")
     chosen = f"{auto['agents']}x{auto['replicas']}"
     measured = {"2x1": rows[1]["epoch_s"], "1x2": rows[2]["epoch_s"]}
     fastest = min(measured, key=measured.get)
     print(f"auto chose {chosen} (partitions x replicas); measured fastest of the two: {fastest}")
-    print(f"2 workers' best vs one process: {rows[0]['epoch_s'] / min(measured.values()):.2f}x")
+    print(f"speed of 2 workers' best layout relative to one process: {rows[0]['epoch_s'] / min(measured.values()):.2f}x "
+          "(target > 1)")
     print(f"wrote {write_result('layouts', {'epochs': args.epochs, 'repeat': args.repeat, 'rows': rows, 'auto': auto, 'auto_choice': chosen, 'measured_fastest': fastest})}")
 
 

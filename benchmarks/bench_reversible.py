@@ -2,10 +2,11 @@
 
   memory  H2, dim 64, batch 1024, depths 64 ... 4096, dense and 2 sharded workers (an 8-agent
           ring of 4 + 4 dims), autograd and reversible. Every point runs in a fresh process:
-          with parameters and Adam state allocated by a small step, one full forward + backward
-          runs under torch's memory profiler: activation memory = the peak of live tensor bytes
-          during it - the live bytes after it (which are the gradients it leaves): what the
-          backward keeps and its temporaries, free of allocator caching and page-level noise.
+          with parameters, gradients and Adam state allocated by a step at batch 8, one full
+          forward + backward runs under torch's memory profiler: activation memory = the peak
+          of live tensor bytes during it above those live before it, less the gradients it
+          creates: what the backward keeps (including buffers the engine reuses between steps)
+          and its temporaries, free of allocator caching and page-level noise.
           Time: two full training steps, in another fresh process (no profiler).
   drift   the relative error of rebuilt states y_j against the forward's, per layer, float32
           and float64, without anchors and with one every 64 layers (H2, dim 64, 4096 layers).
@@ -29,11 +30,12 @@ DIM, BATCH, H = 64, 1024, 0.05
 RING = {"name": "ring8_d4", "generator": {"kind": "ring", "agents": 8}, "defaults": {"dim": 4}}
 
 
-def _measure(step, what: str) -> dict:
-    """``memory``: the peak of live tensor bytes during one forward + backward minus the live
-    bytes after it (the gradients it leaves), parameters and Adam state already allocated.
-    ``time``: two training steps."""
-    step(8, True)  # Adam's state
+def _measure(step, what: str, opt) -> dict:
+    """``memory``: the peak of live tensor bytes during one forward + backward at the full batch,
+    above what was live before it (parameters, Adam state, and whatever buffers a step at batch 8
+    left: buffers an engine keeps between steps are counted when they grow to the full batch),
+    less the gradients the step creates. ``time``: two training steps."""
+    step(8, True)  # Adam's state, gradients
     if what == "memory":
         step(8, False)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -41,7 +43,12 @@ def _measure(step, what: str) -> dict:
         # live tensor bytes over time: every op's own allocations minus frees, in order
         live = torch.tensor([e.self_cpu_memory_usage for e in sorted(prof.events(), key=lambda e: e.time_range.start)],
                             dtype=torch.float64).cumsum(0)
-        return {"activation_bytes": int(live.max() - live[-1]), "gradient_bytes": int(live[-1])}
+        grads = sum(p.grad.numel() * p.grad.element_size() for g in opt.param_groups for p in g["params"]
+                    if p.grad is not None)
+        # the previous step's gradients were allocated before the profile: their release is not
+        # recorded, the new ones are; they are the step's output, not activations
+        return {"activation_bytes": int(live.max()) - grads, "gradient_bytes": grads,
+                "kept_after_bytes": int(live[-1]) - grads}
     times = []
     for _ in range(2):
         t = time.perf_counter()
@@ -75,7 +82,7 @@ def dense_child(layers: int, mode: str, what: str) -> dict:
         eng.after_backward()
         if optimise:
             opt.step()
-    return _measure(step, what)
+    return _measure(step, what, opt)
 
 
 def sharded_rank(rank, world, layers, mode, what):
@@ -100,7 +107,7 @@ def sharded_rank(rank, world, layers, mode, what):
         eng.after_backward()
         if optimise:
             opt.step()
-    return _measure(step, what)
+    return _measure(step, what, opt)
 
 
 def sharded_child(layers: int, mode: str, what: str) -> dict:
@@ -124,7 +131,7 @@ def _fresh(engine: str, layers: int, mode: str) -> dict:
 
 def memory() -> list[dict]:
     print(f"\n[memory] H2, dim {DIM}, batch {BATCH}, float32; fresh process per point; MiB of activations "
-          "(peak live tensor bytes of forward + backward - bytes left after it), seconds per step")
+          "(peak live tensor bytes of forward + backward above those before it), seconds per step")
     print(f"{'engine':8} {'layers':>6} {'autograd MiB':>13} {'reversible MiB':>15} {'ratio':>7} "
           f"{'autograd s':>11} {'reversible s':>13} {'time x':>7}")
     rows = []

@@ -21,6 +21,7 @@ import torch
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, config_from_dict
 from .engine import DenseEngine, build_classifier
+from .resources import keep_freed_memory
 from .rundir import RunDir, hold_as_worker
 from .train import DTYPES, Trainer, load_data
 
@@ -44,80 +45,100 @@ def _engine_is_sharded(cfg: Config, torchrun: bool) -> bool:
 
 def validate(cfg: Config, world: int | None = None, local_world: int | None = None) -> Setup:
     """Check the run before anything starts; errors name the file and the key (ConfigError)."""
-    from .distributed.mesh import ParallelDims
-    from .models import ARCHITECTURES
-    from .models.hamiltonian import NotDistributable
-    from .partition import check_workers
-    from .resources import available_memory, cores, estimate, human
     from .topology import load_topology
 
-    src, mc, rc = cfg.source, cfg.model, cfg.run
     sharded = _engine_is_sharded(cfg, world is not None)
-    world = world or rc.workers
+    world = world or cfg.run.workers
     topo = load_topology(cfg.topology) if cfg.topology is not None else None
     data = load_data(cfg)
     if topo is not None:
         topo.input_feeds(data.n_features)
-    cls = ARCHITECTURES[mc.arch]
-    if mc.network == "conv":
-        if data.image_shape is None:
-            raise ConfigError(f"{src}: key 'model.network': conv needs an image dataset (digits, mnist), "
-                              f"got {data.name}")
-        if topo is not None or sharded:
-            raise ConfigError(f"{src}: key 'model.network': the conv network runs densely in one process; "
-                              "expected no topology and one worker (patches as agents: a topology with embeddings)")
-    if sharded:
-        if topo is None:
-            raise ConfigError(f"{src}: key 'topology': the sharded engine needs a topology (a file or inline)")
-        try:
-            layout = cls.agent_layout(J=mc.J)
-        except NotDistributable as e:
-            raise ConfigError(f"{src}: key '{e.key}': {e.reason}") from None
-        if cfg.train.grad_norm_every:
-            raise ConfigError(f"{src}: key 'train.grad_norm_every': expected 0 with the sharded engine "
-                              "(per-layer gradient norms are recorded by the dense engine)")
-        if rc.backprop == "reversible" and not layout.invertible:
-            raise ConfigError(f"{src}: key 'run.backprop': {mc.arch} layers cannot be inverted exactly; "
-                              "expected autograd")
-        if rc.replicas == "auto":
-            from .distributed.autolayout import candidates
+    _check_network(cfg, data, topo, sharded)
+    dims = _check_sharded(cfg, topo, world) if sharded else _check_dense(cfg)
+    _check_resources(cfg, topo, data, dims, sharded, local_world or (world if sharded else 1))
+    return Setup(topo, data.n_features, data.n_classes, sharded, world, dims.replicas)
 
-            layouts = candidates(world, topo.n_agents, cfg.train.batch_size)
-            if not layouts:
-                raise ConfigError(f"{src}: key 'run.replicas': no layout of {world} workers fits {topo.n_agents} "
-                                  f"agents and batch {cfg.train.batch_size}")
-            dims = ParallelDims(world, layouts[0][1])  # the largest agent split: the memory bound below
-        else:
-            try:
-                dims = ParallelDims(world, rc.replicas)
-            except ValueError as e:
-                raise ConfigError(f"{src}: key 'run.replicas': {str(e).split(': ', 1)[1]}") from None
-            check_workers(topo, dims.agents)
-            if cfg.train.batch_size < dims.replicas:
-                raise ConfigError(f"{src}: key 'train.batch_size': {cfg.train.batch_size} samples cannot be split "
-                                  f"over {dims.replicas} replicas; expected at least one sample per replica")
-    else:
-        dims = ParallelDims(1)
-        if rc.backprop == "reversible" and not cls.invertible:
-            raise ConfigError(f"{src}: key 'run.backprop': {mc.arch} layers cannot be inverted exactly; "
-                              "expected autograd")
-        if rc.replicas != 1:
-            raise ConfigError(f"{src}: key 'run.replicas': expected 1 with the dense engine (one process)")
+
+def _check_network(cfg: Config, data, topo, sharded: bool) -> None:
+    if cfg.model.network != "conv":
+        return
+    if data.image_shape is None:
+        raise ConfigError(f"{cfg.source}: key 'model.network': conv needs an image dataset (digits, mnist), "
+                          f"got {data.name}")
+    if topo is not None or sharded:
+        raise ConfigError(f"{cfg.source}: key 'model.network': the conv network runs densely in one process; "
+                          "expected no topology and one worker (patches as agents: a topology with embeddings)")
+
+
+def _check_sharded(cfg: Config, topo, world: int):
+    """What the sharded engine needs: a topology, a distributable architecture, a layout of the
+    workers that fits the agents and the batch. Returns the layout (ParallelDims)."""
+    from .distributed.mesh import ParallelDims
+    from .models import ARCHITECTURES
+    from .models.hamiltonian import NotDistributable
+    from .partition import check_workers
+
+    src, mc, rc = cfg.source, cfg.model, cfg.run
+    if topo is None:
+        raise ConfigError(f"{src}: key 'topology': the sharded engine needs a topology (a file or inline)")
+    try:
+        layout = ARCHITECTURES[mc.arch].agent_layout(J=mc.J)
+    except NotDistributable as e:
+        raise ConfigError(f"{src}: key '{e.key}': {e.reason}") from None
+    if cfg.train.grad_norm_every:
+        raise ConfigError(f"{src}: key 'train.grad_norm_every': expected 0 with the sharded engine "
+                          "(per-layer gradient norms are recorded by the dense engine)")
+    if rc.backprop == "reversible" and not layout.invertible:
+        raise ConfigError(f"{src}: key 'run.backprop': {mc.arch} layers cannot be inverted exactly; expected autograd")
+    if rc.replicas == "auto":
+        from .distributed.autolayout import candidates
+
+        layouts = candidates(world, topo.n_agents, cfg.train.batch_size)
+        if not layouts:
+            raise ConfigError(f"{src}: key 'run.replicas': no layout of {world} workers fits {topo.n_agents} "
+                              f"agents and batch {cfg.train.batch_size}")
+        return ParallelDims(world, layouts[0][1])  # the largest agent split: the memory bound
+    try:
+        dims = ParallelDims(world, rc.replicas)
+    except ValueError as e:
+        raise ConfigError(f"{src}: key 'run.replicas': {str(e).split(': ', 1)[1]}") from None
+    check_workers(topo, dims.agents)
+    if cfg.train.batch_size < dims.replicas:
+        raise ConfigError(f"{src}: key 'train.batch_size': {cfg.train.batch_size} samples cannot be split "
+                          f"over {dims.replicas} replicas; expected at least one sample per replica")
+    return dims
+
+
+def _check_dense(cfg: Config):
+    from .distributed.mesh import ParallelDims
+    from .models import ARCHITECTURES
+
+    if cfg.run.backprop == "reversible" and not ARCHITECTURES[cfg.model.arch].invertible:
+        raise ConfigError(f"{cfg.source}: key 'run.backprop': {cfg.model.arch} layers cannot be inverted exactly; "
+                          "expected autograd")
+    if cfg.run.replicas != 1:
+        raise ConfigError(f"{cfg.source}: key 'run.replicas': expected 1 with the dense engine (one process)")
+    return ParallelDims(1)
+
+
+def _check_resources(cfg: Config, topo, data, dims, sharded: bool, here: int) -> None:
+    """Refuse a run whose estimated memory exceeds the machine's; warn when workers outnumber cores."""
+    from .resources import available_memory, cores, estimate, human
+
     n_samples = len(data.x_train) + len(data.x_test)
     est = estimate(cfg, topo, data.n_features, data.n_classes, n_samples, dims.agents, sharded)
-    here = local_world or (world if sharded else 1)
     avail = available_memory()
     if avail is not None and est.total * here > avail:
-        keys = "model.layers, model.dim or the topology's dims, train.batch_size" + (", run.workers" if sharded else
-                                                                                     " (or run the sharded engine)")
-        raise ConfigError(f"{src}: key 'model': the run needs an estimated {est.describe()}"
+        keys = "model.layers, model.dim or the topology's dims, train.batch_size" + (
+            ", run.workers" if sharded else " (or run the sharded engine)")
+        raise ConfigError(f"{cfg.source}: key 'model': the run needs an estimated {est.describe()}"
                           f"{f' x {here} ranks' if here > 1 else ''}, more than this machine's {human(avail)} "
                           f"available; lower {keys}")
-    if here * rc.threads > cores():
-        print(f"dhdnn: warning: {here} worker(s) x {rc.threads} thread(s) on {cores()} cores: workers will wait "
+    threads = cfg.run.threads
+    if here * threads > cores():
+        print(f"dhdnn: warning: {here} worker(s) x {threads} thread(s) on {cores()} cores: workers will wait "
               "for each other's CPU time (every exchange then costs a scheduling delay); use at most "
-              f"{max(1, cores() // rc.threads)} workers here", file=sys.stderr)
-    return Setup(topo, data.n_features, data.n_classes, sharded, world, dims.replicas)
+              f"{max(1, cores() // threads)} workers here", file=sys.stderr)
 
 
 def resolve_resume(cfg: Config, resume: bool | str) -> bool:
@@ -219,6 +240,7 @@ def worker_main(rank: int, world: int, cfg_dict: dict, resume: bool, source: str
 
     cfg = config_from_dict(cfg_dict, source)
     torch.set_num_threads(cfg.run.threads)
+    keep_freed_memory()
     hold_as_worker(cfg.run.out_dir)
     device = cfg.run.device
     if device == "cuda":

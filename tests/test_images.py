@@ -76,7 +76,7 @@ def _write_idx(path, array, code):
 
 
 def test_mnist_files_end_to_end(tmp_path, capsys):
-    """Tiny IDX files in MNIST's layout: load, train the paper's network a step, evaluate."""
+    """Tiny IDX files in MNIST's layout: the shipped MNIST config loads them, trains an epoch, evaluates."""
     rng = np.random.default_rng(0)
     d = tmp_path / "mnist"
     d.mkdir()
@@ -88,7 +88,7 @@ def test_mnist_files_end_to_end(tmp_path, capsys):
         _write_idx(d / f"{split}-images-idx3-ubyte.gz", images, 0x08)
         _write_idx(d / f"{split}-labels-idx1-ubyte.gz", labels, 0x08)
     out = tmp_path / "run"
-    assert main(["train", CONV, "--out", str(out), "--no-progress", "--set", "data.name=mnist",
+    assert main(["train", "launch/mnist_conv_H2.yaml", "--out", str(out), "--no-progress",
                  "--set", f"data.path={d}", "--set", "train.epochs=1", "--set", "train.batch_size=20",
                  "--set", "model.layers=2"]) == 0
     capsys.readouterr()

@@ -176,7 +176,8 @@ class ShardedNet(nn.Module):
             elif c.kind == "embed.bias":
                 self._embed_bias.append((p, self._state_rows(agents)))
             elif c.kind == "W":
-                self._readout.append((p, self._state_rows(agents)))
+                rows = self._state_rows(agents)
+                self._readout.append((p, rows, self._runs(rows)))
             else:
                 self.mu = p
 
@@ -195,15 +196,38 @@ class ShardedNet(nn.Module):
             fields = [f if f.requires_grad else f.requires_grad_() for f in fields]
         return fields
 
+    def _runs(self, rows: Tensor) -> list[tuple[int, int, int]] | None:
+        """``rows`` (agents, 2n) holds each agent's p rows, then its q rows. Where the agents' p
+        rows are one run of consecutive rows inside one field, and so are their q rows (agents
+        of one shape stored side by side, the usual case): ``[(field, start, stop)]`` for p and
+        q, read as views; else None (read by index)."""
+        F, n = self.rows.F, rows.shape[1] // 2
+        runs = []
+        for half in (rows[:, :n], rows[:, n:]):
+            flat = half.reshape(-1)
+            start = int(flat[0])
+            field, start_in = divmod(start, F)
+            if start_in + flat.numel() > F or not torch.equal(flat, torch.arange(start, start + flat.numel())):
+                return None
+            runs.append((field, start_in, start_in + flat.numel()))
+        return runs
+
     def readout_partial(self, fields: list[Tensor]) -> Tensor:
         """``sum_i W^[i] y^[i] (+ mu)`` over my readout agents, batch-first ``(B, classes)``."""
-        Y = torch.cat(fields, 0) if len(fields) > 1 else fields[0]
-        terms = [torch.einsum("ack,akb->bc", W, Y[rows]) for W, rows in self._readout]  # (agents, C, 2n) x (agents, 2n, B)
+        B, terms, Y = fields[0].shape[1], [], None
+        for W, rows, runs in self._readout:  # (agents, C, 2n) x (agents, 2n, B), one GEMM per part
+            A, n = rows.shape[0], rows.shape[1] // 2
+            if runs is not None:  # views: no gather, and no index_put (slow, sorting) in the backward
+                for (f, a, b), k in zip(runs, (slice(0, n), slice(n, 2 * n))):
+                    terms.append(torch.einsum("ack,akb->bc", W[:, :, k], fields[f][a:b].view(A, n, B)))
+                continue
+            Y = torch.cat(fields, 0) if Y is None else Y
+            terms.append(torch.einsum("ack,akb->bc", W, Y.index_select(0, rows.reshape(-1)).view(A, 2 * n, B)))
         if self.mu is not None:
-            terms.append(self.mu.expand(Y.shape[1], -1))
+            terms.append(self.mu.expand(B, -1))
         # a rank without readout agents still depends on its fields: its backward (and the
         # exchanges its neighbours wait for) must run like everyone else's
-        out = terms[0] if terms else Y[:1].sum(0, keepdim=True).T.mul(0).expand(-1, self.n_classes)
+        out = terms[0] if terms else fields[0][:1].sum(0, keepdim=True).T.mul(0).expand(-1, self.n_classes)
         for t in terms[1:]:
             out = out + t
         return out
