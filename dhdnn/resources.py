@@ -107,25 +107,3 @@ def available_memory() -> int | None:
 
 def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def keep_freed_memory() -> None:
-    """Serve a worker's allocations from its heap and keep freed memory there for reuse (glibc).
-
-    By default glibc maps every allocation above 32 MiB afresh and unmaps it when freed, so
-    each large temporary of a step (Adam's, the regulariser's, zero-filled gradient buffers)
-    pays page faults and kernel zeroing again, every step. On a 256 x 256 grid (8 + 8 dims,
-    one worker) that made a step 5.0x the 128 x 128 one instead of 4x; with the heap kept,
-    4.2x. Called in worker processes only (it changes the whole process's allocator); a no-op
-    where glibc is not the C library."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    mallopt(M_MMAP_MAX, 0)  # no per-allocation mappings: large blocks come from the heap
-    mallopt(M_TRIM_THRESHOLD, 1 << 30)  # give memory back only when a GiB lies free at the top
-

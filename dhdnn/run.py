@@ -21,7 +21,6 @@ import torch
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, config_from_dict
 from .engine import DenseEngine, build_classifier
-from .resources import keep_freed_memory
 from .rundir import RunDir, hold_as_worker
 from .train import DTYPES, Trainer, load_data
 
@@ -240,7 +239,6 @@ def worker_main(rank: int, world: int, cfg_dict: dict, resume: bool, source: str
 
     cfg = config_from_dict(cfg_dict, source)
     torch.set_num_threads(cfg.run.threads)
-    keep_freed_memory()
     hold_as_worker(cfg.run.out_dir)
     device = cfg.run.device
     if device == "cuda":

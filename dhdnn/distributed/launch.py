@@ -124,23 +124,6 @@ def failed_rank(wait_s: float = 2.0) -> int | None:
     return None
 
 
-def keep_freed_memory() -> None:
-    """Ask glibc to keep freed memory instead of unmapping every large block: otherwise each
-    step's big temporaries come back as fresh pages and zero-filling them (page faults) costs
-    more than the arithmetic. A no-op where glibc is absent, or where the environment tunes
-    malloc itself (``MALLOC_MMAP_THRESHOLD_``)."""
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: serve blocks up to 32 MiB from the heap
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: do not return heap memory eagerly
-    except (OSError, AttributeError):
-        pass
-
-
 def available_cores() -> list[int]:
     return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
 
@@ -229,7 +212,6 @@ def _child(rank: int, world: int, store_path: str, out_dir: str, backend: str, t
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # local workers talk over 127.0.0.1 only
     if cores is not None:
         pin(rank, threads, cores)
-    keep_freed_memory()
     try:
         store = dist.FileStore(store_path, world)
         init_group(backend, rank, world, timeout_s, store=store)
