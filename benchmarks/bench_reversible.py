@@ -57,6 +57,17 @@ def _measure(step, what: str, opt) -> dict:
     return {"step_s": min(times)}
 
 
+def _stepper(eng, opt, x, y):
+    """One training step at the first ``b`` samples (``optimise``: also the Adam update)."""
+    def step(b, optimise):
+        opt.zero_grad(set_to_none=True)
+        eng.objective(x[:b], y[:b], 5e-4).objective.backward()
+        eng.after_backward()
+        if optimise:
+            opt.step()
+    return step
+
+
 def _config(layers: int, mode: str):
     from dhdnn.config import load_config
 
@@ -76,13 +87,7 @@ def dense_child(layers: int, mode: str, what: str) -> dict:
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(BATCH, 2, generator=g), torch.randint(0, 2, (BATCH,), generator=g)
 
-    def step(b, optimise):
-        opt.zero_grad(set_to_none=True)
-        eng.objective(x[:b], y[:b], 5e-4).objective.backward()
-        eng.after_backward()
-        if optimise:
-            opt.step()
-    return _measure(step, what, opt)
+    return _measure(_stepper(eng, opt, x, y), what, opt)
 
 
 def sharded_rank(rank, world, layers, mode, what):
@@ -101,13 +106,7 @@ def sharded_rank(rank, world, layers, mode, what):
     quiet_transport_threads()
     opt = torch.optim.Adam(eng.optimizer_groups(0.0), lr=1e-4)
 
-    def step(b, optimise):
-        opt.zero_grad(set_to_none=True)
-        eng.objective(x[:b], y[:b], 5e-4).objective.backward()
-        eng.after_backward()
-        if optimise:
-            opt.step()
-    return _measure(step, what, opt)
+    return _measure(_stepper(eng, opt, x, y), what, opt)
 
 
 def sharded_child(layers: int, mode: str, what: str) -> dict:

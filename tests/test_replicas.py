@@ -10,7 +10,6 @@ from collections import defaultdict
 
 import pytest
 import torch
-import yaml
 
 from dhdnn import checkpoint as ckpt
 from dhdnn.config import load_config
@@ -20,34 +19,18 @@ from dhdnn.partition import partition
 from dhdnn.run import train_from_config
 from dhdnn.topology import load_topology
 
-from .test_runs import MIXED
+from ._runs import assert_same as _same, params_of as _params, write_mixed_run
 
 
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory):
-    d = tmp_path_factory.mktemp("mixed")
-    (d / "mixed9.yaml").write_text(yaml.safe_dump(MIXED))
-    cfg = d / "run.yaml"
-    cfg.write_text("topology: mixed9.yaml\nmodel: {arch: H2, layers: 3, h: 0.4, init_std: 0.5}\n"
-                   "data: {name: double_moons, n_samples: 400}\n"
-                   "train: {batch_size: 40, lr: 0.02, alpha: 0.001}\nrun: {dtype: float64, progress: false}\n")
-    return cfg
+    return write_mixed_run(tmp_path_factory.mktemp("mixed"), batch_size=40)
 
 
 def _run(cfg_path, out, workers, replicas, epochs=1, resume=False, engine="auto", trace=False):
     cfg = load_config(cfg_path, [f"run.out_dir={out}", f"run.workers={workers}", f"run.replicas={replicas}",
                                  f"train.epochs={epochs}", f"run.engine={engine}", f"run.trace={str(trace).lower()}"])
     return train_from_config(cfg, resume=resume)
-
-
-def _params(run, which=0):
-    return ckpt.assemble(ckpt.load(ckpt.complete(run)[which])[1])
-
-
-def _same(a, b, tol=1e-9):
-    assert set(a) == set(b)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=tol, atol=tol, msg=k)
 
 
 def test_every_layout_trains_the_one_process_network(mixed, tmp_path):

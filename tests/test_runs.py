@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from dhdnn import checkpoint as ckpt
@@ -18,38 +17,18 @@ from dhdnn.cli import main
 from dhdnn.config import load_config
 from dhdnn.run import train_from_config
 
-MIXED = {"name": "mixed9", "agents": [{"id": i, "dim": 1 + i % 3} for i in range(9)],
-         "edges": [[0, 1], [1, 2], [2, 3], [3, 4], [4, 5], [5, 6], [6, 7], [7, 8], [8, 0], [0, 4], [2, 6]],
-         "inputs": [{"feature": 0, "agent": 0, "part": "p"}, {"feature": 1, "agent": 4, "part": "q", "index": 1}],
-         "readout": [0, 2, 4, 6, 8]}
+from ._runs import MIXED, assert_same as _same, params_of as _params, write_mixed_run
 
 
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory):
-    d = tmp_path_factory.mktemp("mixed")
-    (d / "mixed9.yaml").write_text(yaml.safe_dump(MIXED))
-    cfg = d / "run.yaml"
-    cfg.write_text("topology: mixed9.yaml\nmodel: {arch: H2, layers: 3, h: 0.4, init_std: 0.5}\n"
-                   "data: {name: double_moons, n_samples: 400}\n"
-                   "train: {batch_size: 50, lr: 0.02, alpha: 0.001}\nrun: {dtype: float64, progress: false}\n")
-    return cfg
+    return write_mixed_run(tmp_path_factory.mktemp("mixed"), batch_size=50)
 
 
 def _run(cfg_path, out, workers, epochs, resume=False, engine="auto"):
     cfg = load_config(cfg_path, [f"run.out_dir={out}", f"run.workers={workers}", f"train.epochs={epochs}",
                                  f"run.engine={engine}"])
     return train_from_config(cfg, resume=resume)
-
-
-def _params(run, which=0):
-    """Every block of the run's checkpoint ``which`` (0: newest, 1: the one before)."""
-    return ckpt.assemble(ckpt.load(ckpt.complete(run)[which])[1])
-
-
-def _same(a, b, tol=1e-9):
-    assert set(a) == set(b)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=tol, atol=tol, msg=k)
 
 
 def test_one_network_for_every_worker_count_and_resume_both_ways(mixed, tmp_path):
