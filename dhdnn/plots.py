@@ -207,7 +207,7 @@ def topology_plot(topo, part, out) -> Path:
         handles += [Line2D([], [], marker="o", ls="", color=cmap(r % cmap.N),
                            label=f"worker {r}: {counts[r]} agents, load {loads[r]}") for r in range(part.workers)]
         handles.append(Line2D([], [], ls="--", color="#d62728", label=f"cut edges: {len(cut)}"))
-        title += f"; {part.workers} workers, {len(cut)} cut edges, halo volume {part.objective(topo)[0]}"
+        title += f"\n{part.workers} workers, {len(cut)} cut edges, halo volume {part.objective(topo)[0]}"
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     ax.set_title(title, fontsize=9)
     ax.set_axis_off()
