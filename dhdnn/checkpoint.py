@@ -227,19 +227,28 @@ def _collect(ckpt_dir: Path, e, parts: list[dict], what: str, like: Tensor) -> T
     total = 1 + max([int(ids.max()) if len(ids) else -1] + [int(p["ids"].max()) for p in parts if len(p["ids"])])
     where = np.full(total, -1, np.int64)
     where[ids] = np.arange(len(ids))
-    out = torch.empty_like(like)
-    filled, axis = 0, e.block_axis
-    for part in parts:
-        dst = where[part["ids"].numpy()]
-        keep = dst >= 0
-        if not keep.any():
-            continue
+    axis = e.block_axis
+
+    def blocks(part: dict) -> Tensor:
         vals = pick(part)
         if vals.shape[:axis] + vals.shape[axis + 1:] != like.shape[:axis] + like.shape[axis + 1:]:
             raise CheckpointError(f"{ckpt_dir}: {e.key!r} blocks have shape {tuple(vals.shape)}, model expects "
                                   f"{tuple(like.shape)} along axis {axis}")
+        return vals
+
+    hits = [(part, where[part["ids"].numpy()]) for part in parts]
+    hits = [(part, dst) for part, dst in hits if (dst >= 0).any()]
+    if len(hits) == 1 and len(hits[0][1]) == len(ids) and (hits[0][1] >= 0).all():
+        # one shard holds exactly this rank's blocks (resuming on the same layout): one gather
+        order = np.empty(len(ids), np.int64)
+        order[hits[0][1]] = np.arange(len(ids))
+        return blocks(hits[0][0]).index_select(axis, torch.from_numpy(order)).to(like.dtype)
+    out = torch.empty_like(like)
+    filled = 0
+    for part, dst in hits:
+        keep = dst >= 0
         src = torch.from_numpy(np.flatnonzero(keep))
-        out.index_copy_(axis, torch.from_numpy(dst[keep]), vals.index_select(axis, src).to(out.dtype))
+        out.index_copy_(axis, torch.from_numpy(dst[keep]), blocks(part).index_select(axis, src).to(out.dtype))
         filled += int(keep.sum())
     if filled != len(ids):
         raise CheckpointError(f"{ckpt_dir}: {e.key!r}: {len(ids) - filled} of this rank's blocks are missing")
