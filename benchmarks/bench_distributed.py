@@ -18,16 +18,13 @@
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from common import ROOT, timeit, write_result
+from common import timeit, train_cli, write_result
 from dhdnn.config import load_config
 from dhdnn.data import Dataset
 from dhdnn.distributed.launch import run_local
@@ -108,26 +105,15 @@ def scaling():
             "runs": runs}
 
 
-def _train(out: Path, workers: int, epochs: int, extra=()) -> dict:
-    cmd = [sys.executable, "-m", "dhdnn", "train", "launch/ring8_swiss_roll.yaml", "--no-progress", "--out", str(out),
-           "--workers", str(workers), "--set", f"train.epochs={epochs}", *extra]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1200)
-    if p.returncode:
-        raise RuntimeError(p.stderr[-3000:])
-    return json.loads((out / "summary.json").read_text())
-
-
 def ring():
     print("\n[ring] the paper's ring (launch/ring8_swiss_roll.yaml), batch 125: seconds per epoch "
           "(steps + evaluation of 8000 samples + checkpoint), by `dhdnn train`")
     epochs, rows = 10, {}
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(2):
-            for name, workers, extra in (("one process", 1, ("--set", "run.engine=dense")),
-                                         ("2 workers (2 partitions)", 2, ())):
-                s = _train(Path(tmp) / f"{rep}{workers}", workers, epochs, extra)
-                metrics = [json.loads(x) for x in (Path(tmp) / f"{rep}{workers}" / "metrics.jsonl").read_text()
-                           .splitlines()]
+            for name, workers, extra in (("one process", 1, ["run.engine=dense"]), ("2 workers (2 partitions)", 2, [])):
+                s = train_cli(Path(tmp) / f"{rep}{workers}", workers, [*extra, f"train.epochs={epochs}"])
+                metrics = s["metrics"]
                 row = {"epoch_s": s["wall_seconds"] / s["epochs"],
                        "train_s": sorted(m["seconds"] for m in metrics)[len(metrics) // 2],
                        "steps_per_epoch": s["steps"] / s["epochs"]}

@@ -12,32 +12,21 @@ epochs, from ``summary.json``; the median of ``--repeat`` runs, interleaved.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT, write_result
+from common import train_cli, write_result
 
 LAYOUTS = {"one process": (1, 1), "2 workers: 2 partitions x 1 replica": (2, 1),
            "2 workers: 1 partition x 2 replicas": (2, 2)}
 
 
 def run(workers: int, replicas, epochs: int, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "dhdnn", "train", str(ROOT / "launch/ring8_swiss_roll.yaml"), "--no-progress",
-           "--out", str(out), "--workers", str(workers), "--set", f"run.replicas={replicas}",
-           "--set", f"train.epochs={epochs}"]
-    if workers == 1:
-        cmd += ["--set", "run.engine=dense"]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1200)
-    if p.returncode:
-        raise RuntimeError(p.stderr[-3000:])
-    s = json.loads((out / "summary.json").read_text())
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return {"epoch_s": s["wall_seconds"] / s["epochs"], "train_s": statistics.median(x["seconds"] for x in lines),
-            "steps": s["steps"] / s["epochs"], "layout": s.get("layout"), "stderr": p.stderr}
+    sets = [f"run.replicas={replicas}", f"train.epochs={epochs}"] + (["run.engine=dense"] if workers == 1 else [])
+    s = train_cli(out, workers, sets)
+    return {"epoch_s": s["wall_seconds"] / s["epochs"], "train_s": statistics.median(x["seconds"] for x in s["metrics"]),
+            "steps": s["steps"] / s["epochs"], "layout": s.get("layout"), "stderr": s["stderr"]}
 
 
 def main():

@@ -20,34 +20,23 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from common import ROOT, write_result
+from common import ROOT, train_cli, write_result
 
 
 
 def train(out: Path, rows: int, workers: int, epochs: int, resume: bool = False) -> dict:
-    cmd = [sys.executable, "-m", "dhdnn", "train", str(ROOT / "launch/ring8_swiss_roll.yaml"), "--no-progress",
-           "--out", str(out), "--workers", str(workers), "--set", "run.engine=sharded",
-           "--set", f"topology={{generator: {{kind: grid, rows: {rows}, cols: {rows}}}, defaults: {{dim: 8}}}}",
-           "--set", "model.layers=4", "--set", "model.h=0.1", "--set", "model.init_std=0.3",
-           "--set", "train.batch_size=128", "--set", "data.n_samples=512", "--set", f"train.epochs={epochs}"]
-    if resume:
-        cmd.append("--resume")
-    start = time.time()
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=3600)
-    if p.returncode:
-        raise RuntimeError(p.stderr[-3000:])
-    s = json.loads((out / "summary.json").read_text())
-    s["command_start_unix"] = start
-    return s
+    return train_cli(out, workers, ["run.engine=sharded",
+                                    f"topology={{generator: {{kind: grid, rows: {rows}, cols: {rows}}}, defaults: {{dim: 8}}}}",
+                                    "model.layers=4", "model.h=0.1", "model.init_std=0.3", "train.batch_size=128",
+                                    "data.n_samples=512", f"train.epochs={epochs}"], resume=resume, timeout=3600)
 
 
 def one(rows: int, workers: int, tmp: Path) -> dict:
     out = tmp / f"grid{rows}-w{workers}"
     s = train(out, rows, workers, 2)
-    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = s["metrics"]
     t = s["timing"]
     resumed = [train(out, rows, workers, 3 + k, resume=True) for k in range(2)]
     saves = t["checkpoint_save_seconds"] + [x for r in resumed for x in r["timing"]["checkpoint_save_seconds"]]

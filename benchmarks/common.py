@@ -46,6 +46,25 @@ def mean_std(values) -> tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
 
 
+def train_cli(out: Path, workers: int, sets=(), config: str = "launch/ring8_swiss_roll.yaml", resume: bool = False,
+              timeout: int = 1200) -> dict:
+    """``dhdnn train CONFIG --out OUT --workers N --set ...`` in a fresh process, as a user runs it:
+    the run's ``summary.json``, its ``metrics.jsonl`` rows (``metrics``), when the command started
+    (``command_start_unix``) and what it printed on stderr."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "dhdnn", "train", str(ROOT / config), "--no-progress", "--out", str(out),
+           "--workers", str(workers), *(a for s in sets for a in ("--set", s))] + (["--resume"] if resume else [])
+    start = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+    if p.returncode:
+        raise RuntimeError(p.stderr[-3000:])
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return {**json.loads((out / "summary.json").read_text()), "metrics": metrics, "command_start_unix": start,
+            "stderr": p.stderr}
+
+
 def _train_one(job: tuple[str, list[str]]) -> dict:
     """One training run in a fresh process: (config path, overrides) -> the run's summary."""
     import tempfile

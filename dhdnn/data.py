@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import math
 import struct
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +33,7 @@ class Dataset:
         return self.x_train.shape[1]
 
     def to(self, dtype: torch.dtype) -> "Dataset":
-        return Dataset(self.name, self.x_train.to(dtype), self.y_train, self.x_test.to(dtype),
-                       self.y_test, self.n_classes, self.domain, self.image_shape)
+        return dataclasses.replace(self, x_train=self.x_train.to(dtype), x_test=self.x_test.to(dtype))
 
 
 def _split(name, x, y, train_fraction, rng, n_classes, domain=None) -> Dataset:

@@ -114,14 +114,12 @@ def model_from_export(d: dict, path: str | Path = "<export>") -> Classifier:
         opts["X"] = sd["body.X"]
     body = build_model(d["arch"], d["dim"], d["layers"], d["h"], mask=masks or None, **opts)
     if d.get("network") == "conv":
-        model = ConvClassifier(body, tuple(d["image_shape"]), d["n_classes"]).to(sd["body." + next(
-            iter(cls.param_shapes))].dtype)
-        model.load_state_dict(sd)
-        return model
-    pl = d["placement"]
-    placement = InputPlacement(tuple(pl["feature_index"]), tuple(pl["features"]),
-                               tuple(Embedding(tuple(e["features"]), tuple(e["states"])) for e in pl["embeddings"]))
-    model = Classifier(body, d["n_features"], d["n_classes"], placement, tuple(d["readout_states"]))
-    model = model.to(sd["W"].dtype)
+        model, readout = ConvClassifier(body, tuple(d["image_shape"]), d["n_classes"]), "linear.weight"
+    else:
+        pl = d["placement"]
+        placement = InputPlacement(tuple(pl["feature_index"]), tuple(pl["features"]),
+                                   tuple(Embedding(tuple(e["features"]), tuple(e["states"])) for e in pl["embeddings"]))
+        model, readout = Classifier(body, d["n_features"], d["n_classes"], placement, tuple(d["readout_states"])), "W"
+    model = model.to(sd[readout].dtype)
     model.load_state_dict(sd)
     return model

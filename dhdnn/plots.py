@@ -102,8 +102,9 @@ def decision_boundary(model, data, out: Path, resolution: int = 200) -> Path:
     return _save(fig, out)
 
 
-def confusion(model, data, out: Path) -> Path:
-    pred, true = _predict(model, data.x_test), data.y_test.numpy()
+def confusion(pred: np.ndarray, data, out: Path) -> Path:
+    """``pred``: the predicted class of every test image."""
+    true = data.y_test.numpy()
     k = data.n_classes
     m = np.zeros((k, k), dtype=int)
     np.add.at(m, (true, pred), 1)
@@ -120,8 +121,9 @@ def confusion(model, data, out: Path) -> Path:
     return _save(fig, out)
 
 
-def misclassified(model, data, out: Path, most: int = 25) -> Path:
-    pred, true = _predict(model, data.x_test), data.y_test.numpy()
+def misclassified(pred: np.ndarray, data, out: Path, most: int = 25) -> Path:
+    """``pred``: the predicted class of every test image."""
+    true = data.y_test.numpy()
     wrong = np.flatnonzero(pred != true)[:most]
     c, H, W = data.image_shape
     cols = 5
@@ -154,8 +156,9 @@ def plot_run(run: Path) -> list[Path]:
     if data.n_features == 2:
         written.append(decision_boundary(model, data, run / "decision_boundary.png"))
     if data.image_shape is not None:
-        written.append(confusion(model, data, run / "confusion.png"))
-        written.append(misclassified(model, data, run / "misclassified.png"))
+        pred = _predict(model, data.x_test)  # once, for both pictures
+        written.append(confusion(pred, data, run / "confusion.png"))
+        written.append(misclassified(pred, data, run / "misclassified.png"))
     workers = cfg.run.workers // (cfg.run.replicas if isinstance(cfg.run.replicas, int) else 1)
     if topo is not None and workers > 1:
         from .partition import partition

@@ -295,7 +295,7 @@ def _dense_to_packed(cfg: Config, setup: Setup, data):
         from .blocks import dense_packed
 
         model, table = build_classifier(cfg, data.n_features, data.n_classes, setup.topo, DTYPES[cfg.run.dtype],
-                                    data.image_shape)
+                                        data.image_shape)
         with torch.no_grad():
             for n, p in model.named_parameters():
                 p.copy_(plain[n])

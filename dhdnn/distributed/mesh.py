@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 
 
@@ -67,13 +68,10 @@ def make_groups(dims: ParallelDims, rank: int, device: str = "cpu") -> Groups:
         return Groups(dims, rank, dist.group.WORLD, None)
     from torch.distributed.device_mesh import init_device_mesh
 
-    import torch
-
-    mesh = init_device_mesh("cuda" if device.startswith("cuda") else "cpu", (dims.replicas, dims.agents),
-                            mesh_dim_names=("replica", "agent"))
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    mesh = init_device_mesh(kind, (dims.replicas, dims.agents), mesh_dim_names=("replica", "agent"))
     groups = Groups(dims, rank, mesh.get_group("agent"), mesh.get_group("replica"), mesh)
     # connect the new groups now (gloo connects a group at its first operation: up to a second)
-    on = "cuda" if device.startswith("cuda") else "cpu"
     for g in (groups.agent, groups.replica):
-        dist.all_reduce(torch.zeros(1, device=on), group=g)
+        dist.all_reduce(torch.zeros(1, device=kind), group=g)
     return groups

@@ -332,19 +332,19 @@ def _backward_reversible(plan: StackPlan, anchors: dict, params, outs, g: dict):
     for f, y in zip(names, outs):
         cur[f][:F] = y
     S, Z = ws.take((F, B), like), ws.take((E, B), like)
-    GZ, GX, GU = ws.take((E, B), like), ws.take((E, B), like), ws.take((F, B), like)
+    GZ, GX, GU, D = ws.take((E, B), like), ws.take((E, B), like), ws.take((F, B), like), ws.take((F, B), like)
     for j in reversed(range(L)):
         for k in reversed(range(len(lay.half_steps))):
-            _half_reverse(plan, ps, G[k], k, j, g, cur, S, Z, GZ, GX, GU, gb[k])
+            _half_reverse(plan, ps, G[k], k, j, g, cur, S, Z, GZ, GX, GU, D, gb[k])
         if j in anchors:  # drift stops here: continue from the stored state
             for f in names:
                 cur[f][:F] = anchors[j][f]
-    ws.give(S, Z, GZ, GX, GU, *cur.values())
+    ws.give(S, Z, GZ, GX, GU, D, *cur.values())
     return G, gb
 
 
 def _half_reverse(plan: StackPlan, ps: _Pass, G, k: int, j: int, g: dict, cur: dict, S: Tensor, Z: Tensor,
-                  GZ: Tensor, GX: Tensor, GU: Tensor, gb: Tensor) -> None:
+                  GZ: Tensor, GX: Tensor, GU: Tensor, D: Tensor, gb: Tensor) -> None:
     """Undo one half-step (rebuilding ``target`` before it) and run its adjoint; the rebuild's
     messages travel with the adjoint's (one gather and one scatter-add, each two tensors deep)."""
     hs, kern, st, ex, F = plan.layout.half_steps[k], ps.kern[k], ps.st[k], plan.ex, plan.F
@@ -360,7 +360,8 @@ def _half_reverse(plan: StackPlan, ps: _Pass, G, k: int, j: int, g: dict, cur: d
         kern.mv_halo(st, j, X, S)
         kern.mv_halo(st, j, GZ, GU)
     S.tanh_()
-    GU.addcmul_(GU, S * S, value=-1)  # (1 - s^2) dL/ds
+    torch.mul(S, S, out=D)
+    GU.addcmul_(GU, D, value=-1)  # (1 - s^2) dL/ds
     if ex is not None:
         kern.tmv_halo(st, j, S, Z)
         kern.tmv_halo(st, j, GU, GX)
