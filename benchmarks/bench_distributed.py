@@ -136,7 +136,8 @@ def overhead_worker(rank, world, layers, reps):
     """Time the engine (1 rank) and the dense masked model in the same process, interleaved."""
     from dhdnn.distributed.engine import build_sharded_engine
     from dhdnn.distributed.mesh import ParallelDims, make_groups
-    from dhdnn.engine import DenseEngine, build_classifier
+    from dhdnn.build import build_classifier
+    from dhdnn.engine import DenseEngine
 
     torch.set_num_threads(1)
     cfg = _cfg(layers, h=0.5)

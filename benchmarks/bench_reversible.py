@@ -76,7 +76,8 @@ def _config(layers: int, mode: str):
 
 
 def dense_child(layers: int, mode: str, what: str) -> dict:
-    from dhdnn.engine import DenseEngine, build_classifier
+    from dhdnn.build import build_classifier
+    from dhdnn.engine import DenseEngine
 
     torch.set_num_threads(1)
     cfg = _config(layers, mode)

@@ -2,11 +2,14 @@
 
 Public API::
 
-    build_model(name, dim, layers, h, mask=None, **options)  # an H-DNN layer stack
-    ARCHITECTURES                                            # name -> class registry
-    load_topology, partition                                 # agent graphs and their placement
-    Classifier, load_dataset, load_config, Trainer, train_from_config
-    load_exported                                            # a trained network, dense, from `dhdnn export`
+    load_topology, Topology.from_networkx, Topology.from_dict  # agent graphs
+    build_network(topology, arch=, layers=, h=, n_features=, n_outputs=, task=)  # the dense network
+    dhdnn.distributed.distribute(model)                      # this rank's share, after init_process_group
+    load_exported(path)                                      # a saved network (export file, run or checkpoint
+                                                             # directory), dense, in one process
+    export_model(model, path)                                # one dense file
+    build_model(name, dim, layers, h, mask=None, **options)  # an H-DNN layer stack; ARCHITECTURES
+    partition, load_dataset, load_config, Trainer, train_from_config
     sensitivity_norms, symplecticity_error                   # gradient analysis
 """
 import os
@@ -19,17 +22,19 @@ import os
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from .analysis import sensitivity_matrices, sensitivity_norms, symplecticity_error
+from .build import NetworkSpec, build_network
 from .config import Config, ConfigError, load_config
 from .data import Dataset, load_dataset
-from .export import load_exported
+from .export import export_model, load_exported
 from .models import ARCHITECTURES, Classifier, ODENet, build_model
 from .partition import partition
 from .run import train_from_config
-from .topology import load_topology
+from .topology import Topology, load_topology
 from .train import Trainer
 
 __version__ = "0.2.0"
 
-__all__ = ["ARCHITECTURES", "Classifier", "Config", "ConfigError", "Dataset", "ODENet", "Trainer",
-           "build_model", "load_config", "load_dataset", "load_exported", "load_topology", "partition",
-           "sensitivity_matrices", "sensitivity_norms", "symplecticity_error", "train_from_config"]
+__all__ = ["ARCHITECTURES", "Classifier", "Config", "ConfigError", "Dataset", "NetworkSpec", "ODENet", "Topology",
+           "Trainer", "build_model", "build_network", "export_model", "load_config", "load_dataset",
+           "load_exported", "load_topology", "partition", "sensitivity_matrices", "sensitivity_norms",
+           "symplecticity_error", "train_from_config"]

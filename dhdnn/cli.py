@@ -43,7 +43,8 @@ def cmd_train(args) -> int:
         cfg.run.progress = False
     summary = train_from_config(cfg, resume="auto" if args.auto_resume else args.resume)
     if summary is not None:
-        print(f"train_acc {summary['train_acc']:.4f}  test_acc {summary['test_acc']:.4f}  "
+        m, f = ("acc", ".4f") if summary.get("task", "classify") == "classify" else ("mse", ".4g")
+        print(f"train_{m} {summary[f'train_{m}']:{f}}  test_{m} {summary[f'test_{m}']:{f}}  "
               f"epochs {summary['epochs']}  wall {summary['wall_seconds']:.1f}s  -> {cfg.run.out_dir}")
     return 0
 
@@ -62,6 +63,8 @@ def cmd_analyze(args) -> int:
     from .analysis import sensitivity_matrices, symplecticity_error
     from .models import ARCHITECTURES, build_model
 
+    if args.backprop == "reversible":
+        return _analyze_reversible(args)
     torch.manual_seed(args.seed)
     opts = {"J": args.J} if "J" in ARCHITECTURES[args.arch].config_options else {}
     model = build_model(args.arch, args.dim, args.layers, args.h, **opts).double()
@@ -76,6 +79,27 @@ def cmd_analyze(args) -> int:
         print(f"{args.arch}: {args.layers} layers, h={args.h}, dim={args.dim}")
         print(f"  relative symplecticity error of dy_L/dy_0: {out['symplecticity_error']:.3e}")
         print(f"  ||dy_L/dy_j||_2 over j: min {out['min_bsm_norm']:.4g}  max {out['max_bsm_norm']:.4g}")
+    return 0
+
+
+def _analyze_reversible(args) -> int:
+    import torch
+
+    from .analysis import reversible_report
+
+    if args.arch != "H2":
+        raise ValueError(f"--arch: reversible backprop needs H2 (invertible layers), got {args.arch}")
+    r = reversible_report(args.dim, args.layers, args.h, getattr(torch, args.dtype), args.batch, args.seed)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    print(f"H2: {args.layers} layers, h={args.h}, dim={args.dim}, batch {args.batch}, {args.dtype}; gradient error "
+          "= relative error of all parameter gradients against float64 autograd")
+    print(f"  autograd ({args.dtype}):          gradient error {r['autograd_grad_error']:.2e}")
+    print(f"  reversible, float rebuild:   gradient error {r['float_grad_error']:.2e}   rebuilt input drifted "
+          f"{r['float_drift']:.2e} (relative)")
+    print(f"  reversible, exact rebuild:   gradient error {r['exact_grad_error']:.2e}   every rebuilt state bit for "
+          "bit the forward's (certificate checked)")
     return 0
 
 
@@ -162,8 +186,8 @@ def cmd_partition(args) -> int:
 def cmd_export(args) -> int:
     from .export import dense_model_of_run, export_model, trainable_parameters
 
-    cfg, model, topo = dense_model_of_run(args.run_dir)
-    out = export_model(model, cfg, topo, args.out)
+    cfg, model, _ = dense_model_of_run(args.run_dir)
+    out = export_model(model, args.out, cfg)
     n = sum(p.numel() for p in model.parameters())
     print(f"exported {model.body.arch_name} ({model.body.layers} layers, dim {model.body.dim}, "
           f"{trainable_parameters(model)} trainable parameters of {n} stored) -> {out}")
@@ -176,24 +200,30 @@ def cmd_evaluate(args) -> int:
     from .export import dense_model_of_run, model_from_export, read_export
     from .train import DTYPES, load_data
 
+    from .tasks import TASKS
+
     src = Path(args.model)
-    if src.is_dir():
+    if src.is_dir():  # a run directory, or a checkpoint directory a user's loop saved
         cfg, model, _ = dense_model_of_run(src)
-        raw = cfg.to_dict()
+        raw = cfg.to_dict() if cfg is not None else {}
     else:
         payload = read_export(src)
         model, raw = model_from_export(payload, src), payload["config"]
-        raw = {**raw, "topology": None}  # the export holds the network; the data section is what matters
+    spec = getattr(model, "spec", None)
+    task = TASKS[spec.task if spec is not None else "classify"]
+    # the model is given; what matters of the config is its data section (and the task it implies)
+    raw = {**raw, "topology": None, "model": {**(raw.get("model") or {}), "task": task.name}}
     cfg = config_from_dict(apply_overrides(raw, args.overrides), str(src))
     data = load_data(cfg)
     model = model.to(DTYPES[cfg.run.dtype])
     x, y = (data.x_test, data.y_test) if args.split == "test" else (data.x_train, data.y_train)
-    ce, correct, count = DenseEngine(model).eval_stats(x, y).tolist()
-    result = {"split": args.split, "dataset": data.name, "accuracy": correct / count, "loss": ce / count,
-              "samples": int(count)}
+    stats = DenseEngine(model, task=task.name).eval_stats(x, y)
+    name = "accuracy" if task.name == "classify" else task.metric
+    result = {"split": args.split, "dataset": data.name, name: task.metric_of(stats),
+              "loss": float(stats[0] / stats[2]), "samples": int(stats[2])}
     print(json.dumps(result) if args.json else
-          f"{data.name} {args.split}: accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}  "
-          f"({int(count)} samples)")
+          f"{data.name} {args.split}: {task.describe(result[name])}  loss {result['loss']:.4f}  "
+          f"({result['samples']} samples)")
     return 0
 
 
@@ -226,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--h", type=float, default=0.1)
     p.add_argument("--J", default="J1")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backprop", choices=["autograd", "reversible"], default="autograd",
+                   help="reversible: the float and the exact (fixed-point) rebuild against float64 autograd")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="(--backprop reversible)")
+    p.add_argument("--batch", type=int, default=256, help="(--backprop reversible)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_analyze)
 

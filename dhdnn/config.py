@@ -77,9 +77,11 @@ class ModelConfig:
     feature_index: list[int] | None = None  # state index of each input feature (no topology)
     network: str = "state"  # state: features placed into the H-DNN's state; conv: the paper's image network
     channels: int = 8  # conv: 3x3 convolution channels = the H-DNN's state dimension on every pixel
+    task: str = "classify"  # classify (cross-entropy, accuracy) or regress (mean squared error on real targets)
 
     def __post_init__(self):
         _choice("arch", self.arch, ARCH_NAMES)
+        _choice("task", self.task, ("classify", "regress"))
         _choice("network", self.network, ("state", "conv"))
         _pos_int("channels", self.channels)
         _pos_int("dim", self.dim)
@@ -96,17 +98,46 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "swiss_roll"
-    n_samples: int = 8000
-    train_fraction: float = 0.5
-    noise: float = 0.0
-    seed: int = 0
-    path: str | None = None  # directory of local files (mnist)
+    name: str | None = None  # None: swiss_roll, or factory when data.factory is given
+    n_samples: int = 8000  # 2-D generators
+    train_fraction: float = 0.5  # share of the samples for training where the data has no test split
+    noise: float = 0.0  # 2-D generators
+    seed: int = 0  # draws generated points and splits
+    path: str | None = None  # mnist/fashion_mnist: a directory of IDX files; npz: an .npz file or a directory
+    # of .npy files; csv: a file (relative paths: the working directory, else beside the config)
+    test_path: str | None = None  # csv: a separate test file (else a test split is drawn from path)
+    keys: dict | None = None  # npz: array names in the file for x_train, y_train, x_test, y_test
+    target: Any = None  # csv: target column (name or index; a list for several regression targets); None: last
+    features: list | None = None  # csv: feature columns (names or indices); None: every other column
+    header: Any = "auto"  # csv: the first line names the columns (auto: when it is not all numbers)
+    delimiter: str = ","  # csv
+    factory: str | None = None  # "package.module:function" returning the arrays
+    options: dict | None = None  # keyword arguments for the factory
+    n_classes: int | None = None  # classification: number of classes (None: largest label + 1)
+    class_names: list | None = None  # class names for pictures (fashion_mnist has its own)
 
     def __post_init__(self):
         from .data import DATASETS
 
+        if self.name is None:
+            self.name = "factory" if self.factory is not None else "swiss_roll"
         _choice("name", self.name, DATASETS)
+        _expect((self.factory is not None) == (self.name == "factory"), "factory",
+                "'package.module:function' with data.name factory (and only then)", self.factory)
+        _expect(self.keys is None or (isinstance(self.keys, dict) and set(self.keys) <= {
+            "x_train", "y_train", "x_test", "y_test"} and all(isinstance(v, str) for v in self.keys.values())),
+            "keys", "a mapping from x_train/y_train/x_test/y_test to array names", self.keys)
+        _expect(self.header in (True, False, "auto"), "header", "true, false or auto", self.header)
+        _expect(isinstance(self.delimiter, str) and len(self.delimiter) == 1, "delimiter", "one character",
+                self.delimiter)
+        _expect(self.options is None or isinstance(self.options, dict), "options", "a mapping of keyword arguments",
+                self.options)
+        if self.n_classes is not None:
+            _expect(isinstance(self.n_classes, int) and not isinstance(self.n_classes, bool) and self.n_classes >= 2,
+                    "n_classes", "an integer >= 2", self.n_classes)
+        _expect(self.class_names is None or (isinstance(self.class_names, list)
+                                             and all(isinstance(c, str) for c in self.class_names)),
+                "class_names", "a list of strings", self.class_names)
         _pos_int("n_samples", self.n_samples)
         _expect(isinstance(self.train_fraction, (int, float)) and 0 < self.train_fraction < 1,
                 "train_fraction", "a number strictly between 0 and 1", self.train_fraction)
@@ -148,7 +179,7 @@ class TrainConfig:
 class RunConfig:
     out_dir: str = "runs/default"
     workers: int = 1
-    engine: str = "auto"  # auto: sharded when workers > 1 or under torchrun, else dense
+    engine: str = "auto"  # auto: sharded (topology networks) or replicated dense (conv) on workers, else dense
     dtype: str = "float32"
     device: str = "cpu"
     backend: str = "auto"  # auto: gloo on CPU, nccl on CUDA
@@ -160,7 +191,11 @@ class RunConfig:
     progress: bool = True
     replicas: int | str = 1  # data-parallel replicas (workers = agent partitions x replicas); auto: measured choice
     backprop: str = "autograd"  # autograd (keep every layer's state) or reversible (rebuild states; H2)
-    reversible_anchor_every: int = 0  # reversible: store the state every k layers (bounds float drift); 0 = never
+    reversible_state: str = "fixed"  # reversible: fixed (int64 fixed point: rebuilt bit for bit) or float
+    reversible_fraction_bits: int | None = None  # fixed: grid 2^-F; None: 32 (float32), 48 (float64)
+    reversible_anchor_every: int | str = 0  # float: store the state every k layers (bounds drift); 0 = never;
+    # auto: none until an epoch's drift exceeds reversible_tolerance, then twice as many each such epoch
+    reversible_tolerance: float | None = None  # float: the drift that warns (None: 1e-5 float32, 1e-10 float64)
     pin_workers: bool = True  # give each local worker its own cores when they fit
     tensorboard: bool | str = "auto"  # metrics also as TensorBoard scalars (RUN/tensorboard); auto: if installed
 
@@ -180,13 +215,31 @@ class RunConfig:
                                             and self.replicas > 0), "replicas", "a positive integer or 'auto'",
                 self.replicas)
         _choice("backprop", self.backprop, ("autograd", "reversible"))
-        _expect(isinstance(self.reversible_anchor_every, int) and not isinstance(self.reversible_anchor_every, bool)
-                and self.reversible_anchor_every >= 0, "reversible_anchor_every", "an integer >= 0",
-                self.reversible_anchor_every)
+        _choice("reversible_state", self.reversible_state, ("fixed", "float"))
+        _expect(self.reversible_anchor_every == "auto" or (
+            isinstance(self.reversible_anchor_every, int) and not isinstance(self.reversible_anchor_every, bool)
+            and self.reversible_anchor_every >= 0), "reversible_anchor_every", "an integer >= 0 or auto",
+            self.reversible_anchor_every)
+        if self.reversible_fraction_bits is not None:
+            _expect(isinstance(self.reversible_fraction_bits, int) and not isinstance(self.reversible_fraction_bits, bool)
+                    and 8 <= self.reversible_fraction_bits <= 60, "reversible_fraction_bits",
+                    "an integer in [8, 60]", self.reversible_fraction_bits)
+        if self.reversible_tolerance is not None:
+            _pos("reversible_tolerance", self.reversible_tolerance)
         _expect(isinstance(self.pin_workers, bool), "pin_workers", "true or false", self.pin_workers)
         _expect(self.tensorboard in (True, False, "auto"), "tensorboard", "true, false or auto", self.tensorboard)
-        _expect(self.engine != "dense" or self.workers == 1, "workers",
-                "1 with engine: dense (the dense model runs in one process)", self.workers)
+
+
+    @property
+    def anchors(self) -> int:
+        """The anchor spacing a run starts with (``auto`` starts without anchors)."""
+        return 0 if self.reversible_anchor_every == "auto" else self.reversible_anchor_every
+
+    def tolerance(self) -> float:
+        """The float rebuild's drift above which a run warns (and ``auto`` adds anchors)."""
+        if self.reversible_tolerance is not None:
+            return self.reversible_tolerance
+        return 1e-5 if self.dtype == "float32" else 1e-10
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "run": RunConfig}
@@ -251,7 +304,28 @@ def config_from_dict(raw: Any, source: str = "<config>") -> Config:
         # relative topology paths are relative to the config file, so configs travel with their graphs
         cand = Path(source).parent / topo
         topo = str(cand) if cand.exists() or not Path(topo).exists() else topo
+    _anchor_data_paths(parts["data"], source)
     return Config(topology=topo, source=source, **parts)
+
+
+def _anchor_data_paths(dc: "DataConfig", source: str) -> None:
+    """Data files given relative to the working directory, or else to the config file, and a
+    factory module found as a file there, become absolute: a run directory's config then reads
+    the same data from anywhere."""
+    here = [Path.cwd()] + ([Path(source).parent] if not source.startswith("<") else [])
+    for key in ("path", "test_path"):
+        value = getattr(dc, key)
+        if value and not Path(value).is_absolute():
+            found = next((d / value for d in here if (d / value).exists()), None)
+            if found is not None:
+                setattr(dc, key, str(found.resolve()))
+    if dc.factory and dc.factory.count(":") == 1:
+        module, func = dc.factory.split(":")
+        if not module.endswith(".py"):
+            module = module.replace(".", "/") + ".py"
+        found = next((d / module for d in here if (d / module).is_file()), None)
+        if found is not None:
+            dc.factory = f"{found.resolve()}:{func}"
 
 
 def read_yaml(path: str | Path) -> Any:

@@ -1,7 +1,11 @@
-"""Datasets: seeded 2-D generators, scikit-learn's 8x8 digits and a local MNIST IDX reader.
+"""Datasets: seeded 2-D generators, scikit-learn's 8x8 digits, local IDX image files, and a
+user's own data (``.npz`` / ``.npy`` arrays, CSV files, or a factory function).
 
-Everything is generated in code or read from local files: nothing is downloaded.
-A :class:`Dataset` holds float train/test tensors and integer labels.
+Everything is generated in code or read from local files: nothing is downloaded. A
+:class:`Dataset` holds float train/test features and the targets: integer labels
+(classification) or real ``(N, outputs)`` targets (regression). A user's own data is checked
+before anything trains (:func:`validate_arrays`), with one-line errors naming the file and
+the key; the readers live in ``datafiles.py``.
 """
 from __future__ import annotations
 
@@ -21,19 +25,29 @@ from torch import Tensor
 class Dataset:
     name: str
     x_train: Tensor
-    y_train: Tensor
+    y_train: Tensor  # class labels (long, (N,)) or regression targets (float, (N, outputs))
     x_test: Tensor
     y_test: Tensor
-    n_classes: int
+    n_classes: int  # classes (classification); 0 for regression
     domain: tuple[float, float, float, float] | None = None  # plot window for 2-D sets
     image_shape: tuple[int, int, int] | None = None  # (channels, rows, cols) of image sets (features row-major)
+    task: str = "classify"  # classify | regress
+    class_names: tuple[str, ...] | None = None  # for pictures
+    source: str = ""  # where the data came from (error messages)
 
     @property
     def n_features(self) -> int:
         return self.x_train.shape[1]
 
+    @property
+    def n_outputs(self) -> int:
+        """What the network outputs: one logit per class, or one value per regression target."""
+        return self.n_classes if self.task == "classify" else self.y_train.shape[1]
+
     def to(self, dtype: torch.dtype) -> "Dataset":
-        return dataclasses.replace(self, x_train=self.x_train.to(dtype), x_test=self.x_test.to(dtype))
+        """Features (and regression targets) in ``dtype``; a no-op (no copy) where they already are."""
+        ys = {} if self.task == "classify" else {"y_train": self.y_train.to(dtype), "y_test": self.y_test.to(dtype)}
+        return dataclasses.replace(self, x_train=self.x_train.to(dtype), x_test=self.x_test.to(dtype), **ys)
 
 
 def _split(name, x, y, train_fraction, rng, n_classes, domain=None) -> Dataset:
@@ -88,7 +102,10 @@ def double_moons(n_samples=8000, noise=0.0, rng=None):
 
 
 GENERATORS_2D = {"swiss_roll": swiss_roll, "double_circles": double_circles, "double_moons": double_moons}
-DATASETS = (*GENERATORS_2D, "digits", "mnist")
+FILE_DATASETS = ("npz", "csv", "factory")  # a user's own data (datafiles.py)
+DATASETS = (*GENERATORS_2D, "digits", "mnist", "fashion_mnist", *FILE_DATASETS)
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot")
 
 
 def load_dataset(name: str, n_samples: int = 8000, train_fraction: float = 0.5, noise: float = 0.0,
@@ -108,12 +125,13 @@ def load_dataset(name: str, n_samples: int = 8000, train_fraction: float = 0.5, 
         t = lambda a, dt: torch.as_tensor(a, dtype=dt)  # noqa: E731
         return Dataset(name, t(xtr, torch.float64), t(ytr, torch.long), t(xte, torch.float64), t(yte, torch.long),
                        10, image_shape=(1, 8, 8))
-    if name == "mnist":
-        return load_mnist(path)
+    if name in ("mnist", "fashion_mnist"):
+        d = load_mnist(path)
+        return dataclasses.replace(d, name=name, class_names=FASHION_CLASSES if name == "fashion_mnist" else None)
     raise ValueError(f"data.name: unknown dataset {name!r}; expected one of {list(DATASETS)}")
 
 
-# ---- MNIST IDX ---------------------------------------------------------------------------
+# ---- IDX image files (MNIST, Fashion-MNIST) ------------------------------------------------
 _IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 MNIST_FILES = {
     "x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx1-ubyte",
@@ -144,12 +162,13 @@ def _find(directory: Path, stem: str) -> Path:
     for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
         if (directory / name).exists():
             return directory / name
-    raise FileNotFoundError(f"data.path: MNIST file {stem}[.gz] not found in {directory}; "
+    raise FileNotFoundError(f"data.path: IDX file {stem}[.gz] not found in {directory}; "
                             "place the four IDX files there (nothing is downloaded)")
 
 
 def load_mnist(path: str | None) -> Dataset:
-    """MNIST from the four IDX files in directory ``path``; pixels scaled to [0, 1], flattened."""
+    """MNIST-format images from the four IDX files in directory ``path``; pixels scaled to
+    [0, 1] in float32 (a 60,000-image set is 188 MB, not twice that in float64), flattened."""
     if not path:
         raise ValueError("data.path: the mnist dataset needs a directory holding the IDX files")
     directory = Path(path)
@@ -159,7 +178,11 @@ def load_mnist(path: str | None) -> Dataset:
     for split in ("train", "test"):
         if len(arrays[f"x_{split}"]) != len(arrays[f"y_{split}"]):
             raise ValueError(f"{directory}: {split} images and labels differ in count")
-    x = {k: torch.as_tensor(arrays[k].reshape(len(arrays[k]), -1) / 255.0) for k in ("x_train", "x_test")}
+    scale = np.float32(1 / 255.0)
+    x = {k: torch.from_numpy(arrays[k].reshape(len(arrays[k]), -1).astype(np.float32) * scale)
+         for k in ("x_train", "x_test")}
     y = {k: torch.as_tensor(arrays[k].astype(np.int64)) for k in ("y_train", "y_test")}
     shape = (1, *arrays["x_train"].shape[1:]) if arrays["x_train"].ndim == 3 else None
-    return Dataset("mnist", x["x_train"], y["y_train"], x["x_test"], y["y_test"], 10, image_shape=shape)
+    n_classes = int(max(y["y_train"].max(), y["y_test"].max())) + 1
+    return Dataset("mnist", x["x_train"], y["y_train"], x["x_test"], y["y_test"], max(10, n_classes),
+                   image_shape=shape, source=str(directory))

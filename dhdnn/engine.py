@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .models import Classifier
+from .tasks import TASKS, Task
 
 EVAL_BYTES = 256 << 20  # activation memory an evaluation chunk may use
 
@@ -25,7 +25,7 @@ class StepOut:
     """What one training batch produced on this rank."""
 
     objective: Tensor  # call .backward() on this, then Engine.after_backward() (the regulariser's gradient)
-    stats: Tensor  # [cross-entropy sum, correct, count, regulariser] (local; summed over ranks)
+    stats: Tensor  # [loss sum, score, count, regulariser] (local; summed over ranks; see tasks.py)
     grad_norms: Callable[[], list[float]] | None = None  # after backward: ||dloss/dy_j|| per layer
 
 
@@ -46,18 +46,13 @@ class Entry:
     put: Callable[[list[Tensor], Tensor], None] = lambda ts, v: ts[0].copy_(v)
 
 
-def stats_of(logits: Tensor, y: Tensor) -> Tensor:
-    ce = F.cross_entropy(logits, y, reduction="sum")
-    correct = (logits.argmax(1) == y).sum()
-    count = torch.tensor(float(len(y)), dtype=ce.dtype, device=ce.device)
-    return torch.stack([ce.detach(), correct.to(ce.dtype), count]).cpu()
-
-
 class Engine:
     """What the trainer needs from a model runtime (dense here, sharded in ``distributed``)."""
 
     rank: int = 0
     world: int = 1
+    task: Task = TASKS["classify"]
+    spec = None  # the NetworkSpec (build.py) of the network, where known: saved with checkpoints
 
     @property
     def is_main(self) -> bool:
@@ -79,7 +74,7 @@ class Engine:
         raise NotImplementedError
 
     def eval_stats(self, x: Tensor, y: Tensor) -> Tensor:
-        """[cross-entropy sum, correct, count] of a split, local to this rank."""
+        """[loss sum, score, count] of a split, local to this rank."""
         raise NotImplementedError
 
     def reduce_sum(self, t: Tensor) -> Tensor:
@@ -100,6 +95,14 @@ class Engine:
         regulariser's gradient in place (no parameter-sized graph per step) and, with replicas,
         averages gradients."""
 
+    def take_drift(self) -> float:
+        """Reversible backprop: the largest relative drift of a rebuilt state since the last call
+        (0 in exact mode, whose certificate raises on any difference)."""
+        return 0.0
+
+    def set_anchor_every(self, k: int) -> None:
+        """Reversible backprop (float): store the state every ``k`` layers from the next step on."""
+
     def end_epoch(self) -> None:
         """Called after every epoch (flush traces, ...)."""
 
@@ -115,8 +118,10 @@ def eval_chunk(bytes_per_sample: int) -> int:
 class DenseEngine(Engine):
     """The reference: the whole (masked) network in one process."""
 
-    def __init__(self, model: Classifier, device: str | torch.device = "cpu", table=None):
+    def __init__(self, model: Classifier, device: str | torch.device = "cpu", table=None, task: str = "classify"):
         self.model, self.device, self.table = model, torch.device(device), table
+        self.task = TASKS[task]
+        self.spec = getattr(model, "spec", None)
         self._alpha = 0.0
 
     def optimizer_groups(self, weight_decay):
@@ -128,36 +133,42 @@ class DenseEngine(Engine):
     def objective(self, x, y, alpha, record=False):
         m = self.model
         x, y = x.to(self.device), y.to(self.device)
-        y0 = m.initial_state(x)
         states = None
         if record:  # the step-by-step path keeps every intermediate state for the gradient norms
+            y0 = m.initial_state(x)
             states = m.body.trajectory(y0.requires_grad_() if not y0.requires_grad else y0)
             for s in states:
                 s.retain_grad()
-            yL = states[-1]
+            logits = m.readout(states[-1])
         else:
-            yL = m.body(y0)
-        logits = m.readout(yL)
-        ce = F.cross_entropy(logits, y)
+            logits = m(x)
+        loss = self.task.loss(logits, y)
         self._alpha = alpha  # the regulariser's gradient is added after backward (after_backward)
-        reg = m.body.regularizer_value(alpha) if alpha else ce.new_zeros(())
-        stats = torch.cat([stats_of(logits, y), reg.reshape(1).cpu()])
+        reg = m.body.regularizer_value(alpha) if alpha else loss.new_zeros(())
+        stats = torch.cat([self.task.stats(logits, y), reg.reshape(1).cpu()])
         norms = (lambda: [float(s.grad.norm()) for s in states]) if record else None
-        return StepOut(ce, stats, norms)
+        return StepOut(loss, stats, norms)
 
     def after_backward(self):
         if self._alpha:
             self.model.body.add_regularizer_grad(self._alpha)
 
+    def take_drift(self):
+        cert = self.model.body.certificate
+        drift = cert.drift
+        cert.reset()
+        return drift
+
+    def set_anchor_every(self, k):
+        self.model.body.anchor_every = k
+
     @torch.no_grad()
     def eval_stats(self, x, y):
-        body = self.model.body
-        itemsize = torch.finfo(x.dtype).bits // 8
-        chunk = eval_chunk(4 * (body.layers + 1) * body.dim * itemsize)  # the fused stacks keep every state
+        chunk = eval_chunk(self.model.activation_bytes(1, x.dtype))
         out = torch.zeros(3, dtype=torch.float64)
         for i in range(0, len(x), chunk):
             xb, yb = x[i:i + chunk].to(self.device), y[i:i + chunk].to(self.device)
-            out += stats_of(self.model(xb), yb).double()
+            out += self.task.stats(self.model(xb), yb).double()
         return out
 
     def entries(self):
@@ -170,46 +181,3 @@ class DenseEngine(Engine):
             b = DenseBinding(self.table, c, self.model)
             out.append(Entry(c.key, b.params, torch.arange(len(c)), c.block_axis, b.get, b.put))
         return out
-
-
-def build_classifier(cfg, n_features: int, n_classes: int, topology=None, dtype=None, image_shape=None):
-    """The dense classifier of a run config. With a topology: masked by it and initialised
-    from the per-agent blocks (the same network the sharded engine builds on any number of
-    workers); returns ``(model, table)`` with the topology's :class:`~dhdnn.blocks.BlockTable`
-    (None without a topology)."""
-    from .models import ARCHITECTURES, build_model
-    from .models.network import InputPlacement
-
-    mc = cfg.model
-    cls = ARCHITECTURES[mc.arch]
-    options = {k: getattr(mc, k) for k in cls.config_options}
-    options["init_std"] = mc.init_std
-    dtype = dtype or torch.get_default_dtype()
-    if mc.network == "conv":
-        from .models.conv import ConvClassifier
-
-        torch.manual_seed(cfg.train.seed)  # the convolution and readout initialise from torch's generator
-        gen = torch.Generator().manual_seed(cfg.train.seed)
-        body = build_model(mc.arch, mc.channels, mc.layers, mc.h, generator=gen, **options)
-        return ConvClassifier(body, image_shape, n_classes).to(dtype), None
-    if topology is None:
-        gen = torch.Generator().manual_seed(cfg.train.seed)
-        placement = InputPlacement(tuple(mc.feature_index)) if mc.feature_index is not None else None
-        body = build_model(mc.arch, mc.dim, mc.layers, mc.h, generator=gen, **options)
-        return Classifier(body, n_features, n_classes, placement).to(dtype), None
-    from .blocks import BlockTable, init_packed, load_dense
-    from .models.hamiltonian import NotDistributable
-    from .topology import dense_masks
-
-    gen = torch.Generator().manual_seed(cfg.train.seed)
-    body = build_model(mc.arch, topology.state_dim, mc.layers, mc.h,
-                       mask=dense_masks(topology, mc.arch, mc.J), generator=gen, **options)
-    model = Classifier(body, n_features, n_classes, topology.placement(n_features),
-                       topology.readout_state_indices()).to(dtype)
-    try:
-        layout = cls.agent_layout(**options)
-    except NotDistributable:  # a centralised architecture, masked: no per-agent form
-        return model, None
-    table = BlockTable(topology, layout, mc.layers, n_classes)
-    load_dense(table, model, init_packed(table, cfg.train.seed, mc.init_std, dtype))
-    return model, table

@@ -23,22 +23,40 @@ FORMAT, VERSION = "dhdnn-export", 1
 
 
 def dense_model_of_run(run_dir: str | Path):
-    """(config, dense classifier with the run's latest weights, topology or None), from any
-    working directory: the run directory holds its config and topology."""
-    from .engine import DenseEngine, build_classifier
+    """``(config or None, dense model with the newest weights, topology or None)`` of a run
+    directory (``dhdnn train``) or of a checkpoint directory a user's loop saved
+    (:meth:`~dhdnn.distributed.DistributedNetwork.save`), from any working directory: both hold
+    what defines their network."""
+    from .build import NetworkSpec, build_classifier, build_with_table
+    from .engine import DenseEngine
     from .rundir import run_config
-    from .topology import load_topology
+    from .topology import load_topology, topology_from_dict
     from .train import DTYPES, load_data
 
     run_dir = Path(run_dir)
-    cfg = run_config(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: not a directory")
+    has_config = (run_dir / "config.yaml").exists()
     found = ckpt.load_newest_readable(run_dir, report=lambda m: None)
     if found is None:
         raise ckpt.CheckpointError(f"{run_dir}: no complete checkpoint to export")
     d, meta, shards = found
-    topo = load_topology(cfg.topology) if cfg.topology is not None else None
-    data = load_data(cfg)
-    model, table = build_classifier(cfg, data.n_features, data.n_classes, topo, DTYPES[cfg.run.dtype], data.image_shape)
+    cfg = run_config(run_dir) if has_config else None
+    if cfg is not None:
+        topo = load_topology(cfg.topology) if cfg.topology is not None else None
+        dtype = DTYPES[cfg.run.dtype]
+    elif "network" in meta:
+        spec_topo = meta.get("topology_spec")
+        topo = topology_from_dict(spec_topo, str(d / "meta.json")) if spec_topo is not None else None
+        dtype = next(e["values"].dtype for s in shards for e in s["entries"].values())
+    else:
+        raise ckpt.CheckpointError(f"{run_dir}: neither a run directory (config.yaml) nor a checkpoint saved with "
+                                   "its network (meta.json key 'network')")
+    if "network" in meta:
+        model, table = build_with_table(NetworkSpec.from_dict(meta["network"]), topo, dtype)
+    else:  # older checkpoints: the data says the network's input and output sizes
+        data = load_data(cfg)
+        model, table = build_classifier(cfg, data.n_features, data.n_outputs, topo, dtype, data.image_shape)
     if meta["version"] == 1:
         shards = ckpt.upgrade_v1(shards, table)
     ckpt.restore(d, shards, DenseEngine(model, table=table).entries(), lambda p: {}, ())
@@ -55,17 +73,24 @@ def trainable_parameters(model) -> int:
     return n
 
 
-def export_model(model, cfg, topo, out: str | Path) -> Path:
+def export_model(model, out: str | Path, cfg=None) -> Path:
+    """Write ``model`` (a dense network: from a run, :func:`dhdnn.build_network` or a user's
+    loop) as one export file; ``cfg``: the run config it came from, if any (``dhdnn evaluate``
+    reads its data section)."""
     body = model.body
+    spec = getattr(model, "spec", None)
     payload = {
         "format": FORMAT, "version": VERSION,
         "arch": body.arch_name, "h": body.h, "layers": body.layers, "dim": body.dim,
         "J": getattr(body, "J_kind", None), "trainable_parameters": trainable_parameters(model),
         "n_features": model.n_features, "n_classes": model.n_classes,
+        "task": spec.task if spec is not None else "classify",
+        "spec": spec.to_dict() if spec is not None else None,
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "config": cfg.to_dict() if cfg is not None else {},
         "topology": None,
     }
+    topo = getattr(model, "topology", None)
     if isinstance(model, ConvClassifier):
         payload.update(network="conv", image_shape=list(model.image_shape))
     else:
@@ -84,7 +109,12 @@ def export_model(model, cfg, topo, out: str | Path) -> Path:
 
 
 def load_exported(path: str | Path) -> Classifier:
-    """The dense single-process classifier stored by ``dhdnn export``."""
+    """The dense single-process network of an export file (``dhdnn export``,
+    :func:`export_model`), a run directory, or a checkpoint directory saved by a distributed
+    network (:meth:`~dhdnn.distributed.DistributedNetwork.save`): shards of any number of
+    workers load as one model, in one process, without ``torch.distributed``."""
+    if Path(path).is_dir():
+        return dense_model_of_run(path)[1]
     return model_from_export(read_export(path), path)
 
 
@@ -122,4 +152,9 @@ def model_from_export(d: dict, path: str | Path = "<export>") -> Classifier:
         model, readout = Classifier(body, d["n_features"], d["n_classes"], placement, tuple(d["readout_states"])), "W"
     model = model.to(sd[readout].dtype)
     model.load_state_dict(sd)
+    from .build import NetworkSpec
+    from .topology import topology_from_dict
+
+    model.spec = NetworkSpec.from_dict(d["spec"]) if d.get("spec") else None
+    model.topology = topology_from_dict(d["topology"], f"{path}: topology") if d.get("topology") else None
     return model

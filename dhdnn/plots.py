@@ -6,8 +6,11 @@
   and recorded iteration, on a log colour scale that ignores exact zeros.
 * ``decision_boundary.png`` (2-D data): what did the classifier learn? The plane coloured by
   prediction, the test points on top, the split and its accuracy in the title.
-* ``confusion.png`` and ``misclassified.png`` (images): which classes are confused, and how
-  do the failures look?
+* ``confusion.png`` and ``misclassified.png`` (images): which classes are confused (named,
+  where the dataset names them), and how do the failures look?
+* ``predictions.png`` (regression): how close is each predicted output to its target?
+  ``vector_field.png`` (regression from 2 inputs to 2 outputs): the learned field beside the
+  true one.
 * ``partition.png`` (a topology run on several workers) and ``topology_plot``: where do the
   agents live, what does each worker carry, which edges cross workers?
 
@@ -41,15 +44,22 @@ def _predict(model, x) -> np.ndarray:
 def curves(metrics_path: Path, out: Path) -> Path:
     rows = [json.loads(x) for x in Path(metrics_path).read_text().splitlines() if x.strip()]
     epochs = [r["epoch"] for r in rows]
+    regress = "test_mse" in rows[-1]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))
     a1.plot(epochs, [r.get("train_loss", r["loss"]) for r in rows], label="train (end of epoch)")
     a1.plot(epochs, [r["loss"] for r in rows], ":", label="train (running, during the epoch)")
     a1.plot(epochs, [r["test_loss"] for r in rows], label="test")
-    a1.set(xlabel="epoch", ylabel="cross-entropy", title="loss", yscale="log")
-    a2.plot(epochs, [r["train_acc"] for r in rows], label="train")
-    a2.plot(epochs, [r["test_acc"] for r in rows], label="test")
-    a2.set(xlabel="epoch", ylabel="accuracy", title=f"accuracy (last: test {rows[-1]['test_acc']:.4f})",
-           ylim=(max(0.0, min(r["test_acc"] for r in rows) - 0.05), 1.005))
+    a1.set(xlabel="epoch", ylabel="mean squared error" if regress else "cross-entropy", title="loss", yscale="log")
+    if regress:
+        a2.plot(epochs, [r["train_mse"] for r in rows], label="train")
+        a2.plot(epochs, [r["test_mse"] for r in rows], label="test")
+        a2.set(xlabel="epoch", ylabel="mean squared error", yscale="log",
+               title=f"mean squared error (last: test {rows[-1]['test_mse']:.4g})")
+    else:
+        a2.plot(epochs, [r["train_acc"] for r in rows], label="train")
+        a2.plot(epochs, [r["test_acc"] for r in rows], label="test")
+        a2.set(xlabel="epoch", ylabel="accuracy", title=f"accuracy (last: test {rows[-1]['test_acc']:.4f})",
+               ylim=(max(0.0, min(r["test_acc"] for r in rows) - 0.05), 1.005))
     a1.legend(fontsize=8)
     a2.legend(fontsize=8)
     return _save(fig, out)
@@ -102,13 +112,18 @@ def decision_boundary(model, data, out: Path, resolution: int = 200) -> Path:
     return _save(fig, out)
 
 
+def _names(data) -> list[str]:
+    return list(data.class_names) if data.class_names else [str(c) for c in range(data.n_classes)]
+
+
 def confusion(pred: np.ndarray, data, out: Path) -> Path:
     """``pred``: the predicted class of every test image."""
     true = data.y_test.numpy()
     k = data.n_classes
     m = np.zeros((k, k), dtype=int)
     np.add.at(m, (true, pred), 1)
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+    named = data.class_names is not None
+    fig, ax = plt.subplots(figsize=(7, 6.2) if named else (5.5, 5))
     im = ax.imshow(m, cmap="Blues")
     for i in range(k):
         for j in range(k):
@@ -117,6 +132,9 @@ def confusion(pred: np.ndarray, data, out: Path) -> Path:
                         color="white" if m[i, j] > m.max() / 2 else "black")
     ax.set(xticks=range(k), yticks=range(k), xlabel="predicted class", ylabel="true class",
            title=f"{data.name}, test split: accuracy {np.trace(m) / m.sum():.4f}")
+    if named:
+        ax.set_xticklabels(_names(data), rotation=45, ha="right", fontsize=8)
+        ax.set_yticklabels(_names(data), fontsize=8)
     fig.colorbar(im, ax=ax, label="test images")
     return _save(fig, out)
 
@@ -128,14 +146,51 @@ def misclassified(pred: np.ndarray, data, out: Path, most: int = 25) -> Path:
     c, H, W = data.image_shape
     cols = 5
     rows = max(1, -(-len(wrong) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows + 0.4), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols, 2.0 * rows + 0.4), squeeze=False)
     for ax in axes.ravel():
         ax.set_axis_off()
+    names = _names(data)
     for ax, i in zip(axes.ravel(), wrong):
-        ax.imshow(data.x_test[i].view(c, H, W)[0].numpy(), cmap="gray_r")
-        ax.set_title(f"true {true[i]} / pred {pred[i]}", fontsize=8, color="#b2182b")
+        ax.imshow(data.x_test[i].view(c, H, W)[0].float().numpy(), cmap="gray_r")
+        ax.set_title(f"true {names[true[i]]}\npred {names[pred[i]]}", fontsize=7, color="#b2182b")
     fig.suptitle(f"{len(np.flatnonzero(pred != true))} misclassified test images (first {len(wrong)})"
                  if len(wrong) else "no misclassified test image", fontsize=10)
+    return _save(fig, out)
+
+
+def _outputs(model, x) -> np.ndarray:
+    with torch.no_grad():
+        return torch.cat([model(x[i:i + 4096]) for i in range(0, len(x), 4096)]).double().numpy()
+
+
+def predictions(model, data, out: Path, most: int = 4) -> Path:
+    """Regression: predicted against true value of every test sample, one panel per output."""
+    pred, true = _outputs(model, data.x_test), data.y_test.double().numpy()
+    k = min(most, true.shape[1])
+    fig, axes = plt.subplots(1, k, figsize=(3.6 * k, 3.6), squeeze=False)
+    for j, ax in enumerate(axes[0]):
+        lo, hi = float(min(true[:, j].min(), pred[:, j].min())), float(max(true[:, j].max(), pred[:, j].max()))
+        ax.plot([lo, hi], [lo, hi], color="#888888", lw=1, label="prediction = target")
+        ax.scatter(true[:, j], pred[:, j], s=3, alpha=0.5)
+        mse = float(np.mean((pred[:, j] - true[:, j]) ** 2))
+        ax.set(xlabel=f"target {j}", ylabel=f"prediction {j}", title=f"output {j}: test mse {mse:.3g}")
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"{data.name}, test split", fontsize=10)
+    return _save(fig, out)
+
+
+def vector_field(model, data, out: Path, most: int = 400) -> Path:
+    """Regression from 2 inputs to 2 outputs: the true and the learned field at test points."""
+    x = data.x_test[:most]
+    pred, true, xs = _outputs(model, x), data.y_test[:most].double().numpy(), x.double().numpy()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), sharex=True, sharey=True)
+    scale = float(np.abs(true).max()) * 25 or 1.0
+    for ax, v, title in ((axes[0], true, "target field"), (axes[1], pred, "learned field")):
+        ax.quiver(xs[:, 0], xs[:, 1], v[:, 0], v[:, 1], np.hypot(v[:, 0], v[:, 1]), angles="xy",
+                  scale_units="xy", scale=scale / (np.ptp(xs[:, 0]) or 1.0), cmap="viridis", width=0.003)
+        ax.set(xlabel="input 0", ylabel="input 1", title=title)
+    mse = float(np.mean((pred - true) ** 2))
+    fig.suptitle(f"{data.name}, {len(xs)} test points: mse {mse:.3g}", fontsize=10)
     return _save(fig, out)
 
 
@@ -153,9 +208,13 @@ def plot_run(run: Path) -> list[Path]:
         written.append(grad_norm_heatmap(run, run / "grad_norms.png"))
     cfg, model, topo = dense_model_of_run(run)
     data = load_data(cfg)
-    if data.n_features == 2:
+    if data.task == "regress":
+        written.append(predictions(model, data, run / "predictions.png"))
+        if data.n_features == 2 and data.n_outputs == 2:
+            written.append(vector_field(model, data, run / "vector_field.png"))
+    elif data.n_features == 2:
         written.append(decision_boundary(model, data, run / "decision_boundary.png"))
-    if data.image_shape is not None:
+    if data.image_shape is not None and data.task == "classify":
         pred = _predict(model, data.x_test)  # once, for both pictures
         written.append(confusion(pred, data, run / "confusion.png"))
         written.append(misclassified(pred, data, run / "misclassified.png"))

@@ -20,7 +20,8 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, config_from_dict
-from .engine import DenseEngine, build_classifier
+from .build import build_classifier
+from .engine import DenseEngine
 from .rundir import RunDir, hold_as_worker
 from .train import DTYPES, Trainer, load_data
 
@@ -31,42 +32,106 @@ class Setup:
 
     topo: object
     n_features: int
-    n_classes: int
-    sharded: bool
+    n_outputs: int
+    engine: str  # dense (one process), sharded (agents on workers), replicated (the dense model on every worker)
     world: int
     replicas: int
 
+    @property
+    def sharded(self) -> bool:
+        return self.engine == "sharded"
 
-def _engine_is_sharded(cfg: Config, torchrun: bool) -> bool:
+
+def engine_kind(cfg: Config, topo, torchrun: bool) -> str:
+    """``dense``: the whole network in this process; ``sharded``: a topology network's agents on
+    workers; ``replicated``: the dense network on every worker, each taking a slice of every
+    batch (networks without agents, such as the conv image network, on workers)."""
     rc = cfg.run
-    return rc.engine == "sharded" or (rc.engine == "auto" and (rc.workers > 1 or torchrun))
+    parallel = rc.workers > 1 or torchrun
+    if rc.engine == "sharded":
+        return "sharded"
+    if rc.engine == "dense":
+        return "replicated" if parallel else "dense"
+    if not parallel:
+        return "dense"
+    return "sharded" if topo is not None and cfg.model.network != "conv" else "replicated"
 
 
 def validate(cfg: Config, world: int | None = None, local_world: int | None = None) -> Setup:
     """Check the run before anything starts; errors name the file and the key (ConfigError)."""
     from .topology import load_topology
 
-    sharded = _engine_is_sharded(cfg, world is not None)
+    torchrun = world is not None
     world = world or cfg.run.workers
     topo = load_topology(cfg.topology) if cfg.topology is not None else None
     data = load_data(cfg)
-    if topo is not None:
-        topo.input_feeds(data.n_features)
-    _check_network(cfg, data, topo, sharded)
-    dims = _check_sharded(cfg, topo, world) if sharded else _check_dense(cfg)
-    _check_resources(cfg, topo, data, dims, sharded, local_world or (world if sharded else 1))
-    return Setup(topo, data.n_features, data.n_classes, sharded, world, dims.replicas)
+    kind = engine_kind(cfg, topo, torchrun)
+    _check_network(cfg, data, topo, kind)
+    _check_features(cfg, data, topo)
+    check = {"sharded": _check_sharded, "replicated": _check_replicated}.get(kind)
+    dims = check(cfg, topo, world) if check is not None else _check_dense(cfg)
+    _check_resources(cfg, topo, data, dims, kind == "sharded", local_world or (world if kind != "dense" else 1))
+    return Setup(topo, data.n_features, data.n_outputs, kind, world, dims.replicas)
 
 
-def _check_network(cfg: Config, data, topo, sharded: bool) -> None:
+def _check_network(cfg: Config, data, topo, kind: str) -> None:
     if cfg.model.network != "conv":
         return
     if data.image_shape is None:
-        raise ConfigError(f"{cfg.source}: key 'model.network': conv needs an image dataset (digits, mnist), "
-                          f"got {data.name}")
-    if topo is not None or sharded:
-        raise ConfigError(f"{cfg.source}: key 'model.network': the conv network runs densely in one process; "
-                          "expected no topology and one worker (patches as agents: a topology with embeddings)")
+        raise ConfigError(f"{cfg.source}: key 'model.network': conv needs an image dataset (digits, mnist, "
+                          f"fashion_mnist, or image arrays), got {data.name}")
+    if topo is not None or kind == "sharded":
+        raise ConfigError(f"{cfg.source}: key 'model.network': the conv network has no agents; expected no topology "
+                          "and run.engine auto or dense (on workers it runs as data-parallel replicas; "
+                          "patches as agents: a topology with embeddings)")
+
+
+def _check_features(cfg: Config, data, topo) -> None:
+    """The data's features are the ones the network reads: every feature is placed somewhere."""
+    where = f"{data.source or cfg.source}: key 'x_train'"
+    if cfg.model.network == "conv":
+        return
+    if topo is not None:
+        topo.input_feeds(data.n_features)  # features the topology names must exist (TopologyError)
+        read = {f.feature for f in topo.inputs} | {f for e in topo.embeddings for f in e.features}
+        if not topo.inputs and not topo.embeddings:
+            read = set(range(data.n_features))
+        unread = sorted(set(range(data.n_features)) - read)
+        if unread:
+            raise ConfigError(f"{where}: the data has {data.n_features} features, but the topology "
+                              f"{topo.source} reads only {len(read)} ({_few(sorted(read))}); features "
+                              f"{_few(unread)} would be ignored; expected the topology's inputs/embeddings to "
+                              "read every feature")
+        return
+    fi = cfg.model.feature_index
+    if fi is not None and len(fi) != data.n_features:
+        raise ConfigError(f"{where}: the data has {data.n_features} features, model.feature_index places "
+                          f"{len(fi)}; expected one state index per feature")
+    if fi is None and data.n_features > cfg.model.dim:
+        raise ConfigError(f"{where}: the data has {data.n_features} features, more than model.dim {cfg.model.dim}; "
+                          "raise model.dim or use a topology with embeddings")
+
+
+def _few(xs: list) -> str:
+    return str(xs) if len(xs) <= 8 else f"[{', '.join(map(str, xs[:8]))}, ... {len(xs)} in all]"
+
+
+def _check_replicated(cfg: Config, topo, world: int):
+    """The dense network on every worker: as many replicas as workers, a sample for each."""
+    from .distributed.mesh import ParallelDims
+
+    src = cfg.source
+    _check_backprop(cfg)
+    if cfg.run.replicas not in (1, "auto", world):
+        raise ConfigError(f"{src}: key 'run.replicas': the dense network runs one copy per worker; expected 1, auto "
+                          f"or {world}, got {cfg.run.replicas}")
+    if cfg.train.grad_norm_every:
+        raise ConfigError(f"{src}: key 'train.grad_norm_every': expected 0 on workers (per-layer gradient norms "
+                          "are recorded in one process)")
+    if cfg.train.batch_size < world:
+        raise ConfigError(f"{src}: key 'train.batch_size': {cfg.train.batch_size} samples cannot be split over "
+                          f"{world} workers; expected at least one sample per worker")
+    return ParallelDims(world, world)
 
 
 def _check_sharded(cfg: Config, topo, world: int):
@@ -108,13 +173,18 @@ def _check_sharded(cfg: Config, topo, world: int):
     return dims
 
 
-def _check_dense(cfg: Config):
-    from .distributed.mesh import ParallelDims
+def _check_backprop(cfg: Config) -> None:
     from .models import ARCHITECTURES
 
     if cfg.run.backprop == "reversible" and not ARCHITECTURES[cfg.model.arch].invertible:
         raise ConfigError(f"{cfg.source}: key 'run.backprop': {cfg.model.arch} layers cannot be inverted exactly; "
                           "expected autograd")
+
+
+def _check_dense(cfg: Config):
+    from .distributed.mesh import ParallelDims
+
+    _check_backprop(cfg)
     if cfg.run.replicas != 1:
         raise ConfigError(f"{cfg.source}: key 'run.replicas': expected 1 with the dense engine (one process)")
     return ParallelDims(1)
@@ -125,7 +195,7 @@ def _check_resources(cfg: Config, topo, data, dims, sharded: bool, here: int) ->
     from .resources import available_memory, cores, estimate, human
 
     n_samples = len(data.x_train) + len(data.x_test)
-    est = estimate(cfg, topo, data.n_features, data.n_classes, n_samples, dims.agents, sharded)
+    est = estimate(cfg, topo, data.n_features, data.n_outputs, n_samples, dims.agents, sharded)
     avail = available_memory()
     if avail is not None and est.total * here > avail:
         keys = "model.layers, model.dim or the topology's dims, train.batch_size" + (
@@ -158,7 +228,7 @@ def train_from_config(cfg: Config, resume: bool | str = False) -> dict | None:
     setup = validate(cfg)
     resume = resolve_resume(cfg, resume)
     with RunDir(cfg, setup.topo, resume), _signals_raise():
-        if setup.sharded:
+        if setup.engine != "dense":
             return _train_local_workers(cfg, setup, resume)
         return train_dense(cfg, setup, resume)
 
@@ -176,7 +246,8 @@ def _train_local_workers(cfg: Config, setup: Setup, resume: bool) -> dict:
     from .distributed.launch import fault_from_env, pick_backend, run_local
 
     backend = pick_backend(cfg.run.backend, cfg.run.device)
-    args = (_worker_config(cfg, setup), resume, cfg.source, None, fault_from_env(), setup.topo.source)
+    args = (_worker_config(cfg, setup), resume, cfg.source, None, fault_from_env(),
+            setup.topo.source if setup.topo is not None else None)
     return run_local(worker_main, cfg.run.workers, args, backend, cfg.run.timeout_s, threads=cfg.run.threads,
                      pin_workers=cfg.run.pin_workers)[0]
 
@@ -229,12 +300,7 @@ def _train_torchrun(cfg: Config, resume, env) -> dict | None:
 
 def worker_main(rank: int, world: int, cfg_dict: dict, resume: bool, source: str = "<config>",
                 local_rank: int | None = None, fault=None, topo_source: str | None = None):
-    """Train one rank of a sharded run (already in its process group); the summary on rank 0."""
-    import torch.distributed as dist
-
-    from .distributed.engine import build_sharded_engine
-    from .distributed.launch import quiet_transport_threads
-    from .distributed.mesh import ParallelDims, make_groups
+    """Train one rank of a run on workers (already in its process group); the summary on rank 0."""
     from .topology import topology_from_dict
 
     cfg = config_from_dict(cfg_dict, source)
@@ -244,7 +310,48 @@ def worker_main(rank: int, world: int, cfg_dict: dict, resume: bool, source: str
     if device == "cuda":
         device = f"cuda:{(rank if local_rank is None else local_rank) % torch.cuda.device_count()}"
     data = load_data(cfg)
-    topo = topology_from_dict(cfg.topology, topo_source or "<topology>")
+    topo = topology_from_dict(cfg.topology, topo_source or "<topology>") if cfg.topology is not None else None
+    if engine_kind(cfg, topo, torchrun=True) == "replicated":
+        return _replicated_worker(rank, world, cfg, data, topo, device, resume, fault)
+    return _sharded_worker(rank, world, cfg, data, topo, device, resume, fault)
+
+
+def _replicated_worker(rank, world, cfg, data, topo, device, resume, fault):
+    from .distributed.exchange import Tracer
+    from .distributed.mesh import ParallelDims, make_groups
+    from .distributed.replicated import ReplicatedEngine
+
+    groups = make_groups(ParallelDims(world, 1), rank, device)  # one group: the workers are the replicas
+    model, table = build_classifier(cfg, data.n_features, data.n_outputs, topo, DTYPES[cfg.run.dtype],
+                                    data.image_shape)
+    model = model.to(device)
+    rc = cfg.run
+    model.body.set_backprop(rc.backprop, rc.anchors, rc.reversible_state, rc.reversible_fraction_bits)
+    tracer = Tracer(rank, Path(cfg.run.out_dir) / f"trace-rank{rank}.jsonl") if cfg.run.trace else None
+    engine = ReplicatedEngine(model, groups, device, table, cfg.model.task, tracer, fault)
+    _quiet_gloo()
+    fingerprint = topo.fingerprint if topo is not None else None
+    try:
+        summary = Trainer(cfg, engine, data, resume=resume, fingerprint=fingerprint,
+                          extra_summary={"engine": "replicated"}).fit()
+    finally:
+        engine.close()
+    return summary if rank == 0 else None
+
+
+def _quiet_gloo() -> None:
+    import torch.distributed as dist
+
+    from .distributed.launch import quiet_transport_threads
+
+    if dist.get_backend() == "gloo":
+        quiet_transport_threads()
+
+
+def _sharded_worker(rank, world, cfg, data, topo, device, resume, fault):
+    from .distributed.engine import build_sharded_engine
+    from .distributed.mesh import ParallelDims, make_groups
+
     layout = None
     if cfg.run.replicas == "auto":
         from .distributed.autolayout import choose
@@ -253,12 +360,11 @@ def worker_main(rank: int, world: int, cfg_dict: dict, resume: bool, source: str
         cfg.run.replicas = layout.replicas
     groups = make_groups(ParallelDims(world, cfg.run.replicas), rank, device)
     engine = build_sharded_engine(cfg, data, groups, topo, device=device, fault=fault)
-    if dist.get_backend() == "gloo":
-        quiet_transport_threads()
+    _quiet_gloo()
     from .resources import estimate
 
     net = engine.net  # this rank's exact rows and parameter bytes
-    est = estimate(cfg, topo, data.n_features, data.n_classes, len(data.x_train) + len(data.x_test),
+    est = estimate(cfg, topo, data.n_features, data.n_outputs, len(data.x_train) + len(data.x_test),
                    groups.dims.agents, True, rows=(net.rows.F, net.rows.E),
                    param_bytes=sum(p.numel() * p.element_size() for p in net.parameters()))
     extra = {"memory_estimate_per_rank": est.total}
@@ -276,12 +382,13 @@ def train_dense(cfg: Config, setup: Setup, resume: bool) -> dict:
     """Train the dense single-process model of ``cfg``; returns the summary."""
     torch.set_num_threads(cfg.run.threads)
     data = load_data(cfg)
-    model, table = build_classifier(cfg, data.n_features, data.n_classes, setup.topo, DTYPES[cfg.run.dtype],
+    model, table = build_classifier(cfg, data.n_features, data.n_outputs, setup.topo, DTYPES[cfg.run.dtype],
                                     data.image_shape)
     model = model.to(cfg.run.device)
-    model.body.set_backprop(cfg.run.backprop, cfg.run.reversible_anchor_every)
+    rc = cfg.run
+    model.body.set_backprop(rc.backprop, rc.anchors, rc.reversible_state, rc.reversible_fraction_bits)
     fingerprint = setup.topo.fingerprint if setup.topo is not None else None
-    engine = DenseEngine(model, cfg.run.device, table)
+    engine = DenseEngine(model, cfg.run.device, table, cfg.model.task)
     return Trainer(cfg, engine, data, resume=resume, fingerprint=fingerprint,
                    dense_to_packed=_dense_to_packed(cfg, setup, data)).fit()
 
@@ -294,7 +401,7 @@ def _dense_to_packed(cfg: Config, setup: Setup, data):
     def convert(plain: dict) -> dict:
         from .blocks import dense_packed
 
-        model, table = build_classifier(cfg, data.n_features, data.n_classes, setup.topo, DTYPES[cfg.run.dtype],
+        model, table = build_classifier(cfg, data.n_features, data.n_outputs, setup.topo, DTYPES[cfg.run.dtype],
                                         data.image_shape)
         with torch.no_grad():
             for n, p in model.named_parameters():

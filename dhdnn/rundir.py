@@ -45,6 +45,8 @@ class RunLock:
         self.fd: int | None = None
 
     def acquire(self, workers_wait_s: float = 8.0) -> "RunLock":
+        if self.out.exists() and not self.out.is_dir():
+            raise RunDirError(f"run.out_dir: {self.out} is a file; expected a directory (or a path to create one)")
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / LOCK
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)

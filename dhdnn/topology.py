@@ -128,6 +128,55 @@ class Topology:
     def agent_index(self, agent_id) -> int:
         return self.ids.index(agent_id)
 
+    def n_inputs(self) -> int:
+        """Input features the topology reads (its largest fed feature + 1)."""
+        feats = [f.feature for f in self.inputs] + [f for e in self.embeddings for f in e.features]
+        if not feats:
+            raise TopologyError(f"{self.source}: key 'inputs': the topology lists no inputs or embeddings, so it "
+                                "cannot say how many input features there are; give n_features")
+        return max(feats) + 1
+
+    # ---- other ways in --------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "<topology dict>") -> "Topology":
+        """A topology from a mapping in the YAML format (validated as a file is)."""
+        return topology_from_dict(raw, source)
+
+    @classmethod
+    def from_networkx(cls, g, dim: int = 1, inputs: Sequence | None = None, readout: Sequence | None = None,
+                      embeddings: Sequence | dict | None = None, name: str | None = None,
+                      description: str = "") -> "Topology":
+        """A topology from a ``networkx.Graph``: its nodes are the agents (node attributes ``dim``
+        and ``worker`` override the default ``dim`` and pin an agent), its edges the edges.
+        ``inputs``, ``readout`` and ``embeddings`` take the YAML format's entries (mappings, agents
+        named by node). Node labels other than integers and strings (a grid's ``(row, col)``
+        tuples) become their ``str()``; refer to them by the original label. Validated as a
+        YAML file is (the source in messages is ``<networkx NAME>``)."""
+        import networkx as nx
+
+        if not isinstance(g, nx.Graph) or g.is_directed():
+            raise TopologyError(f"<networkx>: expected an undirected networkx.Graph, got {type(g).__name__}")
+        label = lambda n: n if isinstance(n, (int, str)) and not isinstance(n, bool) else str(n)  # noqa: E731
+        name = name or g.graph.get("name") or "networkx"
+        agents = []
+        for n, attrs in g.nodes(data=True):
+            entry = {"id": label(n)}
+            entry.update({k: attrs[k] for k in ("dim", "worker") if k in attrs})
+            agents.append(entry)
+        raw: dict[str, Any] = {"name": name, "description": description, "defaults": {"dim": dim}, "agents": agents,
+                               "edges": [[label(a), label(b)] for a, b in g.edges()]}
+        if inputs:
+            raw["inputs"] = [dict(f, agent=label(f["agent"])) if isinstance(f, dict) and "agent" in f else f
+                             for f in inputs]
+        if readout is not None:
+            raw["readout"] = [label(a) for a in readout]
+        if isinstance(embeddings, dict):
+            raw["embeddings"] = embeddings
+        elif embeddings:
+            raw["embeddings"] = [dict(e, agent=label(e["agent"])) if isinstance(e, dict) and "agent" in e else e
+                                 for e in embeddings]
+        return topology_from_dict(raw, f"<networkx {name}>")
+
     # ---- identity -------------------------------------------------------------------------
     def content(self) -> dict:
         """What defines the network besides ``dims``, ``edges`` and ``readout`` (names and

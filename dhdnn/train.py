@@ -8,8 +8,10 @@ touches the parameters, so nothing non-finite is ever saved.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -17,8 +19,8 @@ import torch
 from torch import Tensor
 
 from . import checkpoint as ckpt
-from .config import Config
-from .data import Dataset, load_dataset
+from .config import Config, ConfigError
+from .data import FILE_DATASETS, Dataset, load_dataset
 from .engine import Engine
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -31,8 +33,20 @@ class NonFiniteError(RuntimeError):
 
 
 def load_data(cfg: Config) -> Dataset:
-    dc = cfg.data
-    ds = load_dataset(dc.name, dc.n_samples, dc.train_fraction, dc.noise, dc.seed, dc.path)
+    """The run's dataset in the run's dtype; a user's own data (npz, csv, factory) is validated
+    here, with one-line errors naming the file and the key."""
+    dc, task = cfg.data, cfg.model.task
+    if dc.name in FILE_DATASETS:
+        from .datafiles import load_user_data
+
+        ds = load_user_data(dc, task, cfg.source)
+    else:
+        if task != "classify":
+            raise ConfigError(f"{cfg.source}: key 'model.task': data.name {dc.name} holds class labels; expected "
+                              "classify, or real targets from npz, csv or a factory for regress")
+        ds = load_dataset(dc.name, dc.n_samples, dc.train_fraction, dc.noise, dc.seed, dc.path)
+        if dc.class_names:
+            ds = dataclasses.replace(ds, class_names=tuple(dc.class_names))
     return ds.to(DTYPES[cfg.run.dtype])
 
 
@@ -81,9 +95,11 @@ class Trainer:
                                                                             self._moments()))
         eng.barrier()  # every shard is on disk before the checkpoint is marked complete
         if eng.is_main:
+            spec = getattr(eng, "spec", None)  # what defines the network: exports need no data
             ckpt.finalize(self.out, self.step, {"epoch": self.epoch, "shards": eng.shard_count,
                                                 "optimizer_step": self.step, "topology": self.fingerprint,
-                                                "config": self.cfg.to_dict()})
+                                                "config": self.cfg.to_dict(),
+                                                **({"network": spec.to_dict()} if spec is not None else {})})
         eng.barrier()
         self.timing["checkpoint_save_seconds"].append(time.perf_counter() - t0)
 
@@ -178,9 +194,37 @@ class Trainer:
         self.epoch += 1
         self.engine.end_epoch()
         acc = self.engine.reduce_sum(acc)
+        drift = self._reversible_drift()
         return {"epoch": self.epoch, "step": self.step, "lr": self._lr(self.epoch - 1),
                 "loss": float(acc[0] / acc[2]), "regularizer": float(acc[3] / len(batches)),
-                **self.evaluate(), "seconds": seconds}
+                **self.evaluate(), **drift, "seconds": seconds}
+
+    def _reversible_drift(self) -> dict:
+        """Reversible backprop's certificate over the epoch: the largest relative drift of a
+        rebuilt state on any rank (0 in exact mode, which stops at any difference), reduced with
+        the epoch's statistics. Above ``run.reversible_tolerance`` the run warns once, and with
+        ``reversible_anchor_every: auto`` stores twice as many anchors from the next epoch on."""
+        rc = self.cfg.run
+        if rc.backprop != "reversible":
+            return {}
+        drift = float(self.engine.reduce_max(torch.tensor([self.engine.take_drift()], dtype=torch.float64))[0])
+        self.max_drift = max(getattr(self, "max_drift", 0.0), drift)
+        tol = rc.tolerance()
+        if drift > tol:
+            if self.engine.is_main and not getattr(self, "_warned_drift", False):
+                print(f"dhdnn: warning: reversible backprop's rebuilt states drifted {drift:.3g} (relative) from the "
+                      f"forward's in epoch {self.epoch}, above run.reversible_tolerance {tol:g}; gradients are that "
+                      "inexact. Use run.reversible_state: fixed (exact), or anchors (run.reversible_anchor_every)",
+                      file=sys.stderr, flush=True)
+                self._warned_drift = True
+            if rc.reversible_anchor_every == "auto":
+                current = getattr(self, "_anchors", 0)
+                self._anchors = max(1, (current or self.cfg.model.layers) // 2)
+                self.engine.set_anchor_every(self._anchors)
+                if self.engine.is_main:
+                    print(f"dhdnn: reversible_anchor_every auto: an anchor every {self._anchors} layers from epoch "
+                          f"{self.epoch + 1}", file=sys.stderr, flush=True)
+        return {"reversible_drift": drift}
 
     def _check_finite_loss(self, stats: Tensor) -> None:
         """The loss is known before backward: stop there, so no rank computes from it."""
@@ -228,7 +272,8 @@ class Trainer:
                 self.save()
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{last['loss']:.4f}", test_acc=f"{last['test_acc']:.4f}")
+                key = f"test_{self.engine.task.metric}"
+                bar.set_postfix({"loss": f"{last['loss']:.4f}", key: f"{last[key]:.4f}"})
         if bar is not None:
             bar.close()
         if board is not None:
@@ -238,10 +283,12 @@ class Trainer:
         wall = time.perf_counter() - t_start
         latest = ckpt.latest(self.out)
         self.timing["checkpoint_bytes"] = sum(p.stat().st_size for p in latest.glob("shard-*.pt")) if latest else 0
-        summary = {"train_acc": last["train_acc"], "test_acc": last["test_acc"],
-                   "loss": last.get("loss", last["train_loss"]),
+        metric = self.engine.task.metric
+        summary = {"task": self.engine.task.name, f"train_{metric}": last[f"train_{metric}"],
+                   f"test_{metric}": last[f"test_{metric}"], "loss": last.get("loss", last["train_loss"]),
                    "epochs": self.epoch, "steps": self.step, "wall_seconds": wall,
                    "workers": self.engine.world, "timing": self.timing,
+                   **({"reversible_drift": self.max_drift} if hasattr(self, "max_drift") else {}),
                    "memory": {"peak_rss_per_rank": self._peak_rss_per_rank()}, **self.extra_summary,
                    "config": cfg.to_dict()}
         if main:
@@ -261,11 +308,12 @@ class Trainer:
         return [int(v) for v in self.engine.reduce_sum(mine).tolist()]
 
     def evaluate(self) -> dict:
-        """Accuracy of both splits and their losses (summed over ranks; outside forward/backward)."""
-        d = self.data
+        """The task's metric (accuracy, or mean squared error) of both splits and their losses
+        (summed over ranks; outside forward/backward)."""
+        d, task = self.data, self.engine.task
         both = torch.cat([self.engine.eval_stats(d.x_train, d.y_train).double().cpu(),
                           self.engine.eval_stats(d.x_test, d.y_test).double().cpu()])
         both = self.engine.reduce_sum(both)  # one reduction for both splits
         train, test = both[:3], both[3:]
-        return {"train_acc": float(train[1] / train[2]), "test_acc": float(test[1] / test[2]),
+        return {f"train_{task.metric}": task.metric_of(train), f"test_{task.metric}": task.metric_of(test),
                 "test_loss": float(test[0] / test[2]), "train_loss": float(train[0] / train[2])}

@@ -54,8 +54,9 @@ def make_data(n_features: int, n_classes: int, batch: int, seed: int) -> Dataset
 
 
 def cfg_for(topo_path, arch: str, layers: int, out_dir: str, readout: str = "tree", trace: bool = True,
-            kernel: str = "blocks", backprop: str = "autograd", anchors: int = 0, replicas: int = 1, h: float = 0.3):
-    cfg = load_config(None, [f"model.arch={arch}", f"model.layers={layers}", f"model.h={h}", f"run.local_kernel={kernel}",
+            kernel: str = "blocks", backprop: str = "autograd", anchors: int = 0, replicas: int = 1, h: float = 0.3,
+            state: str = "fixed"):
+    cfg = load_config(None, [f"run.reversible_state={state}", f"model.arch={arch}", f"model.layers={layers}", f"model.h={h}", f"run.local_kernel={kernel}",
                              "run.dtype=float64", f"run.out_dir={out_dir}", f"run.readout={readout}",
                              f"run.trace={'true' if trace else 'false'}", "train.alpha=0.01",
                              "train.weight_decay=0.001", "train.lr=0.01", f"run.backprop={backprop}",
@@ -82,10 +83,10 @@ def held(engine, grads: bool = False) -> dict:
 
 
 def exactness_worker(rank, world, topo_path, arch, layers, packed, data, out_dir, readout, steps, kernel="blocks",
-                     device="cpu", backprop="autograd", anchors=0, replicas=1, h=0.3):
+                     device="cpu", backprop="autograd", anchors=0, replicas=1, h=0.3, state="fixed"):
     """One forward/backward + checks, then ``steps`` Adam steps; returns what the parent compares."""
     cfg = cfg_for(topo_path, arch, layers, out_dir, readout, kernel=kernel, backprop=backprop, anchors=anchors,
-                  replicas=replicas, h=h)
+                  replicas=replicas, h=h, state=state)
     groups = make_groups(ParallelDims(world, replicas), rank, device)
     engine = build_sharded_engine(cfg, data, groups, load_topology(topo_path), device=device)
     load_packed(engine, packed)
@@ -122,3 +123,27 @@ def exactness_worker(rank, world, topo_path, arch, layers, packed, data, out_dir
     return {"rank": rank, "logits": None if logits is None else logits.cpu(), "objective": out.objective.detach().cpu(),
             "stats": out.stats, "grads": grads, "records": records, "adjoint": sums, "final": final,
             "kernel": engine.net.local_kernel, "writes": engine.shard_rank is not None}
+
+
+def exact_reversible_worker(rank, world, topo_path, layers, h, runs, out_dir, kernel="auto"):
+    """Exact reversible backprop on this rank for each ``(dtype, packed, data)`` of ``runs``: the
+    gradients it gives, and whether every state the backward rebuilt equals the forward's."""
+    from dhdnn.distributed.launch import quiet_transport_threads
+
+    out = []
+    for dtype, packed, data in runs:
+        cfg = cfg_for(topo_path, "H2", layers, out_dir, trace=False, backprop="reversible", h=h, kernel=kernel)
+        cfg.run.dtype = str(dtype).split(".")[-1]
+        groups = make_groups(ParallelDims(world, 1), rank, "cpu")
+        engine = build_sharded_engine(cfg, data, groups, load_topology(topo_path))
+        quiet_transport_threads()  # as the CLI's workers do: 4096 layers are 32,768 exchanges
+        load_packed(engine, packed)
+        cert = engine.net.plan.cert
+        cert.states = {"forward": [], "rebuilt": []}
+        engine.objective(data.x_train, data.y_train, 0.0).objective.backward()
+        fwd, back = cert.states["forward"], cert.states["rebuilt"]
+        same = len(fwd) == len(back) == 2 * layers and all(
+            all(torch.equal(a, b) for a, b in zip(f, r)) for f, r in zip(fwd, reversed(back)))
+        out.append({"grads": held(engine, grads=True), "same": same, "checked": cert.checked,
+                    "writes": engine.shard_rank is not None})
+    return out

@@ -15,13 +15,14 @@ import yaml
 
 from dhdnn.blocks import BlockTable, dense_packed, init_packed, load_dense
 from dhdnn.distributed.launch import run_local
-from dhdnn.engine import DenseEngine, build_classifier
+from dhdnn.build import build_classifier
+from dhdnn.engine import DenseEngine
 from dhdnn.halo import build_plans, predicted_bytes
 from dhdnn.models import ARCHITECTURES
 from dhdnn.partition import partition
 from dhdnn.topology import load_topology
 
-from ._workers import cfg_for, exactness_worker, make_data
+from ._workers import cfg_for, exact_reversible_worker, exactness_worker, make_data
 
 LAYERS, BATCH, STEPS = 3, 6, 5
 
@@ -100,12 +101,12 @@ def compare_held(results, full, what, rtol, table, all_ranks=True):
 
 def check_run(topo_path, arch, workers, tmp_path, readout="tree", kernel="blocks", device="cpu", backend="gloo",
               backprop="autograd", anchors=0, replicas=1, layers=LAYERS, tol=1e-10, steps=STEPS, h=0.3,
-              init_std=0.7, train_tol=1e-9):
+              init_std=0.7, train_tol=1e-9, state="fixed"):
     """The sharded engine against the dense model's autograd: logits, loss, every gradient (``tol``)
     and parameters after ``steps`` Adam steps (``train_tol``)."""
     topo, data, table, packed = setup_network(topo_path, arch, layers=layers, init_std=init_std)
     results = run_local(exactness_worker, workers, (topo_path, arch, layers, packed, data, str(tmp_path), readout,
-                                                    steps, kernel, device, backprop, anchors, replicas, h),
+                                                    steps, kernel, device, backprop, anchors, replicas, h, state),
                         backend=backend, timeout_s=60, run_timeout_s=400)
     logits, objective, grads, final = dense_reference(topo, topo_path, arch, table, packed, data, tmp_path, layers,
                                                       steps, h=h)
@@ -188,18 +189,54 @@ def test_allreduce_readout_is_an_explicit_option(random_topology, tmp_path):
     compare_held(results, final, "final", 1e-9, table)
 
 
-@pytest.mark.parametrize("workers", [1, 2, 3])
-def test_reversible_backprop_matches_autograd_and_talks_only_to_neighbours(workers, random_topology, tmp_path):
-    """Depth 64, float64: rebuilt states give autograd's gradients (1e-10) and five Adam steps
-    the same parameters (1e-8); the rebuild's messages ride on the adjoint's, so the trace shows
-    the same exchanges as autograd with twice the backward bytes, all between neighbours."""
+@pytest.mark.parametrize("workers,state", [(1, "fixed"), (2, "fixed"), (3, "fixed"), (2, "float"), (3, "float")])
+def test_reversible_backprop_matches_autograd_and_talks_only_to_neighbours(workers, state, random_topology, tmp_path):
+    """Depth 64, float64, exact (fixed-point) and float rebuilds: rebuilt states give autograd's
+    gradients (1e-10: the fixed-point grid of 2^-48 and float round-off are far below) and five
+    Adam steps the same parameters (1e-8); the rebuild's messages ride on the adjoint's, so the
+    trace shows the same exchanges as autograd with twice the backward bytes (exact mode sends
+    the same dequantised values), all between neighbours."""
     topo, results, data = check_run(random_topology, "H2", workers, tmp_path, backprop="reversible", layers=64,
-                                    h=0.1, init_std=0.5, train_tol=1e-8)
+                                    h=0.1, init_std=0.5, train_tol=1e-8, state=state)
     check_locality(topo, results, workers, "H2", BATCH, data.n_classes, backprop="reversible", layers=64)
 
 
 def test_reversible_backprop_at_depth_1024(random_topology, tmp_path):
     """Depth 1024, float64, 2 workers: gradients within 1e-8 of autograd's (rebuilding 1024 layers
     accumulates round-off), without anchors."""
-    check_run(random_topology, "H2", 2, tmp_path, backprop="reversible", layers=1024, tol=1e-8,
+    check_run(random_topology, "H2", 2, tmp_path, backprop="reversible", layers=1024, tol=1e-8, state="float",
               steps=1, h=0.05, init_std=0.3, train_tol=1e-8)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_exact_reversible_rebuilds_every_state_bit_for_bit_at_depth_4096(workers, random_topology, tmp_path):
+    """Exact (fixed-point) reversible backprop on 1-3 workers, mixed agent dims, depth 4096, float64
+    and float32: every state the backward rebuilds is ``torch.equal`` to the one the forward made
+    (on every rank, the input included), and the gradients are those of the dense model's exact
+    stack (itself checked against autograd through the same fixed-point forward in
+    test_reversible_exact), 1e-12 / 1e-5 relative: the dense stack sums each increment in
+    another order, so a grid unit can differ now and then."""
+    layers, h = 4096, 0.0015625
+    runs, refs = [], []
+    for dtype in (torch.float64, torch.float32):
+        topo, data, table, packed = setup_network(random_topology, "H2", layers=layers, init_std=0.5)
+        packed = {k: v.to(dtype) for k, v in packed.items()}
+        data = data.to(dtype)
+        runs.append((dtype, packed, data))
+        cfg = cfg_for(random_topology, "H2", layers, str(tmp_path), h=h)
+        model, _ = build_classifier(cfg, data.n_features, data.n_classes, topo, dtype)
+        load_dense(table, model, packed)
+        model.body.set_backprop("reversible", state="fixed")
+        torch.nn.functional.cross_entropy(model(data.x_train), data.y_train).backward()
+        refs.append(dense_packed(table, model, grads=True))
+    results = run_local(exact_reversible_worker, workers, (random_topology, layers, h, runs, str(tmp_path)),
+                        timeout_s=60, run_timeout_s=400)
+    for i, (dtype, tol) in enumerate(((torch.float64, 1e-12), (torch.float32, 1e-5))):
+        per_rank = [r[i] for r in results]
+        assert all(r["same"] and r["checked"] == 1 for r in per_rank)
+        for key in refs[i]:  # relative error of each block class's gradient
+            ids, got = zip(*[(r["grads"][key][0], r["grads"][key][1]) for r in per_rank if key in r["grads"]])
+            axis = table.by_key()[key].block_axis
+            ref = torch.cat([refs[i][key].index_select(axis, t) for t in ids], axis)
+            got = torch.cat(got, axis)
+            assert float((got - ref).norm() / ref.norm()) <= tol, (dtype, key)

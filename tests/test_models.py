@@ -137,8 +137,8 @@ def test_classifier_places_features_like_the_paper(f64):
         Classifier(build_model("H2", 4, 2, 0.5), 5, 2)
 
 
-def _grads(m, y, mode, anchors=0):
-    m.set_backprop(mode, anchors)
+def _grads(m, y, mode, anchors=0, state="float"):
+    m.set_backprop(mode, anchors, state)
     for p in m.parameters():
         p.grad = None
     yy = y.clone().requires_grad_()
@@ -154,7 +154,7 @@ def _rel(a, b):
     (64, torch.float64, 0, 1e-10), (1024, torch.float64, 0, 1e-8),  # exact in exact arithmetic: round-off only
     (1024, torch.float32, 64, 1e-4),  # float32 drift, bounded by anchors every 64 layers
 ])
-def test_reversible_backprop_equals_autograd(layers, dtype, anchors, tol):
+def test_float_reversible_backprop_equals_autograd(layers, dtype, anchors, tol):
     torch.manual_seed(0)
     m = build_model("H2", 16, layers, 0.1, init_std=0.5).to(dtype)
     y = torch.randn(32, 16, dtype=dtype)

@@ -15,16 +15,23 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from ..blocks import BlockTable
-from ..engine import EVAL_BYTES, Engine, StepOut, stats_of
-from ..halo import build_plans
-from ..partition import partition
+from ..engine import EVAL_BYTES, Engine, StepOut
+from ..tasks import TASKS
 from ..topology import Topology
 from .exchange import Tracer
 from .mesh import Groups
-from .network import ShardedNet
+from .network import ShardedNet, build_shard
+
+
+def maybe_fail(fault: tuple[int, int, str] | None, rank: int, step: int) -> None:
+    """Test-only fault injection (``DHDNN_FAULT=rank:step:kill|raise|stop``)."""
+    if fault and fault[0] == rank and fault[1] == step:
+        if fault[2] == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if fault[2] == "stop":
+            os.kill(os.getpid(), signal.SIGSTOP)
+        raise RuntimeError(f"injected fault on rank {rank} at step {step}")
 
 
 class ShardedEngine(Engine):
@@ -32,8 +39,9 @@ class ShardedEngine(Engine):
 
     def __init__(self, net: ShardedNet, groups: Groups, tracer: Tracer | None = None,
                  fault: tuple[int, int, str] | None = None, device: str = "cpu", collectives: bool = True,
-                 train_batch: int = 0):
+                 train_batch: int = 0, task: str = "classify"):
         self.net, self.groups, self.tracer = net, groups, tracer
+        self.task = TASKS[task]
         self.rank, self.world = groups.rank, groups.dims.world
         self.table = net.table
         self._step, self._fault, self.device = 0, fault, torch.device(device)
@@ -70,20 +78,10 @@ class ShardedEngine(Engine):
         return [{"params": rest, "weight_decay": 0.0},
                 {"params": self.net.readout_parameters(), "weight_decay": weight_decay}]
 
-    def _maybe_fail(self) -> None:
-        """Test-only fault injection (``DHDNN_FAULT=rank:step:kill|raise|stop``)."""
-        if self._fault and self._fault[0] == self.rank and self._fault[1] == self._step:
-            mode = self._fault[2]
-            if mode == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
-            if mode == "stop":
-                os.kill(os.getpid(), signal.SIGSTOP)
-            raise RuntimeError(f"injected fault on rank {self.rank} at step {self._step}")
-
     def objective(self, x, y, alpha, record=False):
         """The loss of this replica's slice, normalised by the global batch: summed over replicas
         (:meth:`after_backward`), the gradients are those of the whole batch in one process."""
-        self._maybe_fail()
+        maybe_fail(self._fault, self.rank, self._step)
         if self.tracer is not None:
             self.tracer.step = self._step
         self._step += 1
@@ -97,10 +95,9 @@ class ShardedEngine(Engine):
         reg = (self.net.regularizer_value(alpha) if alpha and counts else out.new_zeros(())).detach().reshape(1).cpu()
         zeros = torch.zeros(3, dtype=reg.dtype)
         if self.net.has_logits:
-            ce = F.cross_entropy(out, y) if self.replicas == 1 else \
-                F.cross_entropy(out, y, reduction="sum") / n_global
-            stats = stats_of(out, y) if self.groups.agent_rank == 0 else zeros
-            return StepOut(ce, torch.cat([stats.to(reg.dtype), reg]))
+            loss = self.task.loss(out, y) if self.replicas == 1 else self.task.loss(out, y, "sum") / n_global
+            stats = self.task.stats(out, y) if self.groups.agent_rank == 0 else zeros
+            return StepOut(loss, torch.cat([stats.to(reg.dtype), reg]))
         return StepOut(out, torch.cat([zeros, reg]))  # a placeholder whose backward receives the logits' gradient
 
     def after_backward(self):
@@ -121,7 +118,7 @@ class ShardedEngine(Engine):
             for i in range(0, len(x), chunk):
                 logits = self.net(x[i:i + chunk].to(self.device))
                 if self.groups.agent_rank == 0:
-                    out += stats_of(logits, y[i:i + chunk].to(self.device)).double()
+                    out += self.task.stats(logits, y[i:i + chunk].to(self.device)).double()
         finally:
             if self.tracer is not None:
                 self.tracer.evaluating = False
@@ -150,6 +147,16 @@ class ShardedEngine(Engine):
     def entries(self):
         return self.net.entries()
 
+    def take_drift(self) -> float:
+        cert = self.net.plan.cert
+        drift = cert.drift if cert is not None else 0.0
+        if cert is not None:
+            cert.reset()
+        return drift
+
+    def set_anchor_every(self, k: int) -> None:
+        self.net.plan.anchor_every = k
+
     def end_epoch(self):
         if self.tracer is not None:
             self.tracer.flush()
@@ -160,40 +167,22 @@ class ShardedEngine(Engine):
 
 def build_sharded_engine(cfg, data, groups: Groups, topo: Topology, device: str = "cpu", fault=None,
                          partition_method: str = "auto", collectives: bool = True) -> ShardedEngine:
-    """The engine of this rank: partition, halo plan, per-agent initial blocks, the sharded net.
+    """The engine of this rank of a run config: :func:`~dhdnn.distributed.network.build_shard`
+    (the setup :func:`~dhdnn.distributed.distribute` shares) wrapped for the trainer.
     ``collectives=False``: no setup-time checks across ranks (a stand-alone engine for timing)."""
-    from ..models import ARCHITECTURES
+    from ..build import NetworkSpec
     from ..train import DTYPES
 
-    mc, rc = cfg.model, cfg.run
-    layout = ARCHITECTURES[mc.arch].agent_layout(J=mc.J)
-    P, agent_rank = groups.dims.agents, groups.agent_rank
-    part = partition(topo, P, partition_method)
-    if collectives:
-        check_same_partition(part.assignment, device)
-    plan = build_plans(topo, part, ranks=[agent_rank])[0]
-    table = BlockTable(topo, layout, mc.layers, data.n_classes)
+    rc = cfg.run
     tracer = None
     if rc.trace:
-        out = Path(rc.out_dir)
-        tracer = Tracer(groups.rank, out / f"trace-rank{groups.rank}.jsonl", groups.to_global)
-    stage = device.startswith("cuda") and dist.get_backend() == "gloo"
-    net = ShardedNet(table, mc.h, plan, part.assignment, data.n_features, cfg.train.seed, mc.init_std,
-                     DTYPES[rc.dtype], rc.readout, groups.agent, tracer, stage, rc.local_kernel,
-                     rc.backprop, rc.reversible_anchor_every).to(device)
-    return ShardedEngine(net, groups, tracer, fault, device, collectives,
-                         -(-cfg.train.batch_size // groups.dims.replicas))
-
-
-def check_same_partition(assignment, device: str) -> None:
-    """Every rank computes the partition itself; make sure they agree (a setup-time collective)."""
-    import hashlib
-
-    on = device if dist.get_backend() == "nccl" else "cpu"
-    digest = int.from_bytes(hashlib.sha256(assignment.tobytes()).digest()[:6], "little")
-    h = torch.tensor([float(digest)], dtype=torch.float64, device=on)
-    lo, hi = h.clone(), h.clone()
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-    if lo.item() != hi.item():
-        raise RuntimeError("ranks computed different partitions; is pymetis the same version on every machine?")
+        tracer = Tracer(groups.rank, Path(rc.out_dir) / f"trace-rank{groups.rank}.jsonl", groups.to_global)
+    spec = NetworkSpec.from_config(cfg, data.n_features, data.n_outputs)
+    net = build_shard(spec, topo, groups, dtype=DTYPES[rc.dtype], device=device, partition_method=partition_method,
+                      readout=rc.readout, tracer=tracer, local_kernel=rc.local_kernel, backprop=rc.backprop,
+                      anchor_every=rc.anchors, check=collectives, reversible_state=rc.reversible_state,
+                      fraction_bits=rc.reversible_fraction_bits)
+    engine = ShardedEngine(net, groups, tracer, fault, device, collectives,
+                           -(-cfg.train.batch_size // groups.dims.replicas), cfg.model.task)
+    engine.spec = spec
+    return engine

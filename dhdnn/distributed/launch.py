@@ -212,6 +212,11 @@ def _child(rank: int, world: int, store_path: str, out_dir: str, backend: str, t
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # local workers talk over 127.0.0.1 only
     if cores is not None:
         pin(rank, threads, cores)
+    import torch
+
+    # as many compute threads as the worker has cores: more (torch's default is every core) spin
+    # against each other in the BLAS library's barriers on a pinned worker, many times slower
+    torch.set_num_threads(threads)
     try:
         store = dist.FileStore(store_path, world)
         init_group(backend, rank, world, timeout_s, store=store)

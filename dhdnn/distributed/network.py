@@ -16,11 +16,11 @@ from torch import Tensor, nn
 
 from ..blocks import BlockTable, init_class
 from ..engine import Entry
-from ..halo import HaloPlan, RankRows, ranges
+from ..halo import HaloPlan, RankRows, build_plans, ranges
 from ..models._fused import add_smoothness_grad, smoothness_value
 from .exchange import CommStats, Exchanger, FieldLayout, Tracer
 from .kernels import KERNELS, choose_kernel, class_rows
-from .readout import AllReduceSum, Tree, TreeReduce
+from .readout import AllReduceSum, Tree, TreeAllReduce, TreeReduce
 from .stack import Coupling, ShardedStack, StackPlan
 
 
@@ -30,10 +30,12 @@ class ShardedNet(nn.Module):
     def __init__(self, table: BlockTable, h: float, plan: HaloPlan, owner: np.ndarray, n_features: int,
                  seed: int, init_std: float | None = None, dtype=torch.float32, readout: str = "tree", group=None,
                  tracer: Tracer | None = None, stage_cpu: bool = False, local_kernel: str = "auto",
-                 backprop: str = "autograd", anchor_every: int = 0):
+                 backprop: str = "autograd", anchor_every: int = 0, logits_everywhere: bool = False,
+                 reversible_state: str = "fixed", fraction_bits: int | None = None):
         super().__init__()
+        self.logits_everywhere = logits_everywhere  # every rank gets the logits (a user's loop), not only the root
         self.table, self.layout, self.layers, self.h, self.rank = table, table.layout, table.layers, h, plan.rank
-        self.readout_mode, self.group, self.n_classes = readout, group, table.n_classes
+        self.readout_mode, self.group, self.n_outputs = readout, group, table.n_classes
         self.rows = RankRows(plan, table.width)
         self.comm_stats = CommStats()
         layout = FieldLayout(self.rows.F, {s: torch.as_tensor(r) for s, r in self.rows.send_rows().items()},
@@ -44,8 +46,14 @@ class ShardedNet(nn.Module):
         self._init = (seed, init_std, dtype)
         mine = owner == plan.rank
         self._build_stack(mine, plan, local_kernel, backprop, anchor_every)
+        if backprop == "reversible":
+            from ..models._fused import Certificate
+
+            self.plan.reversible_state, self.plan.fraction_bits = reversible_state, fraction_bits
+            self.plan.cert = Certificate(exact=reversible_state == "fixed")
         self._build_io(mine, n_features)
-        self.tree = Tree(plan.tree_parent, plan.tree_children, group, tracer, stage_cpu, self.comm_stats)
+        self.tree = Tree(plan.tree_parent, plan.tree_children, group, tracer, stage_cpu, self.comm_stats,
+                         size=plan.workers)
 
     def _param(self, kind: str, value: Tensor) -> nn.Parameter:
         key = kind.replace(".", "_")
@@ -119,7 +127,7 @@ class ShardedNet(nn.Module):
         n_classes = {k: len(self.kind(k)) for k in (*lay.matrices, *lay.biases)}
         self.plan = StackPlan(lay, self.h, L, F, E, kernels, n_classes,
                               [self._coupling(hs.coupling, plan) for hs in lay.half_steps],
-                              self.ex if self.ex.active else None, backprop, anchor_every)
+                              self.ex if self.ex.active else None, backprop, anchor_every, rank=plan.rank)
 
     def _coupling(self, kind: str, plan: HaloPlan) -> Coupling:
         if kind in ("-", "+"):
@@ -227,7 +235,7 @@ class ShardedNet(nn.Module):
             terms.append(self.mu.expand(B, -1))
         # a rank without readout agents still depends on its fields: its backward (and the
         # exchanges its neighbours wait for) must run like everyone else's
-        out = terms[0] if terms else fields[0][:1].sum(0, keepdim=True).T.mul(0).expand(-1, self.n_classes)
+        out = terms[0] if terms else fields[0][:1].sum(0, keepdim=True).T.mul(0).expand(-1, self.n_outputs)
         for t in terms[1:]:
             out = out + t
         return out
@@ -240,11 +248,11 @@ class ShardedNet(nn.Module):
             return AllReduceSum.apply(partial, self.group)
         if self.tree.parent is None and not self.tree.children:  # a lone rank: the partial sum is the sum
             return partial
-        return TreeReduce.apply(partial, self.tree)
+        return (TreeAllReduce if self.logits_everywhere else TreeReduce).apply(partial, self.tree)
 
     @property
     def has_logits(self) -> bool:
-        return self.readout_mode == "allreduce" or self.tree.parent is None
+        return self.readout_mode == "allreduce" or self.logits_everywhere or self.tree.parent is None
 
     def readout_parameters(self) -> list[nn.Parameter]:
         return self.kind("W")
@@ -272,3 +280,50 @@ class ShardedNet(nn.Module):
         if training and self.plan.backprop == "autograd":
             return ((L + 1) * nf * E + L * nhs * F) * itemsize
         return 6 * E * nf * itemsize
+
+
+def build_shard(spec, topo, groups, *, dtype=torch.float32, device: str = "cpu", assignment=None,
+                partition_method: str = "auto", readout: str = "tree", tracer: Tracer | None = None,
+                local_kernel: str = "auto", backprop: str = "autograd", anchor_every: int = 0,
+                logits_everywhere: bool = False, check: bool = True, reversible_state: str = "fixed",
+                fraction_bits: int | None = None) -> ShardedNet:
+    """This rank's :class:`ShardedNet` of ``spec`` (a :class:`~dhdnn.build.NetworkSpec`) on ``topo``:
+    the partition (computed by every rank and checked to agree, or the ``assignment`` given),
+    the halo plan, the block table and this rank's blocks, initialised per agent (the same
+    network on any number of workers). The one setup both the CLI's engine and
+    :func:`~dhdnn.distributed.distribute` use."""
+    import torch.distributed as dist
+
+    from ..models import ARCHITECTURES
+    from ..partition import Partition, partition
+
+    layout = ARCHITECTURES[spec.arch].agent_layout(J=spec.J)
+    P = groups.dims.agents
+    part = partition(topo, P, partition_method) if assignment is None else Partition(np.asarray(assignment), P,
+                                                                                      "given")
+    if check:
+        check_same_partition(part.assignment, device)
+    plan = build_plans(topo, part, ranks=[groups.agent_rank])[0]
+    table = BlockTable(topo, layout, spec.layers, spec.n_outputs)
+    stage = str(device).startswith("cuda") and dist.get_backend() == "gloo"
+    net = ShardedNet(table, spec.h, plan, part.assignment, spec.n_features, spec.seed, spec.init_std, dtype, readout,
+                     groups.agent, tracer, stage, local_kernel, backprop, anchor_every, logits_everywhere,
+                     reversible_state, fraction_bits)
+    net.assignment = part.assignment
+    return net.to(device)
+
+
+def check_same_partition(assignment, device: str) -> None:
+    """Every rank computes the partition itself; make sure they agree (a setup-time collective)."""
+    import hashlib
+
+    import torch.distributed as dist
+
+    on = device if dist.get_backend() == "nccl" else "cpu"
+    digest = int.from_bytes(hashlib.sha256(np.ascontiguousarray(assignment).tobytes()).digest()[:6], "little")
+    h = torch.tensor([float(digest)], dtype=torch.float64, device=on)
+    lo, hi = h.clone(), h.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if lo.item() != hi.item():
+        raise RuntimeError("ranks computed different partitions; is pymetis the same version on every machine?")

@@ -3,8 +3,11 @@
 Every rank computes ``sum_i W^[i] y_L^[i]`` over its readout agents. With the default
 ``tree`` readout the partial sums travel up a BFS spanning tree of the rank graph (one
 message per tree edge, neighbour ranks only) to rank 0, which computes the loss; the logits'
-gradient travels back down. ``allreduce`` is the explicit collective alternative (every rank
-gets the logits); it is never chosen silently.
+gradient travels back down (:class:`TreeReduce`, what the trainer uses). For a user's own
+loop every rank gets the logits (:class:`TreeAllReduce`): the sum goes up and back down the
+same tree, and the backward averages the ranks' gradients of the logits the same way, so
+the same loss computed on every rank gives exactly one process's gradient. ``allreduce`` is
+the explicit collective alternative; it is never chosen silently.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ class Tree:
     stage_cpu: bool
     stats: CommStats
     shape: tuple[int, int] = (0, 0)
+    size: int = 1  # ranks in the tree
 
     @property
     def pg(self):
@@ -56,7 +60,7 @@ class Tree:
     def _cpu(self, t: Tensor) -> Tensor:
         return t.cpu() if self.stage_cpu else t
 
-    def up(self, partial: Tensor) -> Tensor:
+    def up(self, partial: Tensor, phase: str = "forward") -> Tensor:
         """The sum of every rank's partial logits on the root; a 0-dim placeholder elsewhere."""
         self.shape = tuple(partial.shape)
         bufs = {c: torch.empty_like(self._cpu(partial)) for c in self.children}
@@ -66,11 +70,12 @@ class Tree:
             total += b.to(total.device)
         if self.parent is None:
             return total
-        self._wait([(self.parent, self._send(self._cpu(total), self.parent, "forward"))], "send to parent")
+        self._wait([(self.parent, self._send(self._cpu(total), self.parent, phase))], "send to parent")
         return partial.new_zeros(())
 
-    def down(self, g: Tensor) -> Tensor:
-        """The logits' gradient, received from the parent and passed on to the children."""
+    def down(self, g: Tensor, phase: str = "backward") -> Tensor:
+        """The root's ``g`` on every rank: received from the parent and passed on to the children
+        (the logits' gradient in the backward; the logits themselves for :class:`TreeAllReduce`)."""
         if self.parent is not None:
             buf = torch.empty(self.shape, dtype=g.dtype, device="cpu" if self.stage_cpu else g.device)
             self._wait([(self.parent, self.pg.recv([buf], self.parent, 0))], "receive from parent")
@@ -79,7 +84,7 @@ class Tree:
             g = g.contiguous()
         if self.children:
             msg = self._cpu(g)
-            self._wait([(c, self._send(msg, c, "backward")) for c in self.children], "send to children")
+            self._wait([(c, self._send(msg, c, phase)) for c in self.children], "send to children")
         return g
 
 
@@ -94,6 +99,26 @@ class TreeReduce(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return ctx.tree.down(g), None
+
+
+class TreeAllReduce(torch.autograd.Function):
+    """Every rank gets the sum of the partial logits (up the tree, then back down); backward:
+    every rank gets the mean of the ranks' logit gradients, the same way. The adjoint of
+    "each rank holds the logits and the objective is the mean of the ranks' losses": with
+    the same loss on every rank, the gradient of one process."""
+
+    @staticmethod
+    def forward(ctx, partial, tree: Tree):
+        ctx.tree = tree
+        total = tree.up(partial.contiguous(), "forward")
+        return tree.down(total if tree.parent is None else partial.new_empty(partial.shape), "forward").clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        tree = ctx.tree
+        total = tree.up(g.contiguous(), "backward")
+        mean = total / tree.size if tree.parent is None else g.new_empty(g.shape)
+        return tree.down(mean, "backward").clone(), None
 
 
 class AllReduceSum(torch.autograd.Function):

@@ -8,7 +8,10 @@ roughly the order backward produces them); when the last gradient of a bucket ha
 accumulated, a hook copies the bucket into one flat buffer and starts an asynchronous
 ``all_reduce`` on the replica group, so reductions overlap the rest of the backward (as
 DistributedDataParallel's buckets do). :meth:`GradReducer.finish` waits and writes the sums
-back. Every reduction can be traced (op ``allreduce_grad``, its bytes, the group's ranks).
+back (or, with ``average``, the means, as DDP does for a user's loop whose replicas each
+normalise their loss by their own slice); with ``auto_finish`` it runs by itself when the
+backward ends (queued on the autograd engine, as DDP does), so a user's loop needs no call.
+Every reduction can be traced (op ``allreduce_grad``, its bytes, the group's ranks).
 """
 from __future__ import annotations
 
@@ -23,8 +26,10 @@ BUCKET_BYTES = 25 << 20  # as DistributedDataParallel's default
 
 class GradReducer:
     def __init__(self, params: list[nn.Parameter], group, group_ranks: list[int], tracer: Tracer | None = None,
-                 bucket_bytes: int = BUCKET_BYTES):
+                 bucket_bytes: int = BUCKET_BYTES, average: bool = False, auto_finish: bool = False):
         self.group, self.ranks, self.tracer = group, group_ranks, tracer
+        self.average, self.auto_finish = average, auto_finish
+        self._queued = False
         self.buckets: list[list[nn.Parameter]] = []
         size = bucket_bytes
         for p in reversed(params):
@@ -44,11 +49,15 @@ class GradReducer:
     def start_step(self) -> None:
         self._pending = {b: len(ps) for b, ps in enumerate(self.buckets)}
         self._work = []
+        self._queued = False
 
     def _ready(self, p: nn.Parameter) -> None:
         b = self._bucket_of[id(p)]
         if b not in self._pending:
             return  # outside a training step (or reduced already)
+        if self.auto_finish and not self._queued:  # wait for every bucket when this backward ends
+            torch.autograd.Variable._execution_engine.queue_callback(self.finish)
+            self._queued = True
         self._pending[b] -= 1
         if self._pending[b] == 0:
             del self._pending[b]
@@ -74,6 +83,8 @@ class GradReducer:
             self._launch(b)
         for work, flat, ps in self._work:
             work.wait()
+            if self.average:
+                flat /= len(self.ranks)
             at = 0
             for p in ps:
                 n = p.numel()

@@ -18,9 +18,14 @@ shorter path: ``C K^T`` folded into one matrix per layer, weight gradients forme
 layers at once after the backward (as the dense model's fused stacks do).
 
 ``backprop="reversible"`` keeps no per-layer state: the backward rebuilds each half-step's
-input by undoing it (``target -= h C z``, exact in exact arithmetic for invertible layouts),
-sending the rebuilt values in the same messages as the adjoint's, so the number of exchanges
-per layer is unchanged. Optional anchors (every ``anchor_every`` layers) bound float drift.
+input by undoing it (``target -= h C z``), sending the rebuilt values in the same messages as
+the adjoint's, so the number of exchanges per layer is unchanged. With
+``reversible_state="fixed"`` (the default) the fields are int64 fixed point: every increment
+is computed in the run's dtype by the same calls in both directions (the halo carries the
+dequantised values each side uses) and added or subtracted as an integer, so every rebuilt
+state is bit for bit the forward's; with ``"float"`` the rebuild is float arithmetic and
+optional anchors (every ``anchor_every`` layers) bound its drift. Either way the backward
+compares what it rebuilt with the stored input (and anchors) in the plan's certificate.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ..models import _fused
 from ..models.hamiltonian import AgentLayout, HalfStep
 from .kernels import DenseKernel
 
@@ -104,7 +110,15 @@ class StackPlan:
     ex: object = None  # Exchanger, or None for a rank without neighbours
     backprop: str = "autograd"
     anchor_every: int = 0
+    reversible_state: str = "fixed"  # reversible: fixed (int64 fixed point, exact) or float
+    fraction_bits: int | None = None  # fixed: the grid 2^-F (None: the dtype's default)
+    cert: _fused.Certificate | None = None  # reversible: what the last backward's rebuild found
+    rank: int = 0  # (messages)
     ws: Workspace = field(default_factory=Workspace)
+
+    @property
+    def exact(self) -> bool:
+        return self.backprop == "reversible" and self.reversible_state == "fixed"
 
     def move(self, fn) -> None:
         """Move every tensor of the plan (``fn`` as in ``Module._apply``: device and float dtype)."""
@@ -115,8 +129,9 @@ class StackPlan:
 
     @property
     def local_dense(self) -> bool:
-        """No exchanges and assembled matrices: the short path."""
-        return self.ex is None and all(isinstance(k, DenseKernel) for k in self.kernels.values())
+        """No exchanges and assembled matrices: the short path (not for exact reversible steps, whose
+        increments must come from the general path's calls in both directions)."""
+        return self.ex is None and not self.exact and all(isinstance(k, DenseKernel) for k in self.kernels.values())
 
     def split(self, params: tuple[Tensor, ...]) -> tuple[list, list]:
         """The flat parameter tuple as per-half-step (matrix class tensors, bias class tensors)."""
@@ -169,25 +184,38 @@ class ShardedStack(torch.autograd.Function):
         updates = {f: sum(1 for hs in steps if hs.target == f) for f in names}
         ws = plan.ws
         store = {f: ws.take(((1 + L * updates[f]) if save else 1, E, B), x) for f, x in zip(names, fields)}
+        fx = _Fixed(plan, fields[0].dtype) if plan.exact and grad else None
+        ints = {}
         for f, x in zip(names, fields):
-            store[f][0, :F] = x
+            if fx is not None:  # the state in fixed point; the fields hold its dequantised values
+                ints[f] = fx.quantise(x, "the input", 0)
+                fx.dequantise(ints[f], store[f][0, :F])
+            else:
+                store[f][0, :F] = x
         cur = {f: 0 for f in names}
         S = ws.take((L if save else 1, len(steps), F, B), fields[0])
         Sv = [list(r.unbind(0)) for r in S.unbind(0)]
         Z = ws.take((E, B), fields[0])
+        # exact: the tanh buffer as the backward's, (F, B) on its own: the BLAS library's results can
+        # depend on where its output starts in memory, and the increments must be bit for bit equal
+        s_fixed = ws.take((F, B), fields[0]) if fx is not None else None
         ext = {f: list(store[f].unbind(0)) for f in names}  # views, made once: the loop only indexes lists
         loc = {f: list(store[f][:, :F].unbind(0)) for f in names}
         versions, anchors = [], {}
+        start = {f: t.clone() for f, t in ints.items()}  # the input, for the exact certificate
         short = ps.akt is not None
+        if grad and plan.backprop == "reversible" and fx is None:
+            anchors[0] = {f: x.detach().clone() for f, x in zip(names, fields)}  # the certificate's reference
         for j in range(L):
-            if grad and plan.backprop == "reversible" and plan.anchor_every and j and j % plan.anchor_every == 0:
+            if fx is None and grad and plan.backprop == "reversible" and plan.anchor_every and j and \
+                    j % plan.anchor_every == 0:
                 anchors[j] = {f: loc[f][cur[f]].clone() for f in names}
             row = []
             s_row = Sv[j if save else 0]
             for k, hs in enumerate(steps):
                 src, tgt = hs.source, hs.target
                 row.append(cur[src])
-                s = s_row[k]
+                s = s_row[k] if fx is None else s_fixed
                 old, new = cur[tgt], cur[tgt] + (1 if save else 0)
                 if short:  # three BLAS calls
                     torch.addmm(ps.bcols[k][j], ps.st[k].loc[j], loc[src][cur[src]], out=s).tanh_()
@@ -195,11 +223,16 @@ class ShardedStack(torch.autograd.Function):
                 else:
                     _half_forward(plan, ps, k, j, ext[src][cur[src]], s, Z)
                     c = plan.couplings[k]
-                    torch.add(loc[tgt][old], c.apply(Z[:F]), alpha=h * c.scale, out=loc[tgt][new])
+                    if fx is not None:
+                        fx.add(ints[tgt], fx.increment(c, Z[:F], h), loc[tgt][new], j, tgt)
+                        if plan.cert is not None and plan.cert.states is not None:  # tests
+                            plan.cert.keep("forward", *[ints[f] for f in names])
+                    else:
+                        torch.add(loc[tgt][old], c.apply(Z[:F]), alpha=h * c.scale, out=loc[tgt][new])
                 cur[tgt] = new
             versions.append(row)
         outs = tuple(store[f][cur[f], :F].clone() for f in names)
-        ws.give(Z)
+        ws.give(Z, *([s_fixed] if s_fixed is not None else []))
         if not save:
             ws.give(S, *store.values())
         ctx.plan = plan
@@ -207,9 +240,10 @@ class ShardedStack(torch.autograd.Function):
         if save:
             ctx.save_for_backward(*params, S, *[store[f] for f in names])
             ctx.versions = versions
-        elif grad:  # reversible: keep only the outputs (and anchors)
+        elif grad:  # reversible: keep only the outputs (and anchors, or the fixed-point states)
             ctx.save_for_backward(*params, *outs)
             ctx.anchors = anchors
+            ctx.ints = (ints, start) if fx is not None else None
         return outs
 
     @staticmethod
@@ -225,7 +259,7 @@ class ShardedStack(torch.autograd.Function):
         B = rest[-1].shape[-1]
         g = {f: (gr.clone() if gr is not None else like.new_zeros(F, B)) for f, gr in zip(names, grads)}
         if plan.backprop == "reversible":
-            G, gb = _backward_reversible(plan, ctx.anchors, params, rest, g)
+            G, gb = _backward_reversible(plan, ctx.anchors, params, rest, g, ctx.ints)
         elif plan.local_dense:
             G, gb = _backward_local(plan, ctx.versions, ctx.prepared, rest[0], dict(zip(names, rest[1:])), g)
         else:
@@ -319,8 +353,9 @@ def _backward_local(plan: StackPlan, versions, ps: _Pass, S: Tensor, store: dict
     return G, gb
 
 
-def _backward_reversible(plan: StackPlan, anchors: dict, params, outs, g: dict):
-    """Rebuild every half-step's input by undoing it, and run its adjoint on the way."""
+def _backward_reversible(plan: StackPlan, anchors: dict, params, outs, g: dict, fixed=None):
+    """Rebuild every half-step's input by undoing it, and run its adjoint on the way; then check
+    the rebuilt input (and anchors) against the stored ones (the certificate)."""
     lay, F, E, L = plan.layout, plan.F, plan.E, plan.layers
     names = lay.field_names
     ps = _Pass(plan, params)
@@ -329,22 +364,59 @@ def _backward_reversible(plan: StackPlan, anchors: dict, params, outs, g: dict):
     gb = [like.new_zeros(L, F) for _ in lay.half_steps]
     ws = plan.ws
     cur = {f: ws.take((E, B), like) for f in names}
+    fx = ints = None
+    if fixed is not None:
+        fx, ints = _Fixed(plan, like.dtype), {f: t.clone() for f, t in fixed[0].items()}
     for f, y in zip(names, outs):
-        cur[f][:F] = y
+        cur[f][:F] = y  # (exact: the dequantised final state, as the forward left it)
     S, Z = ws.take((F, B), like), ws.take((E, B), like)
     GZ, GX, GU, D = ws.take((E, B), like), ws.take((E, B), like), ws.take((F, B), like), ws.take((F, B), like)
     for j in reversed(range(L)):
         for k in reversed(range(len(lay.half_steps))):
-            _half_reverse(plan, ps, G[k], k, j, g, cur, S, Z, GZ, GX, GU, D, gb[k])
+            _half_reverse(plan, ps, G[k], k, j, g, cur, S, Z, GZ, GX, GU, D, gb[k], fx, ints)
         if j in anchors:  # drift stops here: continue from the stored state
+            if plan.cert is not None:
+                plan.cert.compare(j, [cur[f][:F] for f in names], [anchors[j][f] for f in names],
+                                  f" on rank {plan.rank}")
             for f in names:
                 cur[f][:F] = anchors[j][f]
+    if fx is not None and plan.cert is not None:
+        plan.cert.compare(0, [ints[f] for f in names], [fixed[1][f] for f in names], f" on rank {plan.rank}")
     ws.give(S, Z, GZ, GX, GU, D, *cur.values())
     return G, gb
 
 
+class _Fixed:
+    """The fixed-point state's arithmetic on one rank (see :class:`~dhdnn.models._fused.H2FixedStack`)."""
+
+    def __init__(self, plan: StackPlan, dtype):
+        self.bits = _fused.fraction_bits(dtype, plan.fraction_bits)
+        self.scale, self.inv, self.rank = 2.0 ** self.bits, 2.0 ** -self.bits, plan.rank
+
+    def quantise(self, x: Tensor, what: str, layer: int) -> Tensor:
+        X = _fused.quantise(x, self.scale)
+        _fused.check_range(X, layer, f"{what} on rank {self.rank}", self.bits)
+        return X
+
+    def dequantise(self, X: Tensor, out: Tensor) -> Tensor:
+        return _fused.dequantise(X, self.inv, out)
+
+    @staticmethod
+    def increment(c: Coupling, z: Tensor, h: float) -> Tensor:
+        """``h C z`` in the run's dtype: the same expression in both directions."""
+        return c.apply(z) * (h * c.scale)
+
+    def add(self, X: Tensor, delta: Tensor, out: Tensor, layer: int, field: str, sign: int = 1) -> None:
+        """``X += sign * round(delta)`` on the grid, then ``out`` = its dequantised values."""
+        d = _fused.quantise(delta, self.scale)
+        X.add_(d) if sign > 0 else X.sub_(d)
+        _fused.check_range(X, layer, f"{field} on rank {self.rank}", self.bits)
+        self.dequantise(X, out)
+
+
 def _half_reverse(plan: StackPlan, ps: _Pass, G, k: int, j: int, g: dict, cur: dict, S: Tensor, Z: Tensor,
-                  GZ: Tensor, GX: Tensor, GU: Tensor, D: Tensor, gb: Tensor) -> None:
+                  GZ: Tensor, GX: Tensor, GU: Tensor, D: Tensor, gb: Tensor, fx: _Fixed | None = None,
+                  ints: dict | None = None) -> None:
     """Undo one half-step (rebuilding ``target`` before it) and run its adjoint; the rebuild's
     messages travel with the adjoint's (one gather and one scatter-add, each two tensors deep)."""
     hs, kern, st, ex, F = plan.layout.half_steps[k], ps.kern[k], ps.st[k], plan.ex, plan.F
@@ -372,5 +444,10 @@ def _half_reverse(plan: StackPlan, ps: _Pass, G, k: int, j: int, g: dict, cur: d
     torch.sum(GU, 1, out=gb[j])
     if ex is not None:
         ex.finish_scatter(pend, [Z[:F], GX[:F]])
-    cur[hs.target][:F].sub_(c.apply(Z[:F]), alpha=plan.h * c.scale)  # the target before this half-step
+    if fx is not None:  # exactly the integer the forward added
+        if plan.cert is not None and plan.cert.states is not None:  # tests: the state this half-step made
+            plan.cert.keep("rebuilt", *[ints[f] for f in plan.layout.field_names])
+        fx.add(ints[hs.target], fx.increment(c, Z[:F], plan.h), cur[hs.target][:F], j, hs.target, sign=-1)
+    else:
+        cur[hs.target][:F].sub_(c.apply(Z[:F]), alpha=plan.h * c.scale)  # the target before this half-step
     g[hs.source].add_(GX[:F])

@@ -102,10 +102,12 @@ class H2RevStack(torch.autograd.Function):
     """:class:`H2Stack` with reversible backprop: the forward keeps only the last state (and an
     anchor every ``anchor_every`` layers); the backward rebuilds each layer's input by undoing
     the layer, ``q_j = q_{j+1} - h T A_p`` then ``p_j = p_{j+1} + h S A_q``, and runs the same
-    adjoint as :class:`H2Stack`. Activation memory is a few ``(B, m)`` buffers at any depth."""
+    adjoint as :class:`H2Stack`. Activation memory is a few ``(B, m)`` buffers at any depth.
+    The forward also keeps its input; the backward records in ``cert`` how far the rebuilt
+    input (and every anchor, before it is restored) drifted from the stored state."""
 
     @staticmethod
-    def forward(ctx, y, Kp, Ap, Kq, Aq, bp, bq, h, anchor_every):
+    def forward(ctx, y, Kp, Ap, Kq, Aq, bp, bq, h, anchor_every, cert=None):
         ctx.shared = (Ap is Kp, Aq is Kq)  # X = I: one gradient buffer per matrix, not two
         L, m = Kp.shape[0], Kp.shape[1]
         P, Q = y[:, :m].clone(), y[:, m:].clone()
@@ -120,7 +122,9 @@ class H2RevStack(torch.autograd.Function):
             torch.tanh(torch.addmm(bp[j], P, Kpt[j]), out=S)
             Q.addmm_(S, Ap[j], alpha=h)
         ctx.save_for_backward(Kp, Ap, Kq, Aq, bp, bq, P, Q)
-        ctx.h, ctx.anchors = h, anchors
+        ctx.h, ctx.anchors, ctx.cert = h, anchors, cert
+        if cert is not None:
+            anchors[0] = (y[:, :m].detach().clone(), y[:, m:].detach().clone())  # the certificate's reference
         return torch.cat([P, Q], dim=1)
 
     @staticmethod
@@ -151,10 +155,266 @@ class H2RevStack(torch.autograd.Function):
             torch.sum(gA, 0, out=gbq[j])
             gq.addmm_(gA, Kq[j])
             if j in ctx.anchors:  # drift stops here
+                if ctx.cert is not None:
+                    ctx.cert.compare(j, (P, Q), ctx.anchors[j])
                 P.copy_(ctx.anchors[j][0])
                 Q.copy_(ctx.anchors[j][1])
         return (torch.cat([gp, gq], dim=1), gKp, None if ctx.shared[0] else gAp, gKq, None if ctx.shared[1] else gAq,
-                gbp, gbq, None, None)
+                gbp, gbq, None, None, None)
+
+
+class H2StackFM(torch.autograd.Function):
+    """:class:`H2Stack` on feature-major fields: ``p`` and ``q`` are ``(m, N)`` (a column per
+    sample), so every update is one ``(m, m) x (m, N)`` product streaming contiguous rows. This
+    is the layout for very many small states (every pixel of an image batch: ``N`` in the tens
+    of thousands, ``m`` of 4), where the batch-major products and their copies cost several
+    times the arithmetic. Per layer: ``S = tanh(Kq q + bq); p' = p - h Aq^T S;
+    T = tanh(Kp p' + bp); q' = q + h Ap^T T``."""
+
+    @staticmethod
+    def forward(ctx, p, q, Kp, Ap, Kq, Aq, bp, bq, h):
+        L = Kp.shape[0]
+        ctx.shared = (Ap is Kp, Aq is Kq)  # X = I: one gradient buffer per matrix, not two
+        keep = any(ctx.needs_input_grad)
+        if not keep:  # evaluation: update in place, keep nothing
+            P, Q, S = p.clone(), q.clone(), torch.empty_like(p)
+            for j in range(L):
+                torch.addmm(bq[j].unsqueeze(1), Kq[j], Q, out=S).tanh_()
+                P.addmm_(Aq[j].T, S, alpha=-h)
+                torch.addmm(bp[j].unsqueeze(1), Kp[j], P, out=S).tanh_()
+                Q.addmm_(Ap[j].T, S, alpha=h)
+            return P, Q
+        P, Q = p.new_empty(L + 1, *p.shape), q.new_empty(L + 1, *q.shape)
+        S, T = p.new_empty(L, *p.shape), p.new_empty(L, *p.shape)
+        P[0], Q[0] = p, q
+        for j in range(L):
+            torch.addmm(bq[j].unsqueeze(1), Kq[j], Q[j], out=S[j]).tanh_()
+            torch.addmm(P[j], Aq[j].T, S[j], alpha=-h, out=P[j + 1])
+            torch.addmm(bp[j].unsqueeze(1), Kp[j], P[j + 1], out=T[j]).tanh_()
+            torch.addmm(Q[j], Ap[j].T, T[j], alpha=h, out=Q[j + 1])
+        ctx.save_for_backward(Kp, Ap, Kq, Aq, P, Q, S, T)
+        ctx.h = h
+        return P[L].clone(), Q[L].clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gP, gQ):
+        Kp, Ap, Kq, Aq, P, Q, S, T = ctx.saved_tensors
+        h, L = ctx.h, Kp.shape[0]
+        shared_p, shared_q = ctx.shared
+        gp = gP.clone() if gP is not None else torch.zeros_like(P[0])
+        gq = gQ.clone() if gQ is not None else torch.zeros_like(Q[0])
+        gKp, gKq = torch.zeros_like(Kp), torch.zeros_like(Kq)
+        gAp = gKp if shared_p else torch.zeros_like(Ap)
+        gAq = gKq if shared_q else torch.zeros_like(Aq)
+        gbp, gbq = Kp.new_empty(L, Kp.shape[1]), Kq.new_empty(L, Kq.shape[1])
+        gc, d = torch.empty_like(gp), torch.empty_like(gp)
+        for j in reversed(range(L)):
+            # q' = q + h Ap^T T, T = tanh(Kp p' + bp): dL/d(Kp p' + bp) = h (Ap gq) (1 - T^2)
+            torch.mul(T[j], T[j], out=d).neg_().add_(1)
+            torch.mm(Ap[j], gq, out=gc).mul_(d).mul_(h)
+            gKp[j].addmm_(gc, P[j + 1].T)
+            gAp[j].addmm_(T[j], gq.T, alpha=h)
+            torch.sum(gc, 1, out=gbp[j])
+            gp.addmm_(Kp[j].T, gc)
+            # p' = p - h Aq^T S, S = tanh(Kq q + bq)
+            torch.mul(S[j], S[j], out=d).neg_().add_(1)
+            torch.mm(Aq[j], gp, out=gc).mul_(d).mul_(-h)
+            gKq[j].addmm_(gc, Q[j].T)
+            gAq[j].addmm_(S[j], gp.T, alpha=-h)
+            torch.sum(gc, 1, out=gbq[j])
+            gq.addmm_(Kq[j].T, gc)
+        return gp, gq, gKp, None if shared_p else gAp, gKq, None if shared_q else gAq, gbp, gbq, None
+
+
+class H1StackFM(torch.autograd.Function):
+    """:class:`H1Stack` on a feature-major state ``y`` (``(n, N)``): ``T = tanh(K y + b);
+    y' = y + h A^T T`` per layer (see :class:`H2StackFM` for why the layout)."""
+
+    @staticmethod
+    def forward(ctx, y, K, A, b, h):
+        L = K.shape[0]
+        if not any(ctx.needs_input_grad):
+            Y, T = y.clone(), torch.empty_like(y)
+            for j in range(L):
+                torch.addmm(b[j].unsqueeze(1), K[j], Y, out=T).tanh_()
+                Y.addmm_(A[j].T, T, alpha=h)
+            return Y
+        Y, T = y.new_empty(L + 1, *y.shape), y.new_empty(L, *y.shape)
+        Y[0] = y
+        for j in range(L):
+            torch.addmm(b[j].unsqueeze(1), K[j], Y[j], out=T[j]).tanh_()
+            torch.addmm(Y[j], A[j].T, T[j], alpha=h, out=Y[j + 1])
+        ctx.save_for_backward(K, A, Y, T)
+        ctx.h = h
+        return Y[L].clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        K, A, Y, T = ctx.saved_tensors
+        h, L = ctx.h, K.shape[0]
+        gy = g.clone()
+        gK, gA = torch.zeros_like(K), torch.zeros_like(A)
+        gb = K.new_empty(L, K.shape[1])
+        gc, d = torch.empty_like(gy), torch.empty_like(gy)
+        for j in reversed(range(L)):
+            torch.mul(T[j], T[j], out=d).neg_().add_(1)
+            torch.mm(A[j], gy, out=gc).mul_(d).mul_(h)
+            gK[j].addmm_(gc, Y[j].T)
+            gA[j].addmm_(T[j], gy.T, alpha=h)
+            torch.sum(gc, 1, out=gb[j])
+            gy.addmm_(K[j].T, gc)
+        return gy, gK, gA, gb, None
+
+
+# ---- exact reversible backprop: the state in fixed point ------------------------------------------
+FRACTION_BITS = {torch.float32: 32, torch.float64: 48}  # F: the grid 2^-F; states must stay below 2^(62-F)
+GUARD = 1 << 62  # |state| in grid units checked after every add: below it, no add can wrap around unnoticed
+
+
+class FixedPointOverflow(ArithmeticError):
+    """A fixed-point state left the representable range."""
+
+
+class ReversibleMismatch(RuntimeError):
+    """Exact reversible backprop rebuilt a state that differs from the forward's: a bug."""
+
+
+class Certificate:
+    """What the last reversible backward found: the largest relative difference between a
+    rebuilt state and the one the forward stored (its input, and every anchor before it is
+    restored). ``exact``: any difference raises :class:`ReversibleMismatch`."""
+
+    def __init__(self, exact: bool = False):
+        self.exact, self.drift, self.checked = exact, 0.0, 0
+        self.states: dict | None = None  # tests: {"forward": [...], "rebuilt": [...]} copies of every state
+
+    def keep(self, which: str, *state) -> None:
+        """Tests: keep a copy of a fixed-point state (after each forward half-step, after each undo)."""
+        if self.states is not None:
+            self.states[which].append(tuple(t.clone() for t in state))
+
+    def reset(self) -> None:
+        self.drift, self.checked = 0.0, 0
+
+    def compare(self, layer: int, rebuilt, stored, where: str = "") -> None:
+        self.checked += 1
+        if self.exact:
+            if not all(torch.equal(a, b) for a, b in zip(rebuilt, stored)):
+                raise ReversibleMismatch(f"exact reversible backprop{where}: the state rebuilt at layer {layer} "
+                                         "differs from the forward's; please report this as a bug")
+            return
+        num = sum(float((a - b).double().square().sum()) for a, b in zip(rebuilt, stored))
+        den = sum(float(b.double().square().sum()) for b in stored)
+        self.drift = max(self.drift, (num / den) ** 0.5 if den > 0 else num ** 0.5)
+
+
+def fraction_bits(dtype: torch.dtype, bits: int | None = None) -> int:
+    return FRACTION_BITS[dtype] if bits is None else bits
+
+
+def quantise(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``round(x * 2^F)`` as int64 (the scaling by a power of two is exact)."""
+    return torch.round(x * scale).to(torch.int64)
+
+
+def dequantise(X: torch.Tensor, inv: float, out: torch.Tensor) -> torch.Tensor:
+    """``X * 2^-F`` in ``out``'s dtype (the int-to-float conversion rounds; the scaling is exact)."""
+    return out.copy_(X).mul_(inv)
+
+
+def check_range(X: torch.Tensor, layer: int, what: str, bits: int) -> None:
+    lo, hi = torch.aminmax(X)
+    if int(lo) <= -GUARD or int(hi) >= GUARD:
+        raise FixedPointOverflow(f"exact reversible backprop: {what} left the fixed-point range at layer {layer} "
+                                 f"(|state| >= 2^{62 - bits} with {bits} fraction bits); lower model.h or "
+                                 "init_std, raise train.alpha, or use run.reversible_state: float")
+
+
+def _increment(x, Kt, b, A, h: float, S, D):
+    """``D = h tanh(x K^T + b) A`` (``S``: the tanh). The one place both directions compute an
+    increment, so the backward's is bit for bit the forward's."""
+    torch.addmm(b, x, Kt, out=S).tanh_()
+    torch.mm(S, A, out=D).mul_(h)
+
+
+class H2FixedStack(torch.autograd.Function):
+    """Exact reversible H2: ``p`` and ``q`` are carried as int64 fixed point with ``bits`` fraction
+    bits. A half-step computes its increment in the run's dtype from the dequantised other half,
+    rounds it to the grid and adds it as an integer; the backward recomputes the same increment
+    from the same bits and subtracts it, so every rebuilt state is bit for bit the forward's, at
+    any depth (checked: the rebuilt input must equal the stored one). The gradient is the adjoint
+    of this forward with the rounding passed straight through: :class:`H2RevStack`'s, evaluated
+    at the dequantised states."""
+
+    @staticmethod
+    def forward(ctx, y, Kp, Ap, Kq, Aq, bp, bq, h, bits, cert=None):
+        ctx.shared = (Ap is Kp, Aq is Kq)
+        L, m = Kp.shape[0], Kp.shape[1]
+        scale, inv = 2.0 ** bits, 2.0 ** -bits
+        P, Q = quantise(y[:, :m], scale), quantise(y[:, m:], scale)
+        check_range(P, 0, "the input", bits)
+        check_range(Q, 0, "the input", bits)
+        start = (P.clone(), Q.clone())
+        p, q = dequantise(P, inv, torch.empty_like(y[:, :m])), dequantise(Q, inv, torch.empty_like(y[:, m:]))
+        S, D = torch.empty_like(p), torch.empty_like(p)
+        Kpt, Kqt = Kp.transpose(1, 2), Kq.transpose(1, 2)
+        keep = cert.keep if cert is not None and cert.states is not None else None
+        for j in range(L):
+            _increment(q, Kqt[j], bq[j], Aq[j], h, S, D)
+            P.sub_(quantise(D, scale))
+            check_range(P, j, "p", bits)
+            dequantise(P, inv, p)
+            _increment(p, Kpt[j], bp[j], Ap[j], h, S, D)
+            Q.add_(quantise(D, scale))
+            check_range(Q, j, "q", bits)
+            dequantise(Q, inv, q)
+            if keep is not None:
+                keep("forward", P, Q)
+        ctx.save_for_backward(Kp, Ap, Kq, Aq, bp, bq, P, Q, *start)
+        ctx.h, ctx.bits, ctx.cert = h, bits, cert
+        return torch.cat([p, q], dim=1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        Kp, Ap, Kq, Aq, bp, bq, P, Q, P0, Q0 = ctx.saved_tensors
+        h, bits, (L, m) = ctx.h, ctx.bits, Kp.shape[:2]
+        scale, inv = 2.0 ** bits, 2.0 ** -bits
+        P, Q = P.clone(), Q.clone()
+        p, q = dequantise(P, inv, torch.empty_like(g[:, :m])), dequantise(Q, inv, torch.empty_like(g[:, m:]))
+        gp, gq = g[:, :m].clone(), g[:, m:].clone()
+        gKp, gKq = torch.zeros_like(Kp), torch.zeros_like(Kq)
+        gAp = gKp if ctx.shared[0] else torch.zeros_like(Ap)
+        gAq = gKq if ctx.shared[1] else torch.zeros_like(Aq)
+        gbp, gbq = torch.zeros_like(bp), torch.zeros_like(bq)
+        S, D = torch.empty_like(p), torch.empty_like(p)
+        Kpt, Kqt = Kp.transpose(1, 2), Kq.transpose(1, 2)
+        keep = ctx.cert.keep if ctx.cert is not None and ctx.cert.states is not None else None
+        for j in reversed(range(L)):
+            if keep is not None:
+                keep("rebuilt", P, Q)
+            _increment(p, Kpt[j], bp[j], Ap[j], h, S, D)  # p = p_{j+1}: the q-update's increment, again
+            Q.sub_(quantise(D, scale))  # q_j, exactly
+            gC = torch.mm(gq, Ap[j].T).mul_(h).mul_(1 - S * S)
+            gKp[j].addmm_(gC.T, p)
+            gAp[j].addmm_(S.T, gq, alpha=h)
+            torch.sum(gC, 0, out=gbp[j])
+            gp.addmm_(gC, Kp[j])
+            dequantise(Q, inv, q)
+            _increment(q, Kqt[j], bq[j], Aq[j], h, S, D)  # the p-update's increment, again
+            P.add_(quantise(D, scale))  # p_j, exactly
+            gA = torch.mm(gp, Aq[j].T).mul_(-h).mul_(1 - S * S)
+            gKq[j].addmm_(gA.T, q)
+            gAq[j].addmm_(S.T, gp, alpha=-h)
+            torch.sum(gA, 0, out=gbq[j])
+            gq.addmm_(gA, Kq[j])
+            dequantise(P, inv, p)
+        if ctx.cert is not None:
+            ctx.cert.compare(0, (P, Q), (P0, Q0))
+        return (torch.cat([gp, gq], dim=1), gKp, None if ctx.shared[0] else gAp, gKq, None if ctx.shared[1] else gAq,
+                gbp, gbq, None, None, None)
 
 
 SMOOTH_CHUNK = 64  # layers per chunk of the smoothness gradient (bounds its temporaries)

@@ -4,10 +4,14 @@
 is a state ``y_0`` of the same H-DNN (weights shared across pixels); the final states of all
 pixels, ``(C * H * W)``, go through a linear layer to the classes. It follows the
 :class:`~dhdnn.models.network.Classifier` protocol (``initial_state``, ``body``, ``readout``),
-so every engine, regulariser and gradient-norm record works with it unchanged. Pure maths.
+so every engine, regulariser and gradient-norm record works with it unchanged. The forward
+itself keeps the pixel states feature-major (``(C, B * H * W)``: one column per pixel), where
+the H-DNN runs as fused ``(C/2, C/2) x (C/2, pixels)`` products instead of a batch-major
+stack of tiny rows. Pure maths.
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from .hamiltonian import ODENet
@@ -37,8 +41,27 @@ class ConvClassifier(nn.Module):
         _, H, W = self.image_shape
         return self.linear(yL.reshape(-1, H * W * self.body.dim))
 
+    def pixel_states(self, x: Tensor) -> Tensor:
+        """``(B, features)`` images -> ``(C, B * H * W)`` feature-major pixel states."""
+        if x.dim() != 2 or x.shape[1] != self.n_features:
+            raise ValueError(f"input: expected (batch, {self.n_features}) flattened images, got {tuple(x.shape)}")
+        f = self.conv(x.view(-1, *self.image_shape))  # (B, C, H, W)
+        return f.transpose(0, 1).reshape(self.body.dim, -1)
+
+    def readout_fm(self, Y: Tensor) -> Tensor:
+        """Logits from ``(C, B * H * W)`` final pixel states (the linear layer reads pixel after
+        pixel, channels innermost, as :meth:`readout`)."""
+        _, H, W = self.image_shape
+        C = self.body.dim
+        return self.linear(Y.view(C, -1, H * W).permute(1, 2, 0).reshape(-1, H * W * C))
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.readout(self.body(self.initial_state(x)))
+        return self.readout_fm(self.body.forward_fm(self.pixel_states(x)))
+
+    def activation_bytes(self, batch: int, dtype: torch.dtype) -> int:
+        """What a forward with gradients keeps for ``batch`` images (every pixel's states)."""
+        _, H, W = self.image_shape
+        return batch * H * W * 4 * (self.body.layers + 1) * self.body.dim * (torch.finfo(dtype).bits // 8)
 
     def regularizer(self, alpha: float) -> Tensor:
         return self.body.regularizer(alpha)

@@ -152,6 +152,8 @@ class ODENet(nn.Module):
         self.dim, self.layers, self.h = dim, layers, float(h)
         self.half = dim // 2
         self.backprop, self.anchor_every = "autograd", 0  # set_backprop() switches invertible stacks
+        self.reversible_state, self.fraction_bits = "fixed", None  # exact (fixed point) or float rebuild
+        self.certificate = _fused.Certificate(exact=True)  # what the last reversible backward found
         std = self.default_std if init_std is None else init_std
         for name, shape in self.param_shapes.items():
             self.register_parameter(name, nn.Parameter(self._init((layers, *self._dims(shape)), std, generator)))
@@ -230,6 +232,12 @@ class ODENet(nn.Module):
             y = self.step(y, j, P)
         return y
 
+    def forward_fm(self, Y: Tensor) -> Tensor:
+        """The stack on a feature-major batch: ``Y`` is ``(dim, N)``, one column per state (the
+        layout of very many small states, e.g. every pixel of an image batch). H1 and H2 run
+        fused feature-major kernels; other architectures go through the batch-major path."""
+        return self.forward(Y.T).T
+
     def trajectory(self, y: Tensor) -> list[Tensor]:
         """All ``layers + 1`` states ``[y_0, ..., y_L]`` via the step-by-step autograd path."""
         self._check_input(y)
@@ -265,11 +273,18 @@ class ODENet(nn.Module):
     def extra_repr(self) -> str:
         return f"arch={self.arch_name}, dim={self.dim}, layers={self.layers}, h={self.h}"
 
-    def set_backprop(self, mode: str, anchor_every: int = 0) -> None:
-        """``autograd`` (keep every layer's state) or ``reversible`` (rebuild them in the backward)."""
+    def set_backprop(self, mode: str, anchor_every: int = 0, state: str = "fixed", fraction_bits: int | None = None):
+        """``autograd`` (keep every layer's state) or ``reversible`` (rebuild them in the backward):
+        with ``state="fixed"`` exactly, from an int64 fixed-point state with ``fraction_bits``
+        (None: 32 for float32, 48 for float64); with ``"float"`` by float inversion, bounded by an
+        anchor every ``anchor_every`` layers."""
         if mode == "reversible" and not self.invertible:
             raise ValueError(f"backprop: {self.arch_name} layers cannot be inverted exactly; expected autograd")
+        if state not in ("fixed", "float"):
+            raise ValueError(f"reversible_state: expected fixed or float, got {state!r}")
         self.backprop, self.anchor_every = mode, anchor_every
+        self.reversible_state, self.fraction_bits = state, fraction_bits
+        self.certificate = _fused.Certificate(exact=state == "fixed")
 
     @classmethod
     def agent_layout(cls, **options) -> AgentLayout:
@@ -321,12 +336,20 @@ class H1(ODENet):
     def forward(self, y):
         self._check_input(y)
         P = self.effective()
-        K = P["K"]
-        # K J^T folded into one matrix so the fused kernel does one product per update;
-        # for J1 that is a signed swap of the p and q column halves, no matmul needed
-        A = torch.cat([K[:, :, self.half:], -K[:, :, :self.half]], 2) if self.J_kind == "J1" \
-            else K @ self.J.T.to(K.dtype)
-        return _fused.H1Stack.apply(y, K, A, P["b"], self.h)
+        # K J^T folded into one matrix so the fused kernel does one product per update
+        return _fused.H1Stack.apply(y, P["K"], self._folded(P["K"]), P["b"], self.h)
+
+    def _folded(self, K: Tensor) -> Tensor:
+        """``K J^T`` for every layer: for J1 a signed swap of the p and q column halves (no matmul)."""
+        if self.J_kind == "J1":
+            return torch.cat([K[:, :, self.half:], -K[:, :, :self.half]], 2)
+        return K @ self.J.T.to(K.dtype)
+
+    def forward_fm(self, Y):
+        if Y.dim() != 2 or Y.shape[0] != self.dim:
+            raise ValueError(f"input: expected a ({self.dim}, N) feature-major state tensor, got {tuple(Y.shape)}")
+        P = self.effective()
+        return _fused.H1StackFM.apply(Y, P["K"], self._folded(P["K"]), P["b"], self.h)
 
     def extra_repr(self):
         return super().extra_repr() + f", J={self.J_kind}"
@@ -379,10 +402,26 @@ class H2(ODENet):
         X = self.X.to(P["K_p"].dtype)
         # the p-update uses rows (K_q X), the q-update (K_p X^T): fold X in once per forward
         Aq, Ap = (P["K_q"], P["K_p"]) if self.X_is_identity else (P["K_q"] @ X, P["K_p"] @ X.T)
+        if self.backprop == "reversible" and self.reversible_state == "fixed" and torch.is_grad_enabled():
+            bits = _fused.fraction_bits(y.dtype, self.fraction_bits)
+            return _fused.H2FixedStack.apply(y, P["K_p"], Ap, P["K_q"], Aq, P["b_p"], P["b_q"], self.h, bits,
+                                             self.certificate)
         if self.backprop == "reversible" or not torch.is_grad_enabled():  # (no gradient: keep no states either)
+            cert = self.certificate if torch.is_grad_enabled() else None
             return _fused.H2RevStack.apply(y, P["K_p"], Ap, P["K_q"], Aq, P["b_p"], P["b_q"], self.h,
-                                           self.anchor_every)
+                                           self.anchor_every, cert)
         return _fused.H2Stack.apply(y, P["K_p"], Ap, P["K_q"], Aq, P["b_p"], P["b_q"], self.h)
+
+    def forward_fm(self, Y):
+        if self.backprop == "reversible":  # the reversible stack is batch-major
+            return super().forward_fm(Y)
+        if Y.dim() != 2 or Y.shape[0] != self.dim:
+            raise ValueError(f"input: expected a ({self.dim}, N) feature-major state tensor, got {tuple(Y.shape)}")
+        P = self.effective()
+        X, m = self.X.to(P["K_p"].dtype), self.half
+        Aq, Ap = (P["K_q"], P["K_p"]) if self.X_is_identity else (P["K_q"] @ X, P["K_p"] @ X.T)
+        p, q = _fused.H2StackFM.apply(Y[:m], Y[m:], P["K_p"], Ap, P["K_q"], Aq, P["b_p"], P["b_q"], self.h)
+        return torch.cat([p, q], 0)
 
     def inverse_step(self, y: Tensor, j: int, P: Mapping[str, Tensor]) -> Tensor:
         """Undo layer ``j``: the state before it from the state after it (exact in exact arithmetic)."""

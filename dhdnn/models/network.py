@@ -103,6 +103,11 @@ class Classifier(nn.Module):
     def regularizer(self, alpha: float) -> Tensor:
         return self.body.regularizer(alpha)
 
+    def activation_bytes(self, batch: int, dtype: torch.dtype) -> int:
+        """What a forward with gradients keeps for ``batch`` samples (the fused stacks keep
+        every layer's state and activation)."""
+        return batch * 4 * (self.body.layers + 1) * self.body.dim * (torch.finfo(dtype).bits // 8)
+
     def readout_parameters(self) -> list[nn.Parameter]:
         """Parameters that take ordinary weight decay (the classifier)."""
         return [self.W]

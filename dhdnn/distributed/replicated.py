@@ -1,0 +1,102 @@
+"""The dense network on every worker: data-parallel replicas of a network without agents.
+
+Networks that do not split into agents (the conv image network, a dense state network)
+still use every worker: each worker holds the whole model, takes its slice of every global
+batch, and the gradients are summed over the workers by :class:`~.replicas.GradReducer`
+(bucketed asynchronous all-reduces overlapped with the backward, as DistributedDataParallel
+does). The loss of a slice is normalised by the *global* batch, so the summed gradient is
+exactly one process's, whatever the slices' sizes, and the optimiser steps identically on
+every worker. Checkpoints are written by rank 0 alone, in the dense engine's format, so a run
+resumes on any number of workers or in one process.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..engine import DenseEngine, StepOut
+from .engine import maybe_fail
+from .exchange import Tracer
+from .mesh import Groups
+from .replicas import GradReducer
+
+
+class ReplicatedEngine(DenseEngine):
+    def __init__(self, model, groups: Groups, device: str = "cpu", table=None, task: str = "classify",
+                 tracer: Tracer | None = None, fault=None):
+        super().__init__(model, device, table, task)
+        self.groups, self.tracer, self._fault = groups, tracer, fault
+        self.rank, self.world = groups.rank, groups.dims.world
+        self._step = 0
+        self._broadcast_parameters()
+        self.reducer = GradReducer(list(model.parameters()), dist.group.WORLD, list(range(self.world)), tracer)
+
+    @torch.no_grad()
+    def _broadcast_parameters(self) -> None:
+        """Start from rank 0's weights (a setup-time collective; every rank built the same ones
+        from the seed, so this only guards against a differing library on another machine)."""
+        for p in self.model.parameters():
+            t = p.detach().cpu() if dist.get_backend() == "gloo" else p.detach()
+            dist.broadcast(t, 0)
+            p.copy_(t)
+
+    def _mine(self, t: torch.Tensor) -> torch.Tensor:
+        return t.tensor_split(self.world)[self.rank]
+
+    @property
+    def shard_rank(self) -> int | None:
+        return 0 if self.rank == 0 else None  # every rank holds the same parameters: rank 0 writes them
+
+    @property
+    def shard_count(self) -> int:
+        return 1
+
+    def objective(self, x, y, alpha, record=False):
+        maybe_fail(self._fault, self.rank, self._step)
+        if self.tracer is not None:
+            self.tracer.step = self._step
+        self._step += 1
+        n_global = len(y)
+        x, y = self._mine(x).to(self.device), self._mine(y).to(self.device)
+        self.reducer.start_step()
+        out = self.model(x)
+        loss = self.task.loss(out, y, "sum") / n_global  # summed over the workers: the global batch's mean
+        self._alpha = alpha
+        reg = self.model.body.regularizer_value(alpha) if alpha and self.rank == 0 else loss.new_zeros(())
+        return StepOut(loss, torch.cat([self.task.stats(out, y), reg.detach().reshape(1).cpu()]))
+
+    def after_backward(self):
+        self.reducer.finish()
+        super().after_backward()  # the regulariser's gradient: identical on every worker, added after the sum
+
+    @torch.no_grad()
+    def eval_stats(self, x, y):
+        if self.tracer is not None:
+            self.tracer.evaluating = True
+        try:
+            return super().eval_stats(self._mine(x), self._mine(y))
+        finally:
+            if self.tracer is not None:
+                self.tracer.evaluating = False
+
+    def _reduce(self, t, op):
+        t = t.clone() if dist.get_backend() == "gloo" else t.to(self.device)
+        dist.all_reduce(t, op=op)  # logging only: outside forward/backward
+        return t.cpu()
+
+    def reduce_sum(self, t):
+        return self._reduce(t, dist.ReduceOp.SUM)
+
+    def reduce_max(self, t):
+        return self._reduce(t, dist.ReduceOp.MAX)
+
+    def barrier(self):
+        dist.barrier()
+
+    def end_epoch(self):
+        if self.tracer is not None:
+            self.tracer.flush()
+
+    def close(self):
+        self.end_epoch()
+

@@ -1,0 +1,88 @@
+"""What a network is trained to do: the loss, the statistics summed over batches and ranks,
+and the metrics reported from them, for classification and regression.
+
+One registry, one dispatch (``TASKS[cfg.model.task]``); engines, the trainer, evaluation,
+pictures and export ask the task instead of testing its name. Statistics are three sums that
+add across batches and ranks: ``[loss, score, count]`` (the score is the number of correct
+predictions for classification; regression keeps 0 there and reports the loss, the mean
+squared error, as its metric).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class Task:
+    name: str = "?"
+    metric: str = "?"  # the headline metric reported per split (train_<metric>, test_<metric>)
+    higher_is_better: bool = True
+    loss_name: str = "loss"
+
+    def loss(self, out: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
+        raise NotImplementedError
+
+    def stats(self, out: Tensor, y: Tensor) -> Tensor:
+        """``[loss summed over the samples, score summed over the samples, samples]`` on the CPU."""
+        raise NotImplementedError
+
+    def metric_of(self, stats: Tensor) -> float:
+        raise NotImplementedError
+
+    def prediction(self, out: Tensor) -> Tensor:
+        return out
+
+    def describe(self, value: float) -> str:
+        return f"{self.metric} {value:.4f}"
+
+
+class Classify(Task):
+    """Cross-entropy on integer labels; accuracy."""
+
+    name, metric, loss_name = "classify", "acc", "cross-entropy"
+
+    def loss(self, out, y, reduction="mean"):
+        return F.cross_entropy(out, y, reduction=reduction)
+
+    def stats(self, out, y):
+        ce = F.cross_entropy(out, y, reduction="sum").detach()
+        correct = (out.argmax(1) == y).sum()
+        count = torch.tensor(float(len(y)), dtype=ce.dtype, device=ce.device)
+        return torch.stack([ce, correct.to(ce.dtype), count]).cpu()
+
+    def metric_of(self, stats):
+        return float(stats[1] / stats[2]) if float(stats[2]) else math.nan
+
+    def prediction(self, out):
+        return out.argmax(1)
+
+    def describe(self, value):
+        return f"accuracy {value:.4f}"
+
+
+class Regress(Task):
+    """Mean squared error on real targets ``(N, outputs)``, averaged over the outputs; the metric
+    is the mean squared error itself."""
+
+    name, metric, loss_name, higher_is_better = "regress", "mse", "mean squared error", False
+
+    def loss(self, out, y, reduction="mean"):
+        per_sample = (out - y.view_as(out)).square().mean(1)
+        return per_sample.mean() if reduction == "mean" else per_sample.sum()
+
+    def stats(self, out, y):
+        sse = (out.detach() - y.view_as(out)).square().mean(1).sum()
+        return torch.stack([sse, torch.zeros_like(sse), torch.tensor(float(len(y)), dtype=sse.dtype,
+                                                                       device=sse.device)]).cpu()
+
+    def metric_of(self, stats):
+        return float(stats[0] / stats[2]) if float(stats[2]) else math.nan
+
+    def describe(self, value):
+        return f"mse {value:.4g}"
+
+
+TASKS: dict[str, Task] = {t.name: t for t in (Classify(), Regress())}
