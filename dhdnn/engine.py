@@ -164,7 +164,7 @@ class DenseEngine(Engine):
 
     @torch.no_grad()
     def eval_stats(self, x, y):
-        chunk = eval_chunk(self.model.activation_bytes(1, x.dtype))
+        chunk = min(eval_chunk(self.model.activation_bytes(1, x.dtype)), getattr(self.model, "eval_batch", len(x)) or 1)
         out = torch.zeros(3, dtype=torch.float64)
         for i in range(0, len(x), chunk):
             xb, yb = x[i:i + chunk].to(self.device), y[i:i + chunk].to(self.device)

