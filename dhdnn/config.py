@@ -185,7 +185,8 @@ class RunConfig:
     backend: str = "auto"  # auto: gloo on CPU, nccl on CUDA
     timeout_s: float = 120.0  # process-group timeout: a dead peer fails the run within this
     readout: str = "tree"  # tree (neighbour ranks only) or allreduce (explicit collective)
-    local_kernel: str = "auto"  # sharded local compute: auto, blocks (per-block products) or dense
+    local_kernel: str = "auto"  # sharded local compute: auto, blocks (gathered per-block products), diagonal
+    # (blocks along graph offsets, products on views: regular graphs) or dense (assembled matrices)
     trace: bool = False
     threads: int = 1  # torch threads per worker
     progress: bool = True
@@ -208,7 +209,7 @@ class RunConfig:
         _choice("backend", self.backend, ("auto", "gloo", "nccl"))
         _pos("timeout_s", self.timeout_s)
         _choice("readout", self.readout, ("tree", "allreduce"))
-        _choice("local_kernel", self.local_kernel, ("auto", "blocks", "dense"))
+        _choice("local_kernel", self.local_kernel, ("auto", "blocks", "dense", "diagonal"))
         _expect(isinstance(self.trace, bool), "trace", "true or false", self.trace)
         _pos_int("threads", self.threads)
         _expect(self.replicas == "auto" or (isinstance(self.replicas, int) and not isinstance(self.replicas, bool)

@@ -115,6 +115,11 @@ class ShardedNet(nn.Module):
                 p = self._param(m, torch.zeros(L, F, E, dtype=dtype))
                 for (c, sel, _), flat in zip(parts, kernels[m].flat):
                     self._add_inside(p, c, sel, flat)
+            elif self.local_kernel == "diagonal":  # one tensor per class: its bands, then the rest
+                for ci, (c, sel, cr) in enumerate(parts):
+                    _, r, cc = cr.shape
+                    p = self._param(m, torch.zeros(L, kernels[m].sizes[ci], r, cc, dtype=dtype))
+                    self._add_inside(p, c, sel, kernels[m].flat(ci, r, cc))
             else:
                 for c, sel, _ in parts:
                     self._add(c, sel)

@@ -218,7 +218,7 @@ class ShardedStack(torch.autograd.Function):
                 s = s_row[k] if fx is None else s_fixed
                 old, new = cur[tgt], cur[tgt] + (1 if save else 0)
                 if short:  # three BLAS calls
-                    torch.addmm(ps.bcols[k][j], ps.st[k].loc[j], loc[src][cur[src]], out=s).tanh_()
+                    _fused.tanh_(torch.addmm(ps.bcols[k][j], ps.st[k].loc[j], loc[src][cur[src]], out=s))
                     torch.addmm(loc[tgt][old], ps.akt[k][j], s, alpha=ps.alpha[k], out=loc[tgt][new])
                 else:
                     _half_forward(plan, ps, k, j, ext[src][cur[src]], s, Z)
@@ -284,7 +284,7 @@ def _half_forward(plan: StackPlan, ps: _Pass, k: int, j: int, X: Tensor, s: Tens
     if pend is not None:
         ex.finish_gather(pend)
         kern.mv_halo(st, j, X, s)
-    s.tanh_()
+    _fused.tanh_(s)
     if ex is not None:
         kern.tmv_halo(st, j, s, Z)
         pend = ex.start_scatter([Z[F:]], "forward", j, s_op)
@@ -431,7 +431,7 @@ def _half_reverse(plan: StackPlan, ps: _Pass, G, k: int, j: int, g: dict, cur: d
         ex.finish_gather(pend)
         kern.mv_halo(st, j, X, S)
         kern.mv_halo(st, j, GZ, GU)
-    S.tanh_()
+    _fused.tanh_(S)
     torch.mul(S, S, out=D)
     GU.addcmul_(GU, D, value=-1)  # (1 - s^2) dL/ds
     if ex is not None:

@@ -167,8 +167,8 @@ def tanh_(x: torch.Tensor) -> torch.Tensor:
     """``tanh`` in place as ``2 sigmoid(2x) - 1``: the same function, computed from PyTorch's
     vectorised sigmoid, about 4x faster on CPU than its ``tanh`` (measured here: 0.21 ms against
     0.82 ms for 313,600 floats) at an absolute error below 2e-7 in float32 (1e-16 in float64). Its
-    derivative is still ``1 - tanh^2`` exactly. Used by the feature-major stacks, where ``tanh``
-    over millions of pixel states is most of the work."""
+    derivative is still ``1 - tanh^2`` exactly. Used where ``tanh`` runs over whole fields: the
+    sharded stacks and the feature-major stacks of the image network."""
     return x.mul_(2).sigmoid_().mul_(2).sub_(1)
 
 

@@ -28,6 +28,16 @@ class MS1(ODENet):
         p = p + self.h * torch.tanh(-(q @ K) + P["b_p"][j])
         return torch.cat([p, q], dim=1)
 
+    def forward_fm(self, Y):
+        """Feature-major (``(dim, N)``): the same steps as products on contiguous rows (autograd)."""
+        P, m = self.per_layer(), self.half
+        p, q = Y[:m], Y[m:]
+        for j in range(self.layers):
+            K = P["K"][j]
+            q = q + self.h * torch.tanh(torch.addmm(P["b_q"][j].unsqueeze(1), K, p))
+            p = p + self.h * torch.tanh(torch.addmm(P["b_p"][j].unsqueeze(1), K.T, q, alpha=-1))
+        return torch.cat([p, q], 0)
+
 
 @register("MS2")
 class MS2(ODENet):
@@ -72,6 +82,13 @@ class ResNet(ODENet):
 
     def step(self, y, j, P):
         return y + self.h * torch.tanh(y @ P["W"][j].T + P["b"][j])
+
+    def forward_fm(self, Y):
+        """Feature-major (``(dim, N)``): the same steps as products on contiguous rows (autograd)."""
+        P = self.per_layer()
+        for j in range(self.layers):
+            Y = Y + self.h * torch.tanh(torch.addmm(P["b"][j].unsqueeze(1), P["W"][j], Y))
+        return Y
 
 
 @register("MLP")
