@@ -1,7 +1,12 @@
-"""Reversible backprop: activation memory and time per step against depth, and float drift.
+"""Reversible backprop: gradient accuracy of the exact and float rebuilds, activation memory
+and time per step against depth, and float drift.
 
+  accuracy  random H2 networks (the issue's table: dim, layers, h), batch 256, a squared-norm
+            loss: relative error of all parameter gradients against float64 autograd for float32
+            autograd, the float32 float rebuild and the float32 exact (fixed-point) rebuild, with
+            each rebuild's certificate (exact: every rebuilt state checked bit for bit).
   memory  H2, dim 64, batch 1024, depths 64 ... 4096, dense and 2 sharded workers (an 8-agent
-          ring of 4 + 4 dims), autograd and reversible. Every point runs in a fresh process:
+          ring of 4 + 4 dims), autograd, exact reversible and float reversible. Every point runs in a fresh process:
           with parameters, gradients and Adam state allocated by a step at batch 8, one full
           forward + backward runs under torch's memory profiler: activation memory = the peak
           of live tensor bytes during it above those live before it, less the gradients it
@@ -11,7 +16,7 @@
   drift   the relative error of rebuilt states y_j against the forward's, per layer, float32
           and float64, without anchors and with one every 64 layers (H2, dim 64, 4096 layers).
 
-    python benchmarks/bench_reversible.py [memory drift]
+    python benchmarks/bench_reversible.py [accuracy memory drift]
 """
 from __future__ import annotations
 
@@ -68,11 +73,16 @@ def _stepper(eng, opt, x, y):
     return step
 
 
+MODES = {"autograd": ("autograd", "fixed"), "exact": ("reversible", "fixed"), "float": ("reversible", "float")}
+
+
 def _config(layers: int, mode: str):
     from dhdnn.config import load_config
 
+    backprop, state = MODES[mode]
     return load_config(None, ["model.arch=H2", f"model.dim={DIM}", f"model.layers={layers}", f"model.h={H}",
-                              "model.init_std=0.3", f"run.backprop={mode}", "run.dtype=float32"])
+                              "model.init_std=0.3", f"run.backprop={backprop}", f"run.reversible_state={state}",
+                              "run.dtype=float32"])
 
 
 def dense_child(layers: int, mode: str, what: str) -> dict:
@@ -82,7 +92,7 @@ def dense_child(layers: int, mode: str, what: str) -> dict:
     torch.set_num_threads(1)
     cfg = _config(layers, mode)
     model, _ = build_classifier(cfg, 2, 2)
-    model.body.set_backprop(mode)
+    model.body.set_backprop(cfg.run.backprop, 0, cfg.run.reversible_state)
     eng = DenseEngine(model)
     opt = torch.optim.Adam(eng.optimizer_groups(0.0), lr=1e-4)
     g = torch.Generator().manual_seed(0)
@@ -131,28 +141,56 @@ def _fresh(engine: str, layers: int, mode: str) -> dict:
 
 def memory() -> list[dict]:
     print(f"\n[memory] H2, dim {DIM}, batch {BATCH}, float32; fresh process per point; MiB of activations "
-          "(peak live tensor bytes of forward + backward above those before it), seconds per step")
-    print(f"{'engine':8} {'layers':>6} {'autograd MiB':>13} {'reversible MiB':>15} {'ratio':>7} "
-          f"{'autograd s':>11} {'reversible s':>13} {'time x':>7}")
+          "(peak live tensor bytes of forward + backward above those before it), seconds per step; "
+          "reversible = the exact (fixed-point) rebuild, float = the float rebuild")
+    print(f"{'engine':9} {'layers':>6} {'autograd MiB':>12} {'exact MiB':>10} {'ratio':>6} "
+          f"{'autograd s':>10} {'exact s':>8} {'float s':>8} {'exact/autograd':>14} {'exact/float':>11}")
     rows = []
     for engine in ("dense", "2 workers"):
         for layers in DEPTHS:
-            a = _fresh("dense" if engine == "dense" else "sharded", layers, "autograd")
-            r = _fresh("dense" if engine == "dense" else "sharded", layers, "reversible")
-            row = {"engine": engine, "layers": layers, "autograd": a, "reversible": r,
+            kind = "dense" if engine == "dense" else "sharded"
+            a, r = _fresh(kind, layers, "autograd"), _fresh(kind, layers, "exact")
+            f = _fresh(kind, layers, "float")
+            row = {"engine": engine, "layers": layers, "autograd": a, "reversible": r, "float": f,
                    "memory_ratio": r["activation_bytes"] / max(a["activation_bytes"], 1),
-                   "time_ratio": r["step_s"] / a["step_s"]}
+                   "time_ratio": r["step_s"] / a["step_s"], "exact_over_float": r["step_s"] / f["step_s"]}
             rows.append(row)
-            print(f"{engine:8} {layers:>6} {a['activation_bytes'] / 2**20:>13.1f} {r['activation_bytes'] / 2**20:>15.1f} "
-                  f"{row['memory_ratio']:>7.3f} {a['step_s']:>11.3f} {r['step_s']:>13.3f} {row['time_ratio']:>7.2f}",
-                  flush=True)
+            print(f"{engine:9} {layers:>6} {a['activation_bytes'] / 2**20:>12.1f} {r['activation_bytes'] / 2**20:>10.1f} "
+                  f"{row['memory_ratio']:>6.3f} {a['step_s']:>10.3f} {r['step_s']:>8.3f} {f['step_s']:>8.3f} "
+                  f"{row['time_ratio']:>14.2f} {row['exact_over_float']:>11.2f}", flush=True)
     for engine in ("dense", "2 workers"):
         rev = [r["reversible"]["activation_bytes"] for r in rows if r["engine"] == engine and r["layers"] >= 256]
         at2048 = next(r for r in rows if r["engine"] == engine and r["layers"] == 2048)
-        print(f"  {engine}: at 2048 layers reversible/autograd activations {at2048['memory_ratio']:.3f} "
-              f"(target <= 0.1), time {at2048['time_ratio']:.2f}x (target <= 1.6); reversible peak 256..4096: "
-              f"max/min {max(rev) / max(min(rev), 1):.2f} (target <= 1.2)")
+        worst = max(r["exact_over_float"] for r in rows if r["engine"] == engine)
+        print(f"  {engine}: at 2048 layers exact-reversible/autograd activations {at2048['memory_ratio']:.3f} "
+              f"(target <= 0.1); exact peak 256..4096: max/min {max(rev) / max(min(rev), 1):.2f}; exact/float "
+              f"time at most {worst:.2f}x (target <= 1.3)")
     _plot(rows)
+    return rows
+
+
+ACCURACY_ROWS = [(16, 64, 0.1), (8, 200, 0.032), (64, 1024, 0.00625), (64, 4096, 0.0015625), (8, 200, 0.3)]
+
+
+def accuracy() -> list[dict]:
+    """The issue's table with exact mode as a third column (float32; errors against float64 autograd)."""
+    from dhdnn.analysis import reversible_report
+
+    print("\n[accuracy] relative error of all parameter gradients against float64 autograd (H2, default init, "
+          "batch 256, loss ||y_L||^2 / 2), float32")
+    print(f"{'dim':>4} {'layers':>6} {'h':>10} {'autograd':>10} {'float rev.':>11} {'exact rev.':>11} "
+          f"{'exact/autograd':>14} {'float drift':>11} {'certificate':>12}")
+    rows = []
+    for dim, layers, h in ACCURACY_ROWS:
+        r = reversible_report(dim, layers, h, torch.float32, 256, 0)
+        r["chaotic"] = layers * h > 20  # T = 60: float32 is meaningless either way
+        r["exact_over_autograd"] = r["exact_grad_error"] / r["autograd_grad_error"]
+        rows.append(r)
+        print(f"{dim:>4} {layers:>6} {h:>10g} {r['autograd_grad_error']:>10.2e} {r['float_grad_error']:>11.2e} "
+              f"{r['exact_grad_error']:>11.2e} {r['exact_over_autograd']:>14.2f} {r['float_drift']:>11.2e} "
+              f"{'bit-exact':>12}", flush=True)
+    worst = max(r["exact_over_autograd"] for r in rows if not r["chaotic"])
+    print(f"  non-chaotic rows: exact reversible's error is at most {worst:.2f}x float32 autograd's (target <= 1.5)")
     return rows
 
 
@@ -166,10 +204,11 @@ def _plot(rows) -> None:
     for engine, ls in (("dense", "-"), ("2 workers", "--")):
         sel = [r for r in rows if r["engine"] == engine]
         d = [r["layers"] for r in sel]
-        for mode, c in (("autograd", "#d62728"), ("reversible", "#1f77b4")):
+        for mode, c in (("autograd", "#d62728"), ("reversible", "#1f77b4"), ("float", "#2ca02c")):
+            name = {"reversible": "exact reversible", "float": "float reversible"}.get(mode, mode)
             a1.plot(d, [r[mode]["activation_bytes"] / 2**20 for r in sel], ls, color=c, marker="o",
-                    label=f"{mode}, {engine}")
-            a2.plot(d, [r[mode]["step_s"] for r in sel], ls, color=c, marker="o", label=f"{mode}, {engine}")
+                    label=f"{name}, {engine}")
+            a2.plot(d, [r[mode]["step_s"] for r in sel], ls, color=c, marker="o", label=f"{name}, {engine}")
     a1.set(xscale="log", yscale="log", xlabel="layers", ylabel="activation memory per rank (MiB)",
            title="activation memory")
     a2.set(xscale="log", yscale="log", xlabel="layers", ylabel="seconds per training step", title="time per step")
@@ -220,7 +259,7 @@ def drift() -> list[dict]:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("parts", nargs="*", default=["memory", "drift"])
+    ap.add_argument("parts", nargs="*", default=["accuracy", "memory", "drift"])
     ap.add_argument("--child", nargs=4, metavar=("ENGINE", "LAYERS", "MODE", "WHAT"))
     args = ap.parse_args()
     if args.child:
@@ -229,7 +268,7 @@ def main():
         print(json.dumps(fn(int(layers), mode, what)))
         return
     results = {p: globals()[p]() for p in args.parts}
-    print(f"wrote {write_result('reversible' if len(args.parts) == 2 else 'reversible_' + '_'.join(args.parts), results)}")
+    print(f"wrote {write_result('reversible' if len(args.parts) == 3 else 'reversible_' + '_'.join(args.parts), results)}")
 
 
 if __name__ == "__main__":

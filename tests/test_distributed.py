@@ -240,3 +240,16 @@ def test_exact_reversible_rebuilds_every_state_bit_for_bit_at_depth_4096(workers
             ref = torch.cat([refs[i][key].index_select(axis, t) for t in ids], axis)
             got = torch.cat(got, axis)
             assert float((got - ref).norm() / ref.norm()) <= tol, (dtype, key)
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+@pytest.mark.parametrize("topo_name,arch", [("topologies/ring8.yaml", "H2"), ("topologies/grid4x4_patches.yaml", "H2"),
+                                            ("topologies/grid4x4_patches.yaml", "H1"), ("random", "H2")])
+def test_diagonal_kernel_matches_dense_model(topo_name, arch, workers, random_topology, tmp_path):
+    """Blocks stored along graph offsets (products on views; 1x1 blocks element-wise; blocks that
+    fit no band, like the random graph's mixed dims, through the gather path) are exact too, and
+    talk only to neighbours."""
+    topo_path = random_topology if topo_name == "random" else topo_name
+    topo, results, data = check_run(topo_path, arch, workers, tmp_path, kernel="diagonal")
+    assert {r["kernel"] for r in results} == {"diagonal"}
+    check_locality(topo, results, workers, arch, BATCH, data.n_classes)

@@ -369,12 +369,30 @@ class DiagonalKernel:
         return G
 
 
-def choose_kernel(requested: str, F: int, E: int, nnz: int) -> str:
-    """``dense`` where the assembled local matrix is small or at least 1/4 full; otherwise
-    ``blocks``, whose cost follows the number of non-zero blocks."""
+def choose_kernel(requested: str, F: int, E: int, nnz: int, classes: list[list[ClassRows]] | None = None) -> str:
+    """``dense`` where the assembled local matrix is small or at least 1/4 full (one BLAS call
+    beats any bookkeeping); else ``diagonal`` where bands hold most of the non-zero entries (a
+    regular graph on contiguous agents: products on views, measured here 1.0-3.8x faster than
+    ``blocks``, the most at the smallest blocks); else ``blocks``, whose cost follows the number of
+    non-zero blocks whatever the graph. ``classes``: every matrix's class rows (for the bands)."""
     if requested != "auto":
         return requested
-    return "dense" if F * E <= max(4096, 4 * nnz) else "blocks"
+    if F * E <= max(4096, 4 * nnz):
+        return "dense"
+    if classes and min(band_coverage(c, F, E) for c in classes) >= DIAGONAL_COVERAGE:
+        return "diagonal"
+    return "blocks"
+
+
+DIAGONAL_COVERAGE = 0.5  # share of a matrix's entries in bands above which auto takes the diagonal kernel
+
+
+def band_coverage(classes: list[ClassRows], F: int, E: int) -> float:
+    """The share of the entries of these blocks that the diagonal kernel stores in bands."""
+    k = DiagonalKernel(classes, F, E, 1)
+    total = sum(int(np.prod(c.shape)) for c in classes)
+    rest = sum(int(np.prod(c.shape)) for c in k.rest.classes)
+    return 1.0 - rest / total if total else 0.0
 
 
 KERNELS = {"dense": DenseKernel, "blocks": BlockKernel, "diagonal": DiagonalKernel}

@@ -106,7 +106,7 @@ class ShardedNet(nn.Module):
                                        self.rows.rows(c.cols[sel]).reshape(len(sel), -1), F)
                 mats[c.kind].append((c, sel[order], cr))
         nnz = min(sum(int(np.prod(cr.shape)) for _, _, cr in v) for v in mats.values())
-        self.local_kernel = choose_kernel(local_kernel, F, E, nnz)
+        self.local_kernel = choose_kernel(local_kernel, F, E, nnz, [[cr for _, _, cr in v] for v in mats.values()])
         kernels = {}
         for m, parts in mats.items():
             rows = [cr for _, _, cr in parts]
