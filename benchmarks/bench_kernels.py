@@ -17,6 +17,7 @@ at the first step is checked against dhdnn's. GFLOP/s counts the block products 
 half-step (two forward, four backward) of 2 x entries x batch each.
 
     python benchmarks/bench_kernels.py [--cases grid4 grid8 grid16 ring1 large] [--steps 5]
+    python benchmarks/bench_kernels.py --device cuda --no-landed       # on a GPU (results in kernels_cuda.json)
 """
 from __future__ import annotations
 
@@ -77,7 +78,12 @@ def time_steps(step, steps: int) -> tuple[float, float]:
 
 
 # ---- children: one implementation of one case each, in a fresh process ------------------------------
-def child_dhdnn(case: str, kernel: str, steps: int) -> dict:
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def child_dhdnn(case: str, kernel: str, steps: int, device: str = "cpu") -> dict:
     import torch.distributed as dist
 
     from dhdnn.config import load_config
@@ -86,10 +92,11 @@ def child_dhdnn(case: str, kernel: str, steps: int) -> dict:
 
     topo, data, table, packed = network(case)
     with tempfile.TemporaryDirectory() as d:
-        dist.init_process_group("gloo", store=dist.FileStore(f"{d}/store", 1), rank=0, world_size=1)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+                                store=dist.FileStore(f"{d}/store", 1), rank=0, world_size=1)
         cfg = load_config(None, ["model.arch=H2", f"model.layers={LAYERS}", f"model.h={H}", "run.dtype=float32",
-                                 f"run.local_kernel={kernel}", "model.init_std=0.3"])
-        engine = build_sharded_engine(cfg, data, make_groups(ParallelDims(1), 0), topo)
+                                 f"run.local_kernel={kernel}", "model.init_std=0.3", f"run.device={device}"])
+        engine = build_sharded_engine(cfg, data, make_groups(ParallelDims(1), 0, device), topo, device=device)
         with torch.no_grad():
             for e in engine.entries():
                 v = packed[e.key]
@@ -103,6 +110,7 @@ def child_dhdnn(case: str, kernel: str, steps: int) -> dict:
             out.objective.backward()
             engine.after_backward()
             opt.step()
+            _sync(device)
             return float(out.stats[0] / out.stats[2])
         seconds, loss = time_steps(step, steps)
         kernel = engine.net.local_kernel
@@ -152,9 +160,9 @@ class Peer(torch.nn.Module):
 
     def forward(self, x):
         B = x.shape[0]
-        p = torch.zeros(self.F, B)
+        p = x.new_zeros(self.F, B)
         p = p.index_put((self.start[:2],), x.T)  # feature f enters p of agent f
-        q = torch.zeros(self.F, B)
+        q = x.new_zeros(self.F, B)
         for j in range(LAYERS):
             s = torch.tanh(self.product("K_q", j, q, False) + self.b["b_q"][j][:, None])
             p = p - H * self.product("K_q", j, s, True)
@@ -165,17 +173,22 @@ class Peer(torch.nn.Module):
         return torch.einsum("ack,akb->bc", self.W, y) + self.mu
 
 
-def child_peer(case: str, method: str, steps: int) -> dict:
+def child_peer(case: str, method: str, steps: int, device: str = "cpu") -> dict:
     topo, data, table, packed = network(case)
-    model = Peer(topo, table, packed, method)
+    model = Peer(topo, table, packed, method).to(device)
+    for k in ("K_p", "K_q"):
+        model.rows[k], model.cols[k] = model.rows[k].to(device), model.cols[k].to(device)
+        model.coo[k] = tuple(t.to(device) for t in model.coo[k])
+    model.start = model.start.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    x, y = data.x_train, data.y_train
+    x, y = data.x_train.to(device), data.y_train.to(device)
 
     def step():
         opt.zero_grad()
         loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
+        _sync(device)
         return float(loss)
     seconds, loss = time_steps(step, steps)
     return {"seconds": seconds, "loss": loss}
@@ -185,17 +198,19 @@ def child(args) -> None:
     torch.set_num_threads(1)
     impl, case, steps = args.child, args.case, args.steps
     try:
-        out = child_peer(case, impl, steps) if impl in ("coo", "bmm") else child_dhdnn(case, impl, steps)
+        out = child_peer(case, impl, steps, args.device) if impl in ("coo", "bmm") else \
+            child_dhdnn(case, impl, steps, args.device)
     except Exception as e:  # e.g. out of memory, or an operation without a backward
         out = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
     print(json.dumps(out))
 
 
 # ---- the parent -------------------------------------------------------------------------------
-def spawn(impl: str, case: str, steps: int, pythonpath: str | None = None) -> dict:
+def spawn(impl: str, case: str, steps: int, pythonpath: str | None = None, device: str = "cpu") -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", **({"PYTHONPATH": pythonpath} if pythonpath else {})}
     p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", impl, "--case", case, "--steps",
-                        str(steps)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=3600)
+                        str(steps), "--device", device], capture_output=True, text=True, env=env, cwd=ROOT,
+                       timeout=3600)
     if p.returncode:
         return {"error": (p.stderr.strip().splitlines() or ["killed"])[-1][:200]}
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -206,6 +221,8 @@ def main():
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--peers", nargs="*", default=["bmm", "coo"])
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (one GPU, one rank)")
+    ap.add_argument("--no-landed", action="store_true", help="skip the landed commit (no git checkout at hand)")
     ap.add_argument("--child")
     ap.add_argument("--case")
     args = ap.parse_args()
@@ -214,8 +231,9 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         wt = Path(tmp) / "landed"
-        subprocess.run(["git", "worktree", "add", "--detach", str(wt), LANDED], cwd=ROOT, check=True,
-                       capture_output=True)
+        if not args.no_landed:
+            subprocess.run(["git", "worktree", "add", "--detach", str(wt), LANDED], cwd=ROOT, check=True,
+                           capture_output=True)
         try:
             for case in args.cases:
                 topo, _, table, _ = network(case)
@@ -225,8 +243,10 @@ def main():
                 impls += [("peer", m, None) for m in args.peers]
                 if case == "large":
                     impls = [("dhdnn", "auto", None), ("dhdnn", "blocks", None), ("dhdnn (landed)", "auto", str(wt))]
+                if args.no_landed:
+                    impls = [i for i in impls if i[0] != "dhdnn (landed)"]
                 for who, impl, path in impls:
-                    r = spawn(impl, case, args.steps, path)
+                    r = spawn(impl, case, args.steps, path, args.device)
                     row = {"case": case, "implementation": who, "variant": impl, **r,
                            "gflop_per_step": fl / 1e9}
                     if "seconds" in r:
@@ -234,9 +254,11 @@ def main():
                     rows.append(row)
                     print(json.dumps(row), flush=True)
         finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(wt)], cwd=ROOT, capture_output=True)
+            if not args.no_landed:
+                subprocess.run(["git", "worktree", "remove", "--force", str(wt)], cwd=ROOT, capture_output=True)
     report(rows)
-    print(f"wrote {write_result('kernels', {'layers': LAYERS, 'batch': BATCH, 'rows': rows})}")
+    name = "kernels" if args.device == "cpu" else f"kernels_{args.device.split(':')[0]}"
+    print(f"wrote {write_result(name, {'device': args.device, 'layers': LAYERS, 'batch': BATCH, 'rows': rows})}")
 
 
 def report(rows: list[dict]) -> None:

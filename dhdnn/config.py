@@ -348,7 +348,8 @@ def read_yaml(path: str | Path) -> Any:
 
 
 def apply_overrides(raw: dict, overrides: list[str], source: str = "--set") -> dict:
-    """Apply ``section.key=value`` strings (values parsed as YAML) to a raw config mapping."""
+    """Apply ``section.key=value`` strings (values parsed as YAML) to a raw config mapping;
+    ``section.key.sub=value`` sets one entry of a mapping-valued key (``data.options.seed=3``)."""
     raw = dict(raw or {})
     for item in overrides:
         if "=" not in item:
@@ -358,9 +359,9 @@ def apply_overrides(raw: dict, overrides: list[str], source: str = "--set") -> d
         if len(parts) == 1 and parts[0] == "topology":
             raw["topology"] = yaml_load(value)
             continue
-        if len(parts) != 2 or not all(parts):
+        if len(parts) < 2 or not all(parts):
             raise ConfigError(f"{source} {item!r}: expected section.key=value (e.g. train.lr=0.01)")
-        section, key = parts
+        section, key, *sub = parts
         if section not in SECTIONS:
             raise ConfigError(f"{source} {item!r}: unknown section {section!r}; expected one of {sorted(SECTIONS)}")
         try:
@@ -368,7 +369,13 @@ def apply_overrides(raw: dict, overrides: list[str], source: str = "--set") -> d
         except yaml.YAMLError:
             raise ConfigError(f"{source} {item!r}: value is not valid YAML") from None
         sec = dict(raw.get(section) or {})
-        sec[key] = parsed
+        if sub:  # into a mapping-valued key, keeping its other entries
+            node = sec[key] = dict(sec.get(key) or {}) if isinstance(sec.get(key) or {}, dict) else {}
+            for k in sub[:-1]:
+                node = node.setdefault(k, {}) if isinstance(node.get(k, {}), dict) else {}
+            node[sub[-1]] = parsed
+        else:
+            sec[key] = parsed
         raw[section] = sec
     return raw
 
