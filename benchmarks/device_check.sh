@@ -10,7 +10,7 @@ out=${OUT:-benchmarks/results}
 py=${PYTHON:-python3}
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; echo "cores: $(nproc)";
   $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"; } 2>&1 | tee "$out/device_info.txt"
-timeout 150 $py -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -15 | tee "$out/gpu_tests.txt"
-timeout 270 $py benchmarks/bench_kernels.py --device cuda --no-landed --steps 5 2>&1 | tee "$out/gpu_kernels.txt"
-timeout 240 $py benchmarks/bench_scaling.py 2>&1 | tee "$out/cpu_scaling.txt"
+timeout 100 $py -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -15 | tee "$out/gpu_tests.txt"
+timeout 240 $py benchmarks/bench_kernels.py --device cuda --no-landed --steps 5 2>&1 | tee "$out/gpu_kernels.txt"
+timeout 210 $py benchmarks/bench_scaling.py 2>&1 | tee "$out/cpu_scaling.txt"
 cp benchmarks/results/kernels_cuda.json benchmarks/results/scaling.json "$out/" 2>/dev/null || true
