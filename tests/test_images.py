@@ -2,6 +2,7 @@
 import gzip
 import json
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,3 +131,63 @@ def test_version_and_partition_of_a_run_config(capsys):
     cfg = load_config("launch/digits_patches_H2.yaml")
     assert sorted(set(res["assignment"].values())) == list(range(cfg.run.workers))
     assert res["halo_volume"] > 0 and res["bytes_per_step"] > 0
+
+
+def _fashion_files(d, n_train=40, n_test=20):
+    """Tiny 28x28 IDX files in Fashion-MNIST's layout (a learnable pattern per class)."""
+    rng = np.random.default_rng(1)
+    d.mkdir()
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = (rng.random((n, 28, 28)) * 60).astype(np.uint8)
+        for i, c in enumerate(labels):
+            images[i, 2 + 2 * c, 4:24] = 255
+        _write_idx(d / f"{split}-images-idx3-ubyte.gz", images, 0x08)
+        _write_idx(d / f"{split}-labels-idx1-ubyte.gz", labels, 0x08)
+    return d
+
+
+def test_conv_network_on_2_workers_equals_one_process(tmp_path):
+    """The image network without agents runs as data-parallel replicas on workers: float64, two
+    epochs of 28x28 images, the parameters of one process (1e-9; the replicas' gradient sum adds
+    the same terms in another order) and the same accuracy; every gradient sum traced inside the
+    replica group, never in the forward."""
+    from dhdnn import checkpoint as ckpt
+
+    d = _fashion_files(tmp_path / "fashion")
+    runs = []
+    for workers in (1, 2):
+        out = tmp_path / f"run{workers}"
+        assert main(["train", "launch/fashion_conv_H2.yaml", "--out", str(out), "--no-progress", "--workers",
+                     str(workers), "--set", f"data.path={d}", "--set", "train.epochs=2", "--set", "train.batch_size=10",
+                     "--set", "model.layers=3", "--set", "run.dtype=float64", "--set", "run.trace=true"]) == 0
+        runs.append(out)
+    a, b = (ckpt.assemble(ckpt.load(ckpt.latest(r))[1]) for r in runs)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-9, atol=1e-9, msg=k)
+    s1, s2 = (json.loads((r / "summary.json").read_text()) for r in runs)
+    assert s1["test_acc"] == s2["test_acc"] and s2["workers"] == 2 and s2["engine"] == "replicated"
+    for r in (0, 1):
+        records = [json.loads(x) for x in (runs[1] / f"trace-rank{r}.jsonl").read_text().splitlines()]
+        assert records and all(m["op"] == "allreduce_grad" and m["phase"] == "backward" and m["group"] == [0, 1]
+                               for m in records)
+
+
+def test_fashion_patch_grid_trains_on_2_workers_and_plots(tmp_path, capsys):
+    """The 28x28 patch grid (7x7 agents, generated 4x4 patches) trains on 2 workers; the pictures
+    name Fashion-MNIST's classes."""
+    d = _fashion_files(tmp_path / "fashion")
+    out = tmp_path / "run"
+    assert main(["train", "launch/fashion_patches_H2.yaml", "--out", str(out), "--no-progress", "--set",
+                 f"data.path={d}", "--set", "train.epochs=1", "--set", "train.batch_size=10",
+                 "--set", "model.layers=2"]) == 0
+    capsys.readouterr()
+    assert main(["plot", str(out)]) == 0
+    written = {Path(x).name for x in capsys.readouterr().out.split()}
+    assert {"confusion.png", "misclassified.png", "partition.png"} <= written
+    from dhdnn.data import FASHION_CLASSES
+    from dhdnn.config import load_config
+    from dhdnn.train import load_data
+
+    data = load_data(load_config(out / "config.yaml"))
+    assert data.class_names == FASHION_CLASSES and data.image_shape == (1, 28, 28)
