@@ -237,9 +237,10 @@ def validate_arrays(arrays: dict[str, np.ndarray], task: str, where: str, n_clas
     ys = {}
     for s in ("train", "test"):
         y = np.asarray(arrays[f"y_{s}"])
-        if len(y) != len(xs[s]) if y.ndim else True:
-            raise ConfigError(f"{where}: key 'y_{s}': {len(y) if y.ndim else 'a scalar, not'} targets for "
-                              f"{len(xs[s])} samples; expected one per sample")
+        count = len(y) if y.ndim else 0  # a scalar holds no target per sample
+        if count != len(xs[s]):
+            raise ConfigError(f"{where}: key 'y_{s}': {count} targets for {len(xs[s])} samples; expected one per "
+                              "sample")
         ys[s] = y
     if task == "classify":
         k = _check_labels(ys, where, n_classes)

@@ -105,7 +105,40 @@ class DenseKernel:
         return [G.mul_(self.mask)]
 
 
-class BlockKernel:
+class _BlockProducts:
+    """What the block kernels share: products accumulated block class by block class into the
+    output (``_mv``, ``_tmv_add``), started from the bias or zero."""
+
+    F: int
+
+    def mv_local(self, Ws, j, X, out, bias=None):
+        if bias is None:
+            out.zero_()
+        else:
+            out.copy_(bias.expand_as(out))
+        self._mv(Ws, j, X, out, "local")
+
+    def mv_halo(self, Ws, j, X, out):
+        self._mv(Ws, j, X, out, "halo")
+
+    def _tmv(self, Ws, j, s, Z, part):
+        (Z[:self.F] if part == "local" else Z[self.F:]).zero_()
+        self._tmv_add(Ws, j, s, Z, part)
+
+    def tmv_local(self, Ws, j, s, Z):
+        self._tmv(Ws, j, s, Z, "local")
+
+    def tmv_halo(self, Ws, j, s, Z):
+        self._tmv(Ws, j, s, Z, "halo")
+
+    def prepare(self, Ws):
+        return Ws
+
+    def grad_buffers(self, Ws):
+        return [torch.zeros_like(W) for W in Ws]
+
+
+class BlockKernel(_BlockProducts):
     """Block-by-block products: per class ``W`` is ``(layers, nb, r, c)``; inputs are gathered
     rows, one ``bmm`` per chunk of blocks, results added into rows with ``index_add_``."""
 
@@ -126,9 +159,6 @@ class BlockKernel:
             b = min(hi, a + step)
             yield slice(a, b), c.rows[a:b].reshape(-1), c.cols[a:b].reshape(-1)
 
-    def prepare(self, Ws):
-        return Ws
-
     def _mv(self, Ws, j, X, out, part):
         B = X.shape[1]
         for W, c in zip(Ws, self.classes):
@@ -137,20 +167,6 @@ class BlockKernel:
                 xs = X.index_select(0, cols).view(-1, cc, B)
                 out.index_add_(0, rows, torch.bmm(W[j, sl], xs).view(-1, B))
 
-    def mv_local(self, Ws, j, X, out, bias=None):
-        if bias is None:
-            out.zero_()
-        else:
-            out.copy_(bias.expand_as(out))
-        self._mv(Ws, j, X, out, "local")
-
-    def mv_halo(self, Ws, j, X, out):
-        self._mv(Ws, j, X, out, "halo")
-
-    def _tmv(self, Ws, j, s, Z, part):
-        (Z[:self.F] if part == "local" else Z[self.F:]).zero_()
-        self._tmv_add(Ws, j, s, Z, part)
-
     def _tmv_add(self, Ws, j, s, Z, part):
         B = s.shape[1]
         for W, c in zip(Ws, self.classes):
@@ -158,15 +174,6 @@ class BlockKernel:
             for sl, rows, cols in self._chunks(c, part, B):
                 ss = s.index_select(0, rows).view(-1, r, B)
                 Z.index_add_(0, cols, torch.bmm(W[j, sl].transpose(1, 2), ss).view(-1, B))
-
-    def tmv_local(self, Ws, j, s, Z):
-        self._tmv(Ws, j, s, Z, "local")
-
-    def tmv_halo(self, Ws, j, s, Z):
-        self._tmv(Ws, j, s, Z, "halo")
-
-    def grad_buffers(self, Ws):
-        return [torch.zeros_like(W) for W in Ws]
 
     def grad(self, Ws, G, j, gu, X, s, GZ):
         B = X.shape[1]
@@ -202,7 +209,7 @@ class Band:
         return self.lo + self.count * self.r
 
 
-class DiagonalKernel:
+class DiagonalKernel(_BlockProducts):
     """Blocks stored along diagonals (DIA format, the stencil form of a regular graph): for a
     band of blocks whose input rows are their output rows shifted by one ``delta``, every
     product is one batched product on *views* of the fields — no index gathers, no scatter-adds,
@@ -288,9 +295,6 @@ class DiagonalKernel:
         the class's block order (for checkpoint entries)."""
         return (self.positions[ci][:, None] * (r * c) + torch.arange(r * c)[None, :]).reshape(-1)
 
-    def prepare(self, Ws):
-        return Ws
-
     def _band_mv(self, W, j, b: Band, X, out, transpose: bool = False):
         lo, hi, d, r, R = b.lo, b.hi, b.delta, b.r, b.count
         w = W[j, b.start:b.start + R]
@@ -311,35 +315,18 @@ class DiagonalKernel:
         for a in range(0, R, step):
             dst[a:a + step] += torch.bmm(w[a:a + step], src[a:a + step].clone())
 
+    def _rest(self, ts):
+        return [t[:, st:] for t, st in zip(ts, self.rest_start)]
+
     def _mv(self, Ws, j, X, out, part):
         for b in self.bands[part]:
             self._band_mv(Ws[b.cls], j, b, X, out)
-        self.rest._mv([W[:, s:] for W, s in zip(Ws, self.rest_start)], j, X, out, part)
+        self.rest._mv(self._rest(Ws), j, X, out, part)
 
-    def mv_local(self, Ws, j, X, out, bias=None):
-        if bias is None:
-            out.zero_()
-        else:
-            out.copy_(bias.expand_as(out))
-        self._mv(Ws, j, X, out, "local")
-
-    def mv_halo(self, Ws, j, X, out):
-        self._mv(Ws, j, X, out, "halo")
-
-    def _tmv(self, Ws, j, s, Z, part):
-        (Z[:self.F] if part == "local" else Z[self.F:]).zero_()
+    def _tmv_add(self, Ws, j, s, Z, part):
         for b in self.bands[part]:
             self._band_mv(Ws[b.cls], j, b, s, Z, transpose=True)
-        self.rest._tmv_add([W[:, st:] for W, st in zip(Ws, self.rest_start)], j, s, Z, part)
-
-    def tmv_local(self, Ws, j, s, Z):
-        self._tmv(Ws, j, s, Z, "local")
-
-    def tmv_halo(self, Ws, j, s, Z):
-        self._tmv(Ws, j, s, Z, "halo")
-
-    def grad_buffers(self, Ws):
-        return [torch.zeros_like(W) for W in Ws]
+        self.rest._tmv_add(self._rest(Ws), j, s, Z, part)
 
     def grad(self, Ws, G, j, gu, X, s, GZ):
         for part in ("local", "halo"):
@@ -358,8 +345,7 @@ class DiagonalKernel:
                         sl = slice(c0, c0 + step)
                         torch.add(torch.bmm(a_[sl].clone(), x_[sl].transpose(1, 2).clone()),
                                   torch.bmm(s_[sl].clone(), z_[sl].transpose(1, 2).clone()), out=g[sl])
-        self.rest.grad([W[:, st:] for W, st in zip(Ws, self.rest_start)],
-                       [g[:, st:] for g, st in zip(G, self.rest_start)], j, gu, X, s, GZ)
+        self.rest.grad(self._rest(Ws), self._rest(G), j, gu, X, s, GZ)
 
     def end_grad(self, G):
         """Padding inside the bands gets no gradient: it stays exactly zero under any optimiser."""
