@@ -12,6 +12,8 @@ gradients, Adam state, one batch's activations, data, the process itself). Growt
 4x agents follow. Then METIS on a 1000x1000 grid for 64 workers: seconds and peak memory.
 
     python benchmarks/bench_scale.py [--rows 32 64 128 256] [--workers 1 2]
+    python benchmarks/bench_scale.py --against-landed [--rows 256] [--workers 2]   # step time and memory
+        side by side with the landed commit 616986c (a git worktree), 2 epochs each, interleaved
 """
 from __future__ import annotations
 
@@ -26,11 +28,46 @@ from common import ROOT, train_cli, write_result
 
 
 
-def train(out: Path, rows: int, workers: int, epochs: int, resume: bool = False) -> dict:
+LANDED = "616986c"
+
+
+def train(out: Path, rows: int, workers: int, epochs: int, resume: bool = False, env: dict | None = None) -> dict:
     return train_cli(out, workers, ["run.engine=sharded",
                                     f"topology={{generator: {{kind: grid, rows: {rows}, cols: {rows}}}, defaults: {{dim: 8}}}}",
                                     "model.layers=4", "model.h=0.1", "model.init_std=0.3", "train.batch_size=128",
-                                    "data.n_samples=512", f"train.epochs={epochs}"], resume=resume, timeout=3600)
+                                    "data.n_samples=512", f"train.epochs={epochs}"], resume=resume, timeout=3600,
+                     env=env)
+
+
+def against_landed(rows_list, workers_list, rounds: int = 2) -> list[dict]:
+    """This code and the landed commit on the same grids, interleaved: the step time (epoch 2)
+    and each run's peak memory per rank against this code's estimate."""
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        wt = Path(tmp) / "landed"
+        subprocess.run(["git", "worktree", "add", "--detach", str(wt), LANDED], cwd=ROOT, check=True, capture_output=True)
+        try:
+            for rows in rows_list:
+                for w in workers_list:
+                    best = {}
+                    for k in range(rounds):
+                        for name, env in (("landed", {"PYTHONPATH": str(wt)}), ("this code", None)):
+                            s = train(Path(tmp) / f"{name}-{rows}-{w}-{k}".replace(" ", "_"), rows, w, 2, env=env)
+                            step = s["metrics"][1]["seconds"] / (s["steps"] / s["epochs"])
+                            if name not in best or step < best[name]["step_s"]:
+                                best[name] = {"step_s": step, "peak_rss_per_rank": s["memory"]["peak_rss_per_rank"],
+                                              "estimate_per_rank": s.get("memory_estimate_per_rank")}
+                    ratio = best["landed"]["step_s"] / best["this code"]["step_s"]
+                    est = best["this code"]["estimate_per_rank"]
+                    peak = max(best["this code"]["peak_rss_per_rank"]) / est
+                    out.append({"agents": rows * rows, "workers": w, **{k: v for k, v in best.items()}, "speedup": ratio,
+                                "peak_over_estimate": peak})
+                    print(f"{rows * rows:>7} agents, {w} worker(s): landed {best['landed']['step_s']:.2f} s per step, "
+                          f"this code {best['this code']['step_s']:.2f} s ({ratio:.2f}x); peak/estimate {peak:.2f}",
+                          flush=True)
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(wt)], cwd=ROOT, capture_output=True)
+    return out
 
 
 def one(rows: int, workers: int, tmp: Path) -> dict:
@@ -71,7 +108,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, nargs="*", default=[32, 64, 128, 256])
     ap.add_argument("--workers", type=int, nargs="*", default=[1, 2])
+    ap.add_argument("--against-landed", action="store_true")
     args = ap.parse_args()
+    if args.against_landed:
+        res = against_landed(args.rows, args.workers)
+        print(f"wrote {write_result('scale_vs_landed', {'runs': res})}")
+        return
     rows_out = []
     print(f"{'agents':>7} {'workers':>7} {'to 1st step s':>13} {'save s':>7} {'load s':>7} {'ckpt MB':>8} "
           f"{'step s':>7} {'peak MiB/rank':>14} {'estimate MiB':>13} {'peak/est':>9}")
