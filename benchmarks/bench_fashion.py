@@ -40,11 +40,12 @@ PUBLISHED = [  # the dataset's README ("Benchmark": submitted results, test accu
     ("MLP 256-128-100", 0.8833), ("GRU+SVM", 0.888), ("Human performance", 0.835)]
 
 
-def run(cmd: list[str], env: dict | None = None) -> int:
+def run(cmd: list[str], env: dict | None = None, cwd: Path = ROOT) -> int:
     """Run a command; returns the peak RSS (bytes) of any process of its tree (``wait4``'s rusage
-    covers the descendants the command waited for: local workers, the forkserver)."""
+    covers the descendants the command waited for: local workers, the forkserver). ``python -m``
+    puts the working directory first on sys.path: another checkout runs from its own."""
     with tempfile.TemporaryFile("w+") as err:
-        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True, cwd=ROOT,
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True, cwd=cwd,
                              env={**os.environ, **(env or {})})
         _, status, usage = os.wait4(p.pid, 0)
         p.returncode = os.waitstatus_to_exitcode(status)
@@ -59,7 +60,7 @@ def train(config: str, out: Path, workers: int, sets=(), pythonpath: str | None 
            "--workers", str(workers), *(a for s in sets for a in ("--set", s))]
     env = {"PYTHONPATH": pythonpath} if pythonpath else None
     t = time.time()
-    peak = run(cmd, env)
+    peak = run(cmd, env, root)
     summary = json.loads((out / "summary.json").read_text())
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     return {"test_acc": summary["test_acc"], "train_seconds": sum(m["seconds"] for m in metrics),
@@ -78,6 +79,9 @@ def speed(data: str) -> dict:
                        capture_output=True)
         try:
             one = [f"data.path={data}", "train.epochs=1"]
+            check = subprocess.run([sys.executable, "-c", "import dhdnn, sys; print(dhdnn.__file__)"], cwd=wt,
+                                   env={**os.environ, "PYTHONPATH": str(wt)}, capture_output=True, text=True)
+            assert check.stdout.strip().startswith(str(wt)), check.stdout  # the landed code, not this one
             rows["landed 616986c, 1 process"] = train("launch/mnist_conv_H2.yaml", Path(tmp) / "a", 1, one,
                                                       pythonpath=str(wt), root=wt)
             rows["this code, 1 process"] = train("launch/mnist_conv_H2.yaml", Path(tmp) / "b", 1, one)

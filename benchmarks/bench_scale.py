@@ -31,12 +31,13 @@ from common import ROOT, train_cli, write_result
 LANDED = "616986c"
 
 
-def train(out: Path, rows: int, workers: int, epochs: int, resume: bool = False, env: dict | None = None) -> dict:
+def train(out: Path, rows: int, workers: int, epochs: int, resume: bool = False, env: dict | None = None,
+          cwd: Path = ROOT) -> dict:
     return train_cli(out, workers, ["run.engine=sharded",
                                     f"topology={{generator: {{kind: grid, rows: {rows}, cols: {rows}}}, defaults: {{dim: 8}}}}",
                                     "model.layers=4", "model.h=0.1", "model.init_std=0.3", "train.batch_size=128",
                                     "data.n_samples=512", f"train.epochs={epochs}"], resume=resume, timeout=3600,
-                     env=env)
+                     env=env, cwd=cwd)
 
 
 def against_landed(rows_list, workers_list, rounds: int = 2) -> list[dict]:
@@ -51,8 +52,9 @@ def against_landed(rows_list, workers_list, rounds: int = 2) -> list[dict]:
                 for w in workers_list:
                     best = {}
                     for k in range(rounds):
-                        for name, env in (("landed", {"PYTHONPATH": str(wt)}), ("this code", None)):
-                            s = train(Path(tmp) / f"{name}-{rows}-{w}-{k}".replace(" ", "_"), rows, w, 2, env=env)
+                        for name, env, cwd in (("landed", {"PYTHONPATH": str(wt)}, wt), ("this code", None, ROOT)):
+                            s = train(Path(tmp) / f"{name}-{rows}-{w}-{k}".replace(" ", "_"), rows, w, 2, env=env,
+                                      cwd=cwd)
                             step = s["metrics"][1]["seconds"] / (s["steps"] / s["epochs"])
                             if name not in best or step < best[name]["step_s"]:
                                 best[name] = {"step_s": step, "peak_rss_per_rank": s["memory"]["peak_rss_per_rank"],

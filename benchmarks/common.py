@@ -47,7 +47,7 @@ def mean_std(values) -> tuple[float, float]:
 
 
 def train_cli(out: Path, workers: int, sets=(), config: str = "launch/ring8_swiss_roll.yaml", resume: bool = False,
-              timeout: int = 1200, env: dict | None = None) -> dict:
+              timeout: int = 1200, env: dict | None = None, cwd: Path = ROOT) -> dict:
     """``dhdnn train CONFIG --out OUT --workers N --set ...`` in a fresh process, as a user runs it:
     the run's ``summary.json``, its ``metrics.jsonl`` rows (``metrics``), when the command started
     (``command_start_unix``) and what it printed on stderr."""
@@ -57,7 +57,8 @@ def train_cli(out: Path, workers: int, sets=(), config: str = "launch/ring8_swis
     cmd = [sys.executable, "-m", "dhdnn", "train", str(ROOT / config), "--no-progress", "--out", str(out),
            "--workers", str(workers), *(a for s in sets for a in ("--set", s))] + (["--resume"] if resume else [])
     start = time.time()
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+    # (``python -m`` puts the working directory first on sys.path: run another checkout from its own)
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=timeout,
                        env={**os.environ, **env} if env else None)
     if p.returncode:
         raise RuntimeError(p.stderr[-3000:])
