@@ -191,3 +191,29 @@ def test_fashion_patch_grid_trains_on_2_workers_and_plots(tmp_path, capsys):
 
     data = load_data(load_config(out / "config.yaml"))
     assert data.class_names == FASHION_CLASSES and data.image_shape == (1, 28, 28)
+
+
+def test_fashion_patch_grid_on_4_workers_equals_one_process(tmp_path):
+    """The 28x28 patch grid (49 agents, generated 4x4 patches) on 4 workers: float64, two epochs,
+    the parameters of one process (1e-9: the same sums, boundary rows added in another order) and
+    every traced halo message between ranks adjacent in the rank graph."""
+    from dhdnn import checkpoint as ckpt
+    from dhdnn.partition import partition
+    from dhdnn.topology import load_topology
+
+    d = _fashion_files(tmp_path / "fashion")
+    runs = []
+    for workers in (1, 4):
+        out = tmp_path / f"run{workers}"
+        assert main(["train", "launch/fashion_patches_H2.yaml", "--out", str(out), "--no-progress", "--workers",
+                     str(workers), "--set", f"data.path={d}", "--set", "train.epochs=2", "--set", "train.batch_size=10",
+                     "--set", "model.layers=2", "--set", "run.dtype=float64", "--set", "run.trace=true"]) == 0
+        runs.append(out)
+    a, b = (ckpt.assemble(ckpt.load(ckpt.latest(r))[1]) for r in runs)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-9, atol=1e-9, msg=k)
+    topo = load_topology(Path("topologies/grid7x7_patches.yaml"))
+    edges = {tuple(sorted(e)) for e in partition(topo, 4).rank_graph(topo).edges}
+    for r in range(4):
+        records = [json.loads(x) for x in (runs[1] / f"trace-rank{r}.jsonl").read_text().splitlines()]
+        assert records and all(m["src"] == r and tuple(sorted((m["src"], m["dst"]))) in edges for m in records)
