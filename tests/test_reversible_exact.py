@@ -61,6 +61,28 @@ def test_every_rebuilt_state_is_the_forward_state_at_depth_4096(dtype):
     assert rel(got, ref) <= RELATIVE[dtype]
 
 
+@pytest.mark.parametrize("dtype,layers", [(torch.float64, 8), (torch.float32, 256)])
+def test_the_float64_carrier_holds_the_same_integers_as_int64(dtype, layers, monkeypatch):
+    """Where the weights bound every state below 2^53 grid units the integers are carried in
+    float64: states, output and gradients bit for bit those of the int64 carrier (float64 runs
+    have 48 fraction bits, so only small states and few layers fit under 2^53 there)."""
+    from dhdnn.models import _fused
+
+    def run(carrier_limit):
+        monkeypatch.setattr(_fused, "FLOAT_CARRIER_BELOW", carrier_limit)
+        torch.manual_seed(0)
+        model = build_model("H2", 8, layers, 0.05, init_std=0.5).to(dtype)
+        model.set_backprop("reversible", state="fixed")
+        model.certificate.states = {"forward": [], "rebuilt": []}
+        y = torch.randn(32, 8, dtype=dtype) * 0.1
+        return grads(model, y), model(y), model.certificate.states["forward"]
+
+    (g_int, out_int, st_int), (g_flt, out_flt, st_flt) = run(0), run(1 << 53)
+    assert st_int[0][0].dtype == torch.int64 and st_flt[0][0].dtype == torch.float64
+    assert all(torch.equal(a.double(), b) for sa, sb in zip(st_int, st_flt) for a, b in zip(sa, sb))
+    assert torch.equal(out_int, out_flt) and all(torch.equal(a, b) for a, b in zip(g_int, g_flt))
+
+
 def test_adam_steps_equal_autograd_through_the_fixed_point_forward(f64):
     from dhdnn.models import Classifier
 

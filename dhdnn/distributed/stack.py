@@ -401,16 +401,21 @@ class _Fixed:
     def dequantise(self, X: Tensor, out: Tensor) -> Tensor:
         return _fused.dequantise(X, self.inv, out)
 
-    @staticmethod
-    def increment(c: Coupling, z: Tensor, h: float) -> Tensor:
-        """``h C z`` in the run's dtype: the same expression in both directions."""
-        return c.apply(z) * (h * c.scale)
+    def increment(self, c: Coupling, z: Tensor, h: float) -> Tensor:
+        """``h C z`` in grid units, in the run's dtype (scaled exactly by the power of two): the
+        same expression in both directions."""
+        return c.apply(z) * (h * c.scale * self.scale)
 
-    def add(self, X: Tensor, delta: Tensor, out: Tensor, layer: int, field: str, sign: int = 1) -> None:
-        """``X += sign * round(delta)`` on the grid, then ``out`` = its dequantised values."""
-        d = _fused.quantise(delta, self.scale)
+    def add(self, X: Tensor, delta: Tensor, out: Tensor, layer: int, field: str, sign: int = 1,
+            check: bool = True) -> None:
+        """``X += sign * round(delta)`` on the grid (``delta``: grid units, rounded in place), then
+        ``out`` = its dequantised values. ``check``: stop when ``X`` left the range (an increment
+        outside int64 converts to its most negative value, which the check sees too); the
+        backward's rebuilt states are the forward's, checked then."""
+        d = delta.round_().to(torch.int64)
         X.add_(d) if sign > 0 else X.sub_(d)
-        _fused.check_range(X, layer, f"{field} on rank {self.rank}", self.bits)
+        if check:
+            _fused.check_range(X, layer, f"{field} on rank {self.rank}", self.bits)
         self.dequantise(X, out)
 
 
@@ -447,7 +452,8 @@ def _half_reverse(plan: StackPlan, ps: _Pass, G, k: int, j: int, g: dict, cur: d
     if fx is not None:  # exactly the integer the forward added
         if plan.cert is not None and plan.cert.states is not None:  # tests: the state this half-step made
             plan.cert.keep("rebuilt", *[ints[f] for f in plan.layout.field_names])
-        fx.add(ints[hs.target], fx.increment(c, Z[:F], plan.h), cur[hs.target][:F], j, hs.target, sign=-1)
+        fx.add(ints[hs.target], fx.increment(c, Z[:F], plan.h), cur[hs.target][:F], j, hs.target, sign=-1,
+               check=False)
     else:
         cur[hs.target][:F].sub_(c.apply(Z[:F]), alpha=plan.h * c.scale)  # the target before this half-step
     g[hs.source].add_(GX[:F])
