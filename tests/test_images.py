@@ -147,24 +147,32 @@ def _fashion_files(d, n_train=40, n_test=20):
     return d
 
 
+def _same_parameters_on_workers(tmp_path, config: str, workers: int, *sets: str) -> list[Path]:
+    """Train ``config`` on the tiny 28x28 files in one process and on ``workers``, float64, two
+    epochs, traced: the parameters agree within 1e-9 (the same sums in another order). Returns
+    both run directories."""
+    from dhdnn import checkpoint as ckpt
+
+    d = _fashion_files(tmp_path / "fashion")
+    runs = []
+    for w in (1, workers):
+        out = tmp_path / f"run{w}"
+        assert main(["train", config, "--out", str(out), "--no-progress", "--workers", str(w),
+                     *(a for x in (f"data.path={d}", "train.epochs=2", "train.batch_size=10", "run.dtype=float64",
+                                   "run.trace=true", *sets) for a in ("--set", x))]) == 0
+        runs.append(out)
+    a, b = (ckpt.assemble(ckpt.load(ckpt.latest(r))[1]) for r in runs)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-9, atol=1e-9, msg=k)
+    return runs
+
+
 def test_conv_network_on_2_workers_equals_one_process(tmp_path):
     """The image network without agents runs as data-parallel replicas on workers: float64, two
     epochs of 28x28 images, the parameters of one process (1e-9; the replicas' gradient sum adds
     the same terms in another order) and the same accuracy; every gradient sum traced inside the
     replica group, never in the forward."""
-    from dhdnn import checkpoint as ckpt
-
-    d = _fashion_files(tmp_path / "fashion")
-    runs = []
-    for workers in (1, 2):
-        out = tmp_path / f"run{workers}"
-        assert main(["train", "launch/fashion_conv_H2.yaml", "--out", str(out), "--no-progress", "--workers",
-                     str(workers), "--set", f"data.path={d}", "--set", "train.epochs=2", "--set", "train.batch_size=10",
-                     "--set", "model.layers=3", "--set", "run.dtype=float64", "--set", "run.trace=true"]) == 0
-        runs.append(out)
-    a, b = (ckpt.assemble(ckpt.load(ckpt.latest(r))[1]) for r in runs)
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-9, atol=1e-9, msg=k)
+    runs = _same_parameters_on_workers(tmp_path, "launch/fashion_conv_H2.yaml", 2, "model.layers=3")
     s1, s2 = (json.loads((r / "summary.json").read_text()) for r in runs)
     assert s1["test_acc"] == s2["test_acc"] and s2["workers"] == 2 and s2["engine"] == "replicated"
     for r in (0, 1):
@@ -197,21 +205,10 @@ def test_fashion_patch_grid_on_4_workers_equals_one_process(tmp_path):
     """The 28x28 patch grid (49 agents, generated 4x4 patches) on 4 workers: float64, two epochs,
     the parameters of one process (1e-9: the same sums, boundary rows added in another order) and
     every traced halo message between ranks adjacent in the rank graph."""
-    from dhdnn import checkpoint as ckpt
     from dhdnn.partition import partition
     from dhdnn.topology import load_topology
 
-    d = _fashion_files(tmp_path / "fashion")
-    runs = []
-    for workers in (1, 4):
-        out = tmp_path / f"run{workers}"
-        assert main(["train", "launch/fashion_patches_H2.yaml", "--out", str(out), "--no-progress", "--workers",
-                     str(workers), "--set", f"data.path={d}", "--set", "train.epochs=2", "--set", "train.batch_size=10",
-                     "--set", "model.layers=2", "--set", "run.dtype=float64", "--set", "run.trace=true"]) == 0
-        runs.append(out)
-    a, b = (ckpt.assemble(ckpt.load(ckpt.latest(r))[1]) for r in runs)
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-9, atol=1e-9, msg=k)
+    runs = _same_parameters_on_workers(tmp_path, "launch/fashion_patches_H2.yaml", 4, "model.layers=2")
     topo = load_topology(Path("topologies/grid7x7_patches.yaml"))
     edges = {tuple(sorted(e)) for e in partition(topo, 4).rank_graph(topo).edges}
     for r in range(4):
