@@ -34,6 +34,15 @@ def maybe_fail(fault: tuple[int, int, str] | None, rank: int, step: int) -> None
         raise RuntimeError(f"injected fault on rank {rank} at step {step}")
 
 
+def begin_step(engine) -> None:
+    """A training step starts on a worker: fault injection (tests), the tracer's step number, the
+    step count (an engine with ``_fault``, ``rank``, ``tracer`` and ``_step``)."""
+    maybe_fail(engine._fault, engine.rank, engine._step)
+    if engine.tracer is not None:
+        engine.tracer.step = engine._step
+    engine._step += 1
+
+
 class ShardedEngine(Engine):
     """The :class:`~dhdnn.engine.Engine` of one rank of a sharded run."""
 
@@ -81,10 +90,7 @@ class ShardedEngine(Engine):
     def objective(self, x, y, alpha, record=False):
         """The loss of this replica's slice, normalised by the global batch: summed over replicas
         (:meth:`after_backward`), the gradients are those of the whole batch in one process."""
-        maybe_fail(self._fault, self.rank, self._step)
-        if self.tracer is not None:
-            self.tracer.step = self._step
-        self._step += 1
+        begin_step(self)
         n_global = len(y)
         x, y = self._mine(x).to(self.device), self._mine(y).to(self.device)
         if self.reducer is not None:

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ..engine import DenseEngine, StepOut
-from .engine import maybe_fail
+from .engine import begin_step
 from .exchange import Tracer
 from .mesh import Groups
 from .replicas import GradReducer
@@ -52,10 +52,7 @@ class ReplicatedEngine(DenseEngine):
         return 1
 
     def objective(self, x, y, alpha, record=False):
-        maybe_fail(self._fault, self.rank, self._step)
-        if self.tracer is not None:
-            self.tracer.step = self._step
-        self._step += 1
+        begin_step(self)
         n_global = len(y)
         x, y = self._mine(x).to(self.device), self._mine(y).to(self.device)
         self.reducer.start_step()
