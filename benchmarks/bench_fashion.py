@@ -29,10 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, mean_std, write_result
+from common import ROOT, landed_worktree, mean_std, write_result
 
 DATA = "/usr/share/datasets/fashion-mnist"
-LANDED = "616986c"
 ARCHS = {"H2": [], "H1-J1": ["model.arch=H1", "model.J=J1"], "MS1": ["model.arch=MS1"],
          "ResNet": ["model.arch=ResNet", "model.init_std=null"]}
 PUBLISHED = [  # the dataset's README ("Benchmark": submitted results, test accuracy)
@@ -73,21 +72,12 @@ def train(config: str, out: Path, workers: int, sets=(), pythonpath: str | None 
 def speed(data: str) -> dict:
     """One epoch: the landed commit, this code in one process, on 2 workers."""
     rows = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        wt = Path(tmp) / "landed"
-        subprocess.run(["git", "worktree", "add", "--detach", str(wt), LANDED], cwd=ROOT, check=True,
-                       capture_output=True)
-        try:
-            one = [f"data.path={data}", "train.epochs=1"]
-            check = subprocess.run([sys.executable, "-c", "import dhdnn, sys; print(dhdnn.__file__)"], cwd=wt,
-                                   env={**os.environ, "PYTHONPATH": str(wt)}, capture_output=True, text=True)
-            assert check.stdout.strip().startswith(str(wt)), check.stdout  # the landed code, not this one
-            rows["landed 616986c, 1 process"] = train("launch/mnist_conv_H2.yaml", Path(tmp) / "a", 1, one,
-                                                      pythonpath=str(wt), root=wt)
-            rows["this code, 1 process"] = train("launch/mnist_conv_H2.yaml", Path(tmp) / "b", 1, one)
-            rows["this code, 2 workers"] = train("launch/mnist_conv_H2.yaml", Path(tmp) / "c", 2, one)
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(wt)], cwd=ROOT, capture_output=True)
+    with tempfile.TemporaryDirectory() as tmp, landed_worktree() as wt:
+        one = [f"data.path={data}", "train.epochs=1"]
+        rows["landed 616986c, 1 process"] = train("launch/mnist_conv_H2.yaml", Path(tmp) / "a", 1, one,
+                                                  pythonpath=str(wt), root=wt)
+        rows["this code, 1 process"] = train("launch/mnist_conv_H2.yaml", Path(tmp) / "b", 1, one)
+        rows["this code, 2 workers"] = train("launch/mnist_conv_H2.yaml", Path(tmp) / "c", 2, one)
     base = rows["landed 616986c, 1 process"]
     print("\n[speed] one epoch of 60,000 Fashion-MNIST images, the image network (launch/mnist_conv_H2.yaml's "
           "recipe), this machine, side by side\n")

@@ -32,9 +32,8 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT, write_result
+from common import ROOT, landed_worktree, write_result
 
-LANDED = "616986c"
 CASES = {"grid4": ({"kind": "grid", "rows": 64, "cols": 64}, 4), "grid8": ({"kind": "grid", "rows": 64, "cols": 64}, 8),
          "grid16": ({"kind": "grid", "rows": 64, "cols": 64}, 16), "ring1": ({"kind": "ring", "agents": 65536}, 1),
          "large": ({"kind": "grid", "rows": 8, "cols": 8}, 64)}
@@ -236,33 +235,25 @@ def main():
     if args.child:
         return child(args)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        wt = Path(tmp) / "landed"
-        if not args.no_landed:
-            subprocess.run(["git", "worktree", "add", "--detach", str(wt), LANDED], cwd=ROOT, check=True,
-                           capture_output=True)
-        try:
-            for case in args.cases:
-                topo, _, table, _ = network(case)
-                fl = flops(table)
-                impls = [("dhdnn", k, None) for k in ("auto", "blocks", "diagonal")]
-                impls += [("dhdnn (landed)", k, str(wt)) for k in ("auto", "blocks")]
-                impls += [("peer", m, None) for m in args.peers]
-                if case == "large":
-                    impls = [("dhdnn", "auto", None), ("dhdnn", "blocks", None), ("dhdnn (landed)", "auto", str(wt))]
-                if args.no_landed:
-                    impls = [i for i in impls if i[0] != "dhdnn (landed)"]
-                for who, impl, path in impls:
-                    r = spawn(impl, case, args.steps, path, args.device)
-                    row = {"case": case, "implementation": who, "variant": impl, **r,
-                           "gflop_per_step": fl / 1e9}
-                    if "seconds" in r:
-                        row["gflops"] = fl / r["seconds"] / 1e9
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
-        finally:
-            if not args.no_landed:
-                subprocess.run(["git", "worktree", "remove", "--force", str(wt)], cwd=ROOT, capture_output=True)
+    with landed_worktree(not args.no_landed) as wt:
+        for case in args.cases:
+            topo, _, table, _ = network(case)
+            fl = flops(table)
+            impls = [("dhdnn", k, None) for k in ("auto", "blocks", "diagonal")]
+            impls += [("dhdnn (landed)", k, str(wt)) for k in ("auto", "blocks")]
+            impls += [("peer", m, None) for m in args.peers]
+            if case == "large":
+                impls = [("dhdnn", "auto", None), ("dhdnn", "blocks", None), ("dhdnn (landed)", "auto", str(wt))]
+            if args.no_landed:
+                impls = [i for i in impls if i[0] != "dhdnn (landed)"]
+            for who, impl, path in impls:
+                r = spawn(impl, case, args.steps, path, args.device)
+                row = {"case": case, "implementation": who, "variant": impl, **r,
+                       "gflop_per_step": fl / 1e9}
+                if "seconds" in r:
+                    row["gflops"] = fl / r["seconds"] / 1e9
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     report(rows)
     name = "kernels" if args.device == "cpu" else f"kernels_{args.device.split(':')[0]}"
     print(f"wrote {write_result(name, {'device': args.device, 'layers': LAYERS, 'batch': BATCH, 'rows': rows})}")

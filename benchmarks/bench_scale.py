@@ -24,11 +24,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT, train_cli, write_result
+from common import ROOT, landed_worktree, train_cli, write_result
 
 
 
-LANDED = "616986c"
 
 
 def train(out: Path, rows: int, workers: int, epochs: int, resume: bool = False, env: dict | None = None,
@@ -44,31 +43,26 @@ def against_landed(rows_list, workers_list, rounds: int = 2) -> list[dict]:
     """This code and the landed commit on the same grids, interleaved: the step time (epoch 2)
     and each run's peak memory per rank against this code's estimate."""
     out = []
-    with tempfile.TemporaryDirectory() as tmp:
-        wt = Path(tmp) / "landed"
-        subprocess.run(["git", "worktree", "add", "--detach", str(wt), LANDED], cwd=ROOT, check=True, capture_output=True)
-        try:
-            for rows in rows_list:
-                for w in workers_list:
-                    best = {}
-                    for k in range(rounds):
-                        for name, env, cwd in (("landed", {"PYTHONPATH": str(wt)}, wt), ("this code", None, ROOT)):
-                            s = train(Path(tmp) / f"{name}-{rows}-{w}-{k}".replace(" ", "_"), rows, w, 2, env=env,
-                                      cwd=cwd)
-                            step = s["metrics"][1]["seconds"] / (s["steps"] / s["epochs"])
-                            if name not in best or step < best[name]["step_s"]:
-                                best[name] = {"step_s": step, "peak_rss_per_rank": s["memory"]["peak_rss_per_rank"],
-                                              "estimate_per_rank": s.get("memory_estimate_per_rank")}
-                    ratio = best["landed"]["step_s"] / best["this code"]["step_s"]
-                    est = best["this code"]["estimate_per_rank"]
-                    peak = max(best["this code"]["peak_rss_per_rank"]) / est
-                    out.append({"agents": rows * rows, "workers": w, **{k: v for k, v in best.items()}, "speedup": ratio,
-                                "peak_over_estimate": peak})
-                    print(f"{rows * rows:>7} agents, {w} worker(s): landed {best['landed']['step_s']:.2f} s per step, "
-                          f"this code {best['this code']['step_s']:.2f} s ({ratio:.2f}x); peak/estimate {peak:.2f}",
-                          flush=True)
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(wt)], cwd=ROOT, capture_output=True)
+    with tempfile.TemporaryDirectory() as tmp, landed_worktree() as wt:
+        for rows in rows_list:
+            for w in workers_list:
+                best = {}
+                for k in range(rounds):
+                    for name, env, cwd in (("landed", {"PYTHONPATH": str(wt)}, wt), ("this code", None, ROOT)):
+                        s = train(Path(tmp) / f"{name}-{rows}-{w}-{k}".replace(" ", "_"), rows, w, 2, env=env,
+                                  cwd=cwd)
+                        step = s["metrics"][1]["seconds"] / (s["steps"] / s["epochs"])
+                        if name not in best or step < best[name]["step_s"]:
+                            best[name] = {"step_s": step, "peak_rss_per_rank": s["memory"]["peak_rss_per_rank"],
+                                          "estimate_per_rank": s.get("memory_estimate_per_rank")}
+                ratio = best["landed"]["step_s"] / best["this code"]["step_s"]
+                est = best["this code"]["estimate_per_rank"]
+                peak = max(best["this code"]["peak_rss_per_rank"]) / est
+                out.append({"agents": rows * rows, "workers": w, **{k: v for k, v in best.items()}, "speedup": ratio,
+                            "peak_over_estimate": peak})
+                print(f"{rows * rows:>7} agents, {w} worker(s): landed {best['landed']['step_s']:.2f} s per step, "
+                      f"this code {best['this code']['step_s']:.2f} s ({ratio:.2f}x); peak/estimate {peak:.2f}",
+                      flush=True)
     return out
 
 

@@ -1,9 +1,13 @@
 """Helpers shared by the benchmark scripts: timing and JSON results under benchmarks/results/."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,6 +18,30 @@ ROOT = RESULTS.parent.parent
 # The benchmarks name configs and topologies relative to the repository root (as the README
 # does), wherever they are started from; workers they spawn inherit this directory.
 os.chdir(ROOT)
+
+
+LANDED = "616986c"  # the landed commit that speed targets are measured against, side by side
+
+
+@contextlib.contextmanager
+def landed_worktree(enabled: bool = True):
+    """The landed commit checked out in a temporary git worktree (removed afterwards), or None.
+    Run it as ``PYTHONPATH=<worktree>`` from the worktree itself: ``python -m`` puts the working
+    directory first on sys.path, so from this checkout it would run this code (checked here)."""
+    if not enabled:
+        yield None
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        wt = Path(tmp) / "landed"
+        subprocess.run(["git", "worktree", "add", "--detach", str(wt), LANDED], cwd=ROOT, check=True,
+                       capture_output=True)
+        try:
+            found = subprocess.run([sys.executable, "-c", "import dhdnn; print(dhdnn.__file__)"], cwd=wt,
+                                   env={**os.environ, "PYTHONPATH": str(wt)}, capture_output=True, text=True)
+            assert found.stdout.strip().startswith(str(wt)), found.stdout  # the landed code, not this one
+            yield wt
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(wt)], cwd=ROOT, capture_output=True)
 
 
 def timeit(fn, repeat: int = 20, warmup: int = 3) -> float:

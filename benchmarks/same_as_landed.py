@@ -19,11 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common import ROOT, write_result
+from common import ROOT, landed_worktree, write_result
 from dhdnn import checkpoint as ckpt
-
-LANDED = "616986c"
-
 
 def write_idx(path: Path, arr: np.ndarray) -> None:
     with gzip.open(path, "wb") as f:
@@ -43,10 +40,8 @@ def main():
                 images[i, 2 + 2 * c, 4:24] = 255
             write_idx(d / f"{split}-images-idx3-ubyte.gz", images)
             write_idx(d / f"{split}-labels-idx1-ubyte.gz", labels)
-        wt = tmp / "landed"
-        subprocess.run(["git", "worktree", "add", "--detach", str(wt), LANDED], cwd=ROOT, check=True, capture_output=True)
-        try:
-            params = {}
+        params = {}
+        with landed_worktree() as wt:
             for name, root in (("landed", wt), ("this code", ROOT)):
                 out = tmp / name.replace(" ", "_")
                 cmd = [sys.executable, "-m", "dhdnn", "train", str(root / "launch/mnist_conv_H2.yaml"), "--no-progress",
@@ -58,8 +53,6 @@ def main():
                 if p.returncode:
                     raise RuntimeError(p.stderr[-2000:])
                 params[name] = ckpt.assemble(ckpt.load(ckpt.latest(out))[1])
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(wt)], cwd=ROOT, capture_output=True)
     a, b = params["landed"], params["this code"]
     rel = {k: float((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-30)) for k in a}
     for k, v in rel.items():

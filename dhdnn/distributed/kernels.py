@@ -355,30 +355,36 @@ class DiagonalKernel(_BlockProducts):
         return G
 
 
-def choose_kernel(requested: str, F: int, E: int, nnz: int, classes: list[list[ClassRows]] | None = None) -> str:
-    """``dense`` where the assembled local matrix is small or at least 1/4 full (one BLAS call
-    beats any bookkeeping); else ``diagonal`` where bands hold most of the non-zero entries (a
-    regular graph on contiguous agents: products on views, measured here 1.0-3.8x faster than
-    ``blocks``, the most at the smallest blocks); else ``blocks``, whose cost follows the number of
-    non-zero blocks whatever the graph. ``classes``: every matrix's class rows (for the bands)."""
-    if requested != "auto":
-        return requested
-    if F * E <= max(4096, 4 * nnz):
-        return "dense"
-    if classes and min(band_coverage(c, F, E) for c in classes) >= DIAGONAL_COVERAGE:
-        return "diagonal"
-    return "blocks"
-
-
 DIAGONAL_COVERAGE = 0.5  # share of a matrix's entries in bands above which auto takes the diagonal kernel
 
 
-def band_coverage(classes: list[ClassRows], F: int, E: int) -> float:
-    """The share of the entries of these blocks that the diagonal kernel stores in bands."""
-    k = DiagonalKernel(classes, F, E, 1)
-    total = sum(int(np.prod(c.shape)) for c in classes)
-    rest = sum(int(np.prod(c.shape)) for c in k.rest.classes)
-    return 1.0 - rest / total if total else 0.0
+def _entries(classes: list[ClassRows]) -> int:
+    return sum(int(np.prod(c.shape)) for c in classes)
+
+
+def band_coverage(kernel: DiagonalKernel, classes: list[ClassRows]) -> float:
+    """The share of the entries of these blocks that ``kernel`` (built on them) stores in bands."""
+    total = _entries(classes)
+    return 1.0 - _entries(kernel.rest.classes) / total if total else 0.0
+
+
+def build_kernels(requested: str, classes: dict[str, list[ClassRows]], F: int, E: int, layers: int):
+    """The local kernel of every matrix, and its name: the one requested, or ``auto``'s choice —
+    ``dense`` where the assembled local matrix is small or at least 1/4 full (one BLAS call beats
+    any bookkeeping); else ``diagonal`` where bands hold most of every matrix's entries (a regular
+    graph on contiguous agents: products on views, measured here 1.0-3.8x faster than ``blocks``,
+    the most at the smallest blocks); else ``blocks``, whose cost follows the number of non-zero
+    blocks whatever the graph. ``classes``: each matrix's class rows. The diagonal kernels built
+    to measure the bands are the ones kept."""
+    name = requested
+    if requested == "auto":
+        nnz = min(_entries(v) for v in classes.values())
+        name = "dense" if F * E <= max(4096, 4 * nnz) else "blocks"
+        if name == "blocks":
+            diagonal = {m: DiagonalKernel(v, F, E, layers) for m, v in classes.items()}
+            if min(band_coverage(diagonal[m], v) for m, v in classes.items()) >= DIAGONAL_COVERAGE:
+                return "diagonal", diagonal
+    return name, {m: KERNELS[name](v, F, E, layers) for m, v in classes.items()}
 
 
 KERNELS = {"dense": DenseKernel, "blocks": BlockKernel, "diagonal": DiagonalKernel}

@@ -19,7 +19,7 @@ from ..engine import Entry
 from ..halo import HaloPlan, RankRows, build_plans, ranges
 from ..models._fused import add_smoothness_grad, smoothness_value
 from .exchange import CommStats, Exchanger, FieldLayout, Tracer
-from .kernels import KERNELS, choose_kernel, class_rows
+from .kernels import build_kernels, class_rows
 from .readout import AllReduceSum, Tree, TreeAllReduce, TreeReduce
 from .stack import Coupling, ShardedStack, StackPlan
 
@@ -105,12 +105,9 @@ class ShardedNet(nn.Module):
                 cr, order = class_rows(self.rows.rows(c.rows[sel]).reshape(len(sel), -1),
                                        self.rows.rows(c.cols[sel]).reshape(len(sel), -1), F)
                 mats[c.kind].append((c, sel[order], cr))
-        nnz = min(sum(int(np.prod(cr.shape)) for _, _, cr in v) for v in mats.values())
-        self.local_kernel = choose_kernel(local_kernel, F, E, nnz, [[cr for _, _, cr in v] for v in mats.values()])
-        kernels = {}
+        self.local_kernel, kernels = build_kernels(local_kernel, {m: [cr for _, _, cr in v] for m, v in mats.items()},
+                                                   F, E, L)
         for m, parts in mats.items():
-            rows = [cr for _, _, cr in parts]
-            kernels[m] = KERNELS[self.local_kernel](rows, F, E, L)
             if self.local_kernel == "dense":
                 p = self._param(m, torch.zeros(L, F, E, dtype=dtype))
                 for (c, sel, _), flat in zip(parts, kernels[m].flat):

@@ -338,9 +338,9 @@ def fraction_bits(dtype: torch.dtype, bits: int | None = None) -> int:
 FLOAT_CARRIER_BELOW = 1 << 53  # grid units: float64 holds every integer below this exactly
 
 
-def quantise(x: torch.Tensor, scale: float, carrier: torch.dtype = torch.int64) -> torch.Tensor:
-    """``round(x * 2^F)`` as integers held in ``carrier`` (the scaling by a power of two is exact)."""
-    return torch.round(x * scale).to(carrier)
+def quantise(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``round(x * 2^F)`` as int64 (the scaling by a power of two is exact)."""
+    return torch.round(x * scale).to(torch.int64)
 
 
 def add_on_grid(X: torch.Tensor, D: torch.Tensor, buf: torch.Tensor | None, sign: int) -> None:
@@ -424,20 +424,20 @@ class H2FixedStack(torch.autograd.Function):
         buf = None if P.is_floating_point() else torch.empty_like(P)
         Kpt, Kqt = Kp.transpose(1, 2), Kq.transpose(1, 2)
         keep = cert.keep if cert is not None and cert.states is not None else None
+
+        def add(X, sign: int, j: int, what: str) -> None:
+            if checked:  # (the increment first, so that none converts outside int64 either)
+                check_increment(D, j, f"the {what} increment", bits)
+            add_on_grid(X, D, buf, sign)
+            if checked:
+                check_range(X, j, what, bits)
+
         for j in range(L):
             _increment(q, Kqt[j], bq[j], Aq[j], h * scale, S, D)
-            if checked:  # (so that no increment converts outside int64 either)
-                check_increment(D, j, "the p increment", bits)
-            add_on_grid(P, D, buf, -1)
-            if checked:
-                check_range(P, j, "p", bits)
+            add(P, -1, j, "p")
             dequantise(P, inv, p)
             _increment(p, Kpt[j], bp[j], Ap[j], h * scale, S, D)
-            if checked:
-                check_increment(D, j, "the q increment", bits)
-            add_on_grid(Q, D, buf, 1)
-            if checked:
-                check_range(Q, j, "q", bits)
+            add(Q, 1, j, "q")
             dequantise(Q, inv, q)
             if keep is not None:
                 keep("forward", P, Q)
