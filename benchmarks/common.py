@@ -24,8 +24,8 @@ LANDED = "616986c"  # the landed commit that speed targets are measured against,
 
 
 @contextlib.contextmanager
-def landed_worktree(enabled: bool = True):
-    """The landed commit checked out in a temporary git worktree (removed afterwards), or None.
+def landed_worktree(enabled: bool = True, commit: str = LANDED):
+    """The landed commit (``commit``) checked out in a temporary git worktree (removed afterwards), or None.
     Run it as ``PYTHONPATH=<worktree>`` from the worktree itself: ``python -m`` puts the working
     directory first on sys.path, so from this checkout it would run this code (checked here)."""
     if not enabled:
@@ -33,7 +33,7 @@ def landed_worktree(enabled: bool = True):
         return
     with tempfile.TemporaryDirectory() as tmp:
         wt = Path(tmp) / "landed"
-        subprocess.run(["git", "worktree", "add", "--detach", str(wt), LANDED], cwd=ROOT, check=True,
+        subprocess.run(["git", "worktree", "add", "--detach", str(wt), commit], cwd=ROOT, check=True,
                        capture_output=True)
         try:
             found = subprocess.run([sys.executable, "-c", "import dhdnn; print(dhdnn.__file__)"], cwd=wt,

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .models.hamiltonian import AgentLayout
+from .integrator import AgentLayout
 from .topology import Topology
 
 @dataclass(frozen=True, eq=False)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .models import ARCHITECTURES, Classifier, build_model
+from .models import ARCHITECTURES, NETWORKS, build_model
 from .tasks import TASKS
 
 
@@ -34,9 +34,9 @@ class NetworkSpec:
     seed: int = 0  # initialisation (per agent with a topology, so any worker count builds the same network)
     dim: int | None = None  # state dimension of a network without a topology
     feature_index: tuple[int, ...] | None = None  # without a topology: state index of each feature
-    network: str = "state"  # state, or conv: the paper's image network (a convolution, the H-DNN per pixel)
-    channels: int = 8  # conv: channels = the per-pixel state dimension
-    image_shape: tuple[int, int, int] | None = None  # conv: (channels, rows, cols) of the input images
+    network: str = "state"  # a kind of NETWORKS: state, or conv (the paper's image network: the H-DNN per pixel)
+    channels: int = 8  # an image network's channels = the per-pixel state dimension
+    image_shape: tuple[int, int, int] | None = None  # an image network's (channels, rows, cols) of its input
 
     def __post_init__(self):
         if self.arch not in ARCHITECTURES:
@@ -47,10 +47,10 @@ class NetworkSpec:
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{k}: expected a positive integer, got {v!r}")
-        if self.network not in ("state", "conv"):
-            raise ValueError(f"network: expected state or conv, got {self.network!r}")
-        if self.network == "conv" and self.image_shape is None:
-            raise ValueError("image_shape: the conv network needs the (channels, rows, cols) of its images")
+        if self.network not in NETWORKS:
+            raise ValueError(f"network: expected one of {sorted(NETWORKS)}, got {self.network!r}")
+        if NETWORKS[self.network].needs_images and self.image_shape is None:
+            raise ValueError(f"image_shape: the {self.network} network needs the (channels, rows, cols) of its images")
         for k in ("feature_index", "image_shape"):  # lists from YAML or JSON
             if getattr(self, k) is not None:
                 object.__setattr__(self, k, tuple(getattr(self, k)))
@@ -61,7 +61,8 @@ class NetworkSpec:
         mc = cfg.model
         return cls(arch=mc.arch, layers=mc.layers, h=mc.h, n_features=n_features, n_outputs=n_outputs, task=mc.task,
                    J=mc.J, init_std=mc.init_std, seed=cfg.train.seed, dim=mc.dim, feature_index=mc.feature_index,
-                   network=mc.network, channels=mc.channels, image_shape=image_shape if mc.network == "conv" else None)
+                   network=mc.network, channels=mc.channels,
+                   image_shape=image_shape if NETWORKS[mc.network].needs_images else None)
 
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
@@ -99,45 +100,25 @@ def build_network(topology=None, spec: NetworkSpec | None = None, dtype: torch.d
 def build_with_table(spec: NetworkSpec, topology=None, dtype=None):
     """``(model, table)``: the dense network and, for a topology network, its
     :class:`~dhdnn.blocks.BlockTable` (None otherwise)."""
-    dtype = dtype or torch.get_default_dtype()
-    options = spec.options()
-    gen = torch.Generator().manual_seed(spec.seed)
-    table = None
-    if spec.network == "conv":
-        from .models.conv import ConvClassifier
-
-        torch.manual_seed(spec.seed)  # the convolution and readout initialise from torch's generator
-        body = build_model(spec.arch, spec.channels, spec.layers, spec.h, generator=gen, **options)
-        model = ConvClassifier(body, spec.image_shape, spec.n_outputs).to(dtype)
-    elif topology is None:
-        from .models.network import InputPlacement
-
-        if spec.dim is None:
-            raise ValueError("dim: a network without a topology needs its state dimension")
-        placement = InputPlacement(tuple(spec.feature_index)) if spec.feature_index is not None else None
-        body = build_model(spec.arch, spec.dim, spec.layers, spec.h, generator=gen, **options)
-        model = Classifier(body, spec.n_features, spec.n_outputs, placement).to(dtype)
-    else:
-        model, table = _topology_network(spec, topology, gen, options, dtype)
-    model.spec, model.topology = spec, topology
-    return model, table
-
-
-def _topology_network(spec: NetworkSpec, topology, gen, options, dtype):
-    from .blocks import BlockTable, init_packed, load_dense
-    from .models.hamiltonian import NotDistributable
     from .topology import dense_masks
 
-    body = build_model(spec.arch, topology.state_dim, spec.layers, spec.h,
-                       mask=dense_masks(topology, spec.arch, spec.J), generator=gen, **options)
-    model = Classifier(body, spec.n_features, spec.n_outputs, topology.placement(spec.n_features),
-                       topology.readout_state_indices()).to(dtype)
-    try:
-        layout = ARCHITECTURES[spec.arch].agent_layout(**options)
-    except NotDistributable:  # a centralised architecture, masked: no per-agent form
-        return model, None
-    table = BlockTable(topology, layout, spec.layers, spec.n_outputs)
-    load_dense(table, model, init_packed(table, spec.seed, spec.init_std, dtype))
+    dtype = dtype or torch.get_default_dtype()
+    cls, options = NETWORKS[spec.network], spec.options()
+    arch = ARCHITECTURES[spec.arch]
+    mask = dense_masks(topology, arch) if topology is not None else None
+    body = build_model(spec.arch, cls.state_dim(spec, topology), spec.layers, spec.h, mask=mask,
+                       generator=torch.Generator().manual_seed(spec.seed), **options)
+    model, table = cls.from_spec(spec, body, topology).to(dtype), None
+    if topology is not None and arch.distributable:
+        from .blocks import BlockTable, init_packed, load_dense
+        from .models import NotDistributable
+
+        try:
+            table = BlockTable(topology, arch.agent_layout(**options), spec.layers, spec.n_outputs)
+            load_dense(table, model, init_packed(table, spec.seed, spec.init_std, dtype))
+        except NotDistributable:  # (H1 with J2): masked, without a per-agent form
+            table = None
+    model.spec, model.topology = spec, topology
     return model, table
 
 

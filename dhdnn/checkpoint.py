@@ -177,6 +177,64 @@ def load_newest_readable(run_dir: Path, report: Callable[[str], None] = print) -
     return None
 
 
+# ---- the protocol: every rank saves, one completes; the newest readable one resumes --------------
+def moments_of(optimizer) -> tuple[str, ...]:
+    """The optimiser state tensors shaped like their parameter (Adam's ``exp_avg``, ``exp_avg_sq``;
+    SGD's ``momentum_buffer``; ...)."""
+    if optimizer is None:
+        return ()
+    names = set()
+    for p, st in optimizer.state.items():
+        names |= {k for k, v in st.items() if isinstance(v, Tensor) and v.shape == p.shape}
+    return tuple(sorted(names))
+
+
+def save_all(run_dir: Path, step: int, entries, optimizer, shard: int | None, is_main: bool, barrier: Callable,
+             meta: dict, moments: tuple[str, ...] | None = None) -> Path:
+    """Checkpoint ``step`` of a run on any number of ranks (collective: every rank calls it).
+    ``shard``: the shard this rank writes (None: none, a replica of another); ``is_main`` then
+    completes the checkpoint with ``meta`` once every shard is on disk."""
+    state_of = (lambda p: optimizer.state[p]) if optimizer is not None else (lambda p: {})
+    if shard is not None:
+        save_shard(run_dir, step, shard, pack(entries, state_of, moments_of(optimizer) if moments is None else moments))
+    barrier()  # every shard is on disk before the checkpoint is marked complete
+    if is_main:
+        finalize(run_dir, step, {"optimizer_step": _optimizer_step(optimizer), **meta})
+    barrier()
+    return step_dir(run_dir, step)
+
+
+def resume(run_dir: Path, entries, optimizer, check: Callable[[Path, dict], None], report=lambda m: None,
+           moments: tuple[str, ...] | None = None, upgrade: Callable[[list], list] | None = None) -> dict:
+    """Restore the newest readable checkpoint of ``run_dir`` (saved on any layout) into this rank's
+    ``entries`` and ``optimizer``'s moments (Adam's step count too); ``check(dir, meta)`` refuses
+    a checkpoint that does not fit. Returns its metadata."""
+    found = load_newest_readable(Path(run_dir), report)
+    if found is None:
+        raise CheckpointError(f"{run_dir}: no complete checkpoint to resume from")
+    d, meta, shards = found
+    check(d, meta)
+    if meta["version"] == 1 and upgrade is not None:
+        shards = upgrade(shards)
+    if moments is None:
+        moments = tuple(sorted({k for s in shards for e in s["entries"].values() for k in e["moments"]}))
+    state_of = (lambda p: optimizer.state[p]) if optimizer is not None else (lambda p: {})
+    restore(d, shards, entries, state_of, moments if optimizer is not None else ())
+    if optimizer is not None:
+        for e in entries:
+            for p in e.params:
+                if "exp_avg" in optimizer.state[p]:
+                    optimizer.state[p]["step"] = torch.tensor(float(meta.get("optimizer_step") or meta["step"]))
+    return meta
+
+
+def _optimizer_step(optimizer) -> int | None:
+    for st in (optimizer.state.values() if optimizer is not None else ()):
+        if st.get("step") is not None:
+            return int(st["step"])
+    return None
+
+
 # ---- entries <-> shard payloads -------------------------------------------------------------
 def pack(entries, state_of: Callable[[Tensor], dict], moments: tuple[str, ...]) -> dict[str, dict]:
     """One rank's entries as a shard payload: values and optimiser moments, block-indexed."""

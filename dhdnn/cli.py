@@ -127,13 +127,19 @@ def _partition_inputs(args):
     from .config import ConfigError, load_config, read_yaml
     from .topology import load_topology
 
+    from .distributed.mesh import LayoutError, check_layout
+
     raw = read_yaml(args.file)
     if isinstance(raw, dict) and ({"model", "run", "train", "data"} & set(raw) or "topology" in raw):
         cfg = load_config(args.file, args.overrides)
         if cfg.topology is None:
             raise ConfigError(f"{args.file}: key 'topology': the run config has no topology to partition")
-        workers = args.workers or cfg.run.workers // cfg.run.replicas
-        return (load_topology(cfg.topology), workers, args.batch or -(-cfg.train.batch_size // cfg.run.replicas),
+        topo = load_topology(cfg.topology)
+        try:  # (replicas auto: the layout with the most agent partitions; training measures and may pick another)
+            dims = check_layout(cfg.run.workers, cfg.run.replicas, topo, cfg.train.batch_size)
+        except LayoutError as e:
+            raise ConfigError(f"{args.file}: key '{e.key}': {e.reason}") from None
+        return (topo, args.workers or dims.agents, args.batch or -(-cfg.train.batch_size // dims.replicas),
                 args.layers or cfg.model.layers, args.arch or cfg.model.arch, args.dtype or cfg.run.dtype,
                 args.backprop or cfg.run.backprop)
     if not args.workers:
@@ -183,6 +189,22 @@ def cmd_partition(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    from .config import load_config
+    from .topology import load_topology
+    from .verify import verify
+
+    cfg = load_config(args.config, args.overrides)
+    workers = args.workers
+    if workers is None:  # 2, 3 and 4 workers where the agents and replicas allow
+        n = load_topology(cfg.topology).n_agents if cfg.topology is not None else 0
+        workers = [w for w in (2, 3, 4) if w % args.replicas == 0 and w // args.replicas <= n] or [args.replicas]
+    log = None if args.json else (lambda m: print(f"dhdnn verify: {m}", file=sys.stderr, flush=True))
+    report = verify(cfg, workers, args.steps, args.replicas, log)
+    print(json.dumps(report.to_dict()) if args.json else report.table())
+    return 0 if report.ok else 1
+
+
 def cmd_export(args) -> int:
     from .export import dense_model_of_run, export_model, trainable_parameters
 
@@ -229,6 +251,7 @@ def cmd_evaluate(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .models import ARCHITECTURES
 
     ap = argparse.ArgumentParser(prog="dhdnn", description="Sparse Hamiltonian deep neural networks, "
                                  "trained with neighbour-only messages across processes.")
@@ -250,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("analyze", help="backward sensitivity norms and symplecticity of a random network")
-    p.add_argument("--arch", default="H2")
+    p.add_argument("--arch", default="H2", choices=sorted(ARCHITECTURES))
     p.add_argument("--layers", type=int, default=512)
     p.add_argument("--dim", type=int, default=8)
     p.add_argument("--h", type=float, default=0.1)
@@ -262,6 +285,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=256, help="(--backprop reversible)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("verify", help="prove a run config's locality and exactness: its network sharded on 2, 3, "
+                                      "4 workers against one process, every message traced")
+    p.add_argument("config", help="run config file (with a topology)")
+    p.add_argument("--workers", type=int, nargs="+", help="worker counts (default: 2 3 4, where the agents allow)")
+    p.add_argument("--steps", type=int, default=2, help="training steps in float64 (default 2)")
+    p.add_argument("--replicas", type=int, default=1, help="data-parallel replicas on every worker count (default 1)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override keys of the run config")
+    p.add_argument("--json", action="store_true", help="machine-readable report")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("export", help="write a run's network as one dense, partition-free file")
     p.add_argument("run_dir")
@@ -290,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["auto", "metis", "bisection", "exact"], default="auto")
     p.add_argument("--batch", type=int, help="batch size per replica for the byte figures (default 125)")
     p.add_argument("--layers", type=int, help="layers (default 64)")
-    p.add_argument("--arch", choices=["H1", "H2"], help="architecture (default H2)")
+    p.add_argument("--arch", choices=[a for a, c in ARCHITECTURES.items() if c.distributable],
+                   help="architecture (default H2)")
     p.add_argument("--dtype", choices=["float32", "float64"])
     p.add_argument("--backprop", choices=["autograd", "reversible"])
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",

@@ -63,9 +63,6 @@ def _choice(key, v, options):
     _expect(v in options, key, f"one of {list(options)}", v)
 
 
-ARCH_NAMES = ("H1", "H2", "MS1", "MS2", "MS3", "ResNet", "MLP")
-
-
 @dataclass
 class ModelConfig:
     arch: str = "H2"
@@ -80,9 +77,12 @@ class ModelConfig:
     task: str = "classify"  # classify (cross-entropy, accuracy) or regress (mean squared error on real targets)
 
     def __post_init__(self):
-        _choice("arch", self.arch, ARCH_NAMES)
-        _choice("task", self.task, ("classify", "regress"))
-        _choice("network", self.network, ("state", "conv"))
+        from .models import ARCHITECTURES, NETWORKS
+        from .tasks import TASKS
+
+        _choice("arch", self.arch, list(ARCHITECTURES))
+        _choice("task", self.task, list(TASKS))
+        _choice("network", self.network, list(NETWORKS))
         _pos_int("channels", self.channels)
         _pos_int("dim", self.dim)
         _pos_int("layers", self.layers)
@@ -209,14 +209,16 @@ class RunConfig:
         _choice("backend", self.backend, ("auto", "gloo", "nccl"))
         _pos("timeout_s", self.timeout_s)
         _choice("readout", self.readout, ("tree", "allreduce"))
-        _choice("local_kernel", self.local_kernel, ("auto", "blocks", "dense", "diagonal"))
+        from .integrator import CARRIERS, KERNELS
+
+        _choice("local_kernel", self.local_kernel, ["auto", *KERNELS])
         _expect(isinstance(self.trace, bool), "trace", "true or false", self.trace)
         _pos_int("threads", self.threads)
         _expect(self.replicas == "auto" or (isinstance(self.replicas, int) and not isinstance(self.replicas, bool)
                                             and self.replicas > 0), "replicas", "a positive integer or 'auto'",
                 self.replicas)
         _choice("backprop", self.backprop, ("autograd", "reversible"))
-        _choice("reversible_state", self.reversible_state, ("fixed", "float"))
+        _choice("reversible_state", self.reversible_state, CARRIERS)
         _expect(self.reversible_anchor_every == "auto" or (
             isinstance(self.reversible_anchor_every, int) and not isinstance(self.reversible_anchor_every, bool)
             and self.reversible_anchor_every >= 0), "reversible_anchor_every", "an integer >= 0 or auto",

@@ -110,6 +110,13 @@ class Engine:
         """Release what the engine holds (trace files, ...)."""
 
 
+def param_groups(params, readout, weight_decay: float) -> list[dict]:
+    """Optimiser groups: weight decay on the readout only (the classifier), none on the H-DNN."""
+    wd = {id(p) for p in readout}
+    return [{"params": [p for p in params if id(p) not in wd], "weight_decay": 0.0},
+            {"params": list(readout), "weight_decay": weight_decay}]
+
+
 def eval_chunk(bytes_per_sample: int) -> int:
     """Samples per evaluation chunk so that a chunk's activations stay within ``EVAL_BYTES``."""
     return max(1, EVAL_BYTES // max(1, bytes_per_sample))
@@ -125,10 +132,7 @@ class DenseEngine(Engine):
         self._alpha = 0.0
 
     def optimizer_groups(self, weight_decay):
-        wd = {id(p) for p in self.model.readout_parameters()}
-        rest = [p for p in self.model.parameters() if id(p) not in wd]
-        return [{"params": rest, "weight_decay": 0.0},
-                {"params": self.model.readout_parameters(), "weight_decay": weight_decay}]
+        return param_groups(self.model.parameters(), self.model.readout_parameters(), weight_decay)
 
     def objective(self, x, y, alpha, record=False):
         m = self.model
@@ -160,7 +164,7 @@ class DenseEngine(Engine):
         return drift
 
     def set_anchor_every(self, k):
-        self.model.body.anchor_every = k
+        self.model.body.set_anchor_every(k)
 
     @torch.no_grad()
     def eval_stats(self, x, y):

@@ -14,10 +14,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from .models import Classifier, build_model
-from .models.conv import ConvClassifier
-from .models.hamiltonian import ARCHITECTURES
-from .models.network import Embedding, InputPlacement
+from .models import ARCHITECTURES, NETWORKS, Classifier, build_model
 
 FORMAT, VERSION = "dhdnn-export", 1
 
@@ -91,14 +88,7 @@ def export_model(model, out: str | Path, cfg=None) -> Path:
         "topology": None,
     }
     topo = getattr(model, "topology", None)
-    if isinstance(model, ConvClassifier):
-        payload.update(network="conv", image_shape=list(model.image_shape))
-    else:
-        pl = model.placement
-        payload.update(network="state", readout_states=model.readout_idx.tolist(),
-                       placement={"feature_index": list(pl.feature_index), "features": list(pl.features),
-                                  "embeddings": [{"features": list(e.features), "states": list(e.states)}
-                                                 for e in pl.embeddings]})
+    payload.update(network=model.kind, **model.export_fields())
     if topo is not None:
         from .topology import topology_to_dict
 
@@ -143,14 +133,11 @@ def model_from_export(d: dict, path: str | Path = "<export>") -> Classifier:
     if "body.X" in sd:
         opts["X"] = sd["body.X"]
     body = build_model(d["arch"], d["dim"], d["layers"], d["h"], mask=masks or None, **opts)
-    if d.get("network") == "conv":
-        model, readout = ConvClassifier(body, tuple(d["image_shape"]), d["n_classes"]), "linear.weight"
-    else:
-        pl = d["placement"]
-        placement = InputPlacement(tuple(pl["feature_index"]), tuple(pl["features"]),
-                                   tuple(Embedding(tuple(e["features"]), tuple(e["states"])) for e in pl["embeddings"]))
-        model, readout = Classifier(body, d["n_features"], d["n_classes"], placement, tuple(d["readout_states"])), "W"
-    model = model.to(sd[readout].dtype)
+    kind = d.get("network", "state")
+    if kind not in NETWORKS:
+        raise ValueError(f"{path}: key 'network': unknown network {kind!r}; expected one of {sorted(NETWORKS)}")
+    model = NETWORKS[kind].from_export(d, body)
+    model = model.to(next(v for v in sd.values() if v.is_floating_point()).dtype)
     model.load_state_dict(sd)
     from .build import NetworkSpec
     from .topology import topology_from_dict

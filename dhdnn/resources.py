@@ -72,9 +72,10 @@ def estimate(cfg, topo, n_features: int, n_classes: int, n_samples: int, agents:
         kept = 6 * nf * E if reversible else nf * (L + 1) * E + L * nhs * F
         acts = (kept + 6 * E) * B * w  # + the backward's scratch fields
     else:
-        dim = topo.state_dim if topo is not None else mc.dim
-        if mc.network == "conv":  # every pixel is a state of the H-DNN
-            dim, B = mc.channels, B * n_features
+        from .models import NETWORKS
+
+        net = NETWORKS[mc.network]  # (an image network: every pixel is a state of the H-DNN)
+        dim, B = net.state_dim(mc, topo), B * net.states_per_sample(n_features)
         shapes = {"n": dim, "m": dim // 2}
         params = sum(L * math.prod(shapes[s] for s in shape) for shape in cls.param_shapes.values()) * w
         if topo is not None:

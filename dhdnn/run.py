@@ -54,7 +54,9 @@ def engine_kind(cfg: Config, topo, torchrun: bool) -> str:
         return "replicated" if parallel else "dense"
     if not parallel:
         return "dense"
-    return "sharded" if topo is not None and cfg.model.network != "conv" else "replicated"
+    from .models import NETWORKS
+
+    return "sharded" if topo is not None and NETWORKS[cfg.model.network].has_agents else "replicated"
 
 
 def validate(cfg: Config, world: int | None = None, local_world: int | None = None) -> Setup:
@@ -75,21 +77,24 @@ def validate(cfg: Config, world: int | None = None, local_world: int | None = No
 
 
 def _check_network(cfg: Config, data, topo, kind: str) -> None:
-    if cfg.model.network != "conv":
-        return
-    if data.image_shape is None:
-        raise ConfigError(f"{cfg.source}: key 'model.network': conv needs an image dataset (digits, mnist, "
-                          f"fashion_mnist, or image arrays), got {data.name}")
-    if topo is not None or kind == "sharded":
-        raise ConfigError(f"{cfg.source}: key 'model.network': the conv network has no agents; expected no topology "
-                          "and run.engine auto or dense (on workers it runs as data-parallel replicas; "
-                          "patches as agents: a topology with embeddings)")
+    from .models import NETWORKS
+
+    net = NETWORKS[cfg.model.network]
+    if net.needs_images and data.image_shape is None:
+        raise ConfigError(f"{cfg.source}: key 'model.network': {cfg.model.network} needs an image dataset (digits, "
+                          f"mnist, fashion_mnist, or image arrays), got {data.name}")
+    if not net.has_agents and (topo is not None or kind == "sharded"):
+        raise ConfigError(f"{cfg.source}: key 'model.network': the {cfg.model.network} network has no agents; "
+                          "expected no topology and run.engine auto or dense (on workers it runs as data-parallel "
+                          "replicas; patches as agents: a topology with embeddings)")
 
 
 def _check_features(cfg: Config, data, topo) -> None:
     """The data's features are the ones the network reads: every feature is placed somewhere."""
+    from .models import NETWORKS
+
     where = f"{data.source or cfg.source}: key 'x_train'"
-    if cfg.model.network == "conv":
+    if NETWORKS[cfg.model.network].needs_images:  # it reads whole images
         return
     if topo is not None:
         topo.input_feeds(data.n_features)  # features the topology names must exist (TopologyError)
@@ -118,29 +123,17 @@ def _few(xs: list) -> str:
 
 def _check_replicated(cfg: Config, topo, world: int):
     """The dense network on every worker: as many replicas as workers, a sample for each."""
-    from .distributed.mesh import ParallelDims
-
-    src = cfg.source
     _check_backprop(cfg)
-    if cfg.run.replicas not in (1, "auto", world):
-        raise ConfigError(f"{src}: key 'run.replicas': the dense network runs one copy per worker; expected 1, auto "
-                          f"or {world}, got {cfg.run.replicas}")
     if cfg.train.grad_norm_every:
-        raise ConfigError(f"{src}: key 'train.grad_norm_every': expected 0 on workers (per-layer gradient norms "
-                          "are recorded in one process)")
-    if cfg.train.batch_size < world:
-        raise ConfigError(f"{src}: key 'train.batch_size': {cfg.train.batch_size} samples cannot be split over "
-                          f"{world} workers; expected at least one sample per worker")
-    return ParallelDims(world, world)
+        raise ConfigError(f"{cfg.source}: key 'train.grad_norm_every': expected 0 on workers (per-layer gradient "
+                          "norms are recorded in one process)")
+    return _layout(cfg, world, world if cfg.run.replicas in (1, "auto") else cfg.run.replicas)
 
 
 def _check_sharded(cfg: Config, topo, world: int):
     """What the sharded engine needs: a topology, a distributable architecture, a layout of the
     workers that fits the agents and the batch. Returns the layout (ParallelDims)."""
-    from .distributed.mesh import ParallelDims
-    from .models import ARCHITECTURES
-    from .models.hamiltonian import NotDistributable
-    from .partition import check_workers
+    from .models import ARCHITECTURES, NotDistributable
 
     src, mc, rc = cfg.source, cfg.model, cfg.run
     if topo is None:
@@ -154,23 +147,17 @@ def _check_sharded(cfg: Config, topo, world: int):
                           "(per-layer gradient norms are recorded by the dense engine)")
     if rc.backprop == "reversible" and not layout.invertible:
         raise ConfigError(f"{src}: key 'run.backprop': {mc.arch} layers cannot be inverted exactly; expected autograd")
-    if rc.replicas == "auto":
-        from .distributed.autolayout import candidates
+    return _layout(cfg, world, rc.replicas, topo)
 
-        layouts = candidates(world, topo.n_agents, cfg.train.batch_size)
-        if not layouts:
-            raise ConfigError(f"{src}: key 'run.replicas': no layout of {world} workers fits {topo.n_agents} "
-                              f"agents and batch {cfg.train.batch_size}")
-        return ParallelDims(world, layouts[0][1])  # the largest agent split: the memory bound
+
+def _layout(cfg: Config, world: int, replicas, topo=None):
+    """:func:`~dhdnn.distributed.mesh.check_layout`, its error in the config's coordinates."""
+    from .distributed.mesh import LayoutError, check_layout
+
     try:
-        dims = ParallelDims(world, rc.replicas)
-    except ValueError as e:
-        raise ConfigError(f"{src}: key 'run.replicas': {str(e).split(': ', 1)[1]}") from None
-    check_workers(topo, dims.agents)
-    if cfg.train.batch_size < dims.replicas:
-        raise ConfigError(f"{src}: key 'train.batch_size': {cfg.train.batch_size} samples cannot be split "
-                          f"over {dims.replicas} replicas; expected at least one sample per replica")
-    return dims
+        return check_layout(world, replicas, topo, cfg.train.batch_size)
+    except LayoutError as e:
+        raise ConfigError(f"{cfg.source}: key '{e.key}': {e.reason}") from None
 
 
 def _check_backprop(cfg: Config) -> None:
@@ -182,12 +169,10 @@ def _check_backprop(cfg: Config) -> None:
 
 
 def _check_dense(cfg: Config):
-    from .distributed.mesh import ParallelDims
-
     _check_backprop(cfg)
     if cfg.run.replicas != 1:
         raise ConfigError(f"{cfg.source}: key 'run.replicas': expected 1 with the dense engine (one process)")
-    return ParallelDims(1)
+    return _layout(cfg, 1, 1)
 
 
 def _check_resources(cfg: Config, topo, data, dims, sharded: bool, here: int) -> None:
@@ -321,13 +306,13 @@ def _replicated_worker(rank, world, cfg, data, topo, device, resume, fault):
     from .distributed.mesh import ParallelDims, make_groups
     from .distributed.replicated import ReplicatedEngine
 
-    groups = make_groups(ParallelDims(world, 1), rank, device)  # one group: the workers are the replicas
+    groups = make_groups(ParallelDims(world, world), rank, device)  # the workers are the replicas
     model, table = build_classifier(cfg, data.n_features, data.n_outputs, topo, DTYPES[cfg.run.dtype],
                                     data.image_shape)
     model = model.to(device)
     rc = cfg.run
     model.body.set_backprop(rc.backprop, rc.anchors, rc.reversible_state, rc.reversible_fraction_bits)
-    tracer = Tracer(rank, Path(cfg.run.out_dir) / f"trace-rank{rank}.jsonl") if cfg.run.trace else None
+    tracer = Tracer.for_rank(cfg.run.out_dir, groups) if cfg.run.trace else None
     engine = ReplicatedEngine(model, groups, device, table, cfg.model.task, tracer, fault)
     _quiet_gloo()
     fingerprint = topo.fingerprint if topo is not None else None

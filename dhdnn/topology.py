@@ -296,20 +296,17 @@ def describe_change(old: Topology, new: Topology) -> str:
 
 
 # ---- masks for the dense model -------------------------------------------------------------
-def dense_masks(topo: Topology, arch: str, J: str = "J1") -> dict[str, torch.Tensor] | torch.Tensor:
-    """Masks giving the dense masked network of ``topo`` for ``build_model``.
+def dense_masks(topo: Topology, arch) -> dict[str, torch.Tensor]:
+    """Masks giving the dense masked network of ``topo`` for ``build_model``, by mask key.
 
-    ``(m, m)``-shaped weights take the agent block mask; ``(n, n)``-shaped ones (H1, MS2,
-    ResNet, MLP) couple ``p^[i], q^[i]`` with ``p^[k], q^[k]`` of neighbours only.
+    ``arch``: an architecture class (or its name). Weights shaped ``(m, m)`` take the agent block
+    mask; ``(n, n)``-shaped ones couple ``p^[i], q^[i]`` with ``p^[k], q^[k]`` of neighbours only.
     """
+    from .models import ARCHITECTURES
+
+    cls = ARCHITECTURES[arch] if isinstance(arch, str) else arch
     A = topo.block_mask()
-    if arch == "H2":
-        return {"K_p": A, "K_q": A}
-    if arch == "MS1":
-        return A
-    if arch == "MS3":
-        return {"K1": A, "K2": A}
-    return A.repeat(2, 2)
+    return {key: A if cls.param_shapes[p] == ("m", "m") else A.repeat(2, 2) for p, key in cls.masked.items()}
 
 
 # ---- generators ----------------------------------------------------------------------------

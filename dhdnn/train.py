@@ -50,14 +50,16 @@ def load_data(cfg: Config) -> Dataset:
     return ds.to(DTYPES[cfg.run.dtype])
 
 
-def adam(groups, lr: float) -> torch.optim.Adam:
-    """Adam with its fused kernel (one pass over each parameter: 6x faster than the multi-tensor
-    path over the 10 M parameters of a 4,096-agent grid here), or multi-tensor where a torch
-    build has no fused CPU kernel."""
+def make_optimizer(groups, tc) -> torch.optim.Optimizer:
+    """The run's optimiser (``train.optimizer``, ``train.lr``): Adam with its fused kernel (one
+    pass over each parameter: 6x faster than the multi-tensor path over the 10 M parameters of a
+    4,096-agent grid here; multi-tensor where a torch build has none), or SGD with momentum 0.9."""
+    if tc.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=tc.lr, momentum=0.9, foreach=True)
     try:
-        return torch.optim.Adam(groups, lr=lr, fused=True)
+        return torch.optim.Adam(groups, lr=tc.lr, fused=True)
     except (RuntimeError, TypeError):
-        return torch.optim.Adam(groups, lr=lr, foreach=True)
+        return torch.optim.Adam(groups, lr=tc.lr, foreach=True)
 
 
 def finite_json(record: dict) -> str:
@@ -78,15 +80,12 @@ class Trainer:
                        "checkpoint_load_seconds": None}
         self.out = Path(cfg.run.out_dir)
         self.fingerprint = fingerprint  # the topology's content hash (None: no topology)
-        self.log = log or (lambda msg: None)  # the run directory reports skipped checkpoints
         tc = cfg.train
         groups = engine.optimizer_groups(tc.weight_decay)
-        if tc.optimizer == "adam":
-            self.opt = adam(groups, tc.lr)
-        else:
-            self.opt = torch.optim.SGD(groups, lr=tc.lr, momentum=0.9, foreach=True)
+        self.opt = make_optimizer(groups, tc)
         self.params = [p for g in groups for p in g["params"]]
         self.epoch, self.step = 0, 0
+        self.log = log or (lambda msg: None)  # the run directory reports skipped checkpoints
         if resume:
             self._resume(dense_to_packed)
 
@@ -94,40 +93,21 @@ class Trainer:
     def _moments(self) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq") if self.cfg.train.optimizer == "adam" else ("momentum_buffer",)
 
-    def _state_of(self, p):
-        return self.opt.state[p]
-
     def save(self) -> None:
         t0 = time.perf_counter()
         eng = self.engine
-        if eng.shard_rank is not None:
-            ckpt.save_shard(self.out, self.step, eng.shard_rank, ckpt.pack(eng.entries(), self._state_of,
-                                                                            self._moments()))
-        eng.barrier()  # every shard is on disk before the checkpoint is marked complete
-        if eng.is_main:
-            spec = getattr(eng, "spec", None)  # what defines the network: exports need no data
-            ckpt.finalize(self.out, self.step, {"epoch": self.epoch, "shards": eng.shard_count,
-                                                "optimizer_step": self.step, "topology": self.fingerprint,
-                                                "config": self.cfg.to_dict(),
-                                                **({"network": spec.to_dict()} if spec is not None else {})})
-        eng.barrier()
+        spec = getattr(eng, "spec", None)  # what defines the network: exports need no data
+        ckpt.save_all(self.out, self.step, eng.entries(), self.opt, eng.shard_rank, eng.is_main, eng.barrier,
+                      {"epoch": self.epoch, "shards": eng.shard_count, "topology": self.fingerprint,
+                       "config": self.cfg.to_dict(), **({"network": spec.to_dict()} if spec is not None else {})},
+                      self._moments())
         self.timing["checkpoint_save_seconds"].append(time.perf_counter() - t0)
 
     def _resume(self, dense_to_packed) -> None:
         t0 = time.perf_counter()
-        found = ckpt.load_newest_readable(self.out, self.log)
-        if found is None:
-            raise ckpt.CheckpointError(f"{self.out}: --resume given but no complete checkpoint found")
-        d, meta, shards = found
-        self._check_compatible(d, meta)
-        if meta["version"] == 1:
-            table = getattr(self.engine, "table", None)
-            shards = ckpt.upgrade_v1(shards, table, dense_to_packed)
-        ckpt.restore(d, shards, self.engine.entries(), self._state_of, self._moments())
-        if self.cfg.train.optimizer == "adam":
-            for p in self.params:
-                if "exp_avg" in self.opt.state[p]:
-                    self.opt.state[p]["step"] = torch.tensor(float(meta.get("optimizer_step", meta["step"])))
+        table = getattr(self.engine, "table", None)
+        meta = ckpt.resume(self.out, self.engine.entries(), self.opt, self._check_compatible, self.log,
+                           self._moments(), lambda shards: ckpt.upgrade_v1(shards, table, dense_to_packed))
         self.epoch, self.step = int(meta["epoch"]), int(meta["step"])
         if self.engine.is_main:
             self._truncate_logs()

@@ -43,14 +43,22 @@ def test_fused_adjoint_matches_autograd_through_step(arch, opts, f64):
 
 
 def test_fused_gradcheck(f64):
-    from dhdnn.models._fused import H1Stack, H2Stack
+    """The integrator's hand-written adjoint, on assembled matrices with K and A apart (H1: one
+    field, A = K J^T; H2: two fields), against finite differences."""
+    from dhdnn.integrator import Integrate, MatrixKernel, Plan, Workspace, local_maps
 
     torch.manual_seed(1)
     L, m = 3, 2
     t = lambda *s: torch.randn(*s, requires_grad=True)  # noqa: E731
-    assert torch.autograd.gradcheck(lambda y, K, A, b: H1Stack.apply(y, K, A, b, 0.2), (t(3, 4), t(L, 4, 4), t(L, 4, 4), t(L, 4)))
-    assert torch.autograd.gradcheck(lambda y, Kp, Ap, Kq, Aq, bp, bq: H2Stack.apply(y, Kp, Ap, Kq, Aq, bp, bq, 0.2),
-                                     (t(3, 2 * m), t(L, m, m), t(L, m, m), t(L, m, m), t(L, m, m), t(L, m), t(L, m)))
+    for arch, width in (("H1", 2 * m), ("H2", m)):
+        layout = ARCHITECTURES[arch].layout
+        kernels = [MatrixKernel(None, width, width, L, shared=False) for _ in layout.half_steps]
+        # (no buffers kept between passes: gradcheck runs backward again after other forwards)
+        plan = Plan(layout, 0.2, L, width, width, kernels, local_maps(layout), [2] * len(kernels), ws=Workspace(0))
+        nf = len(layout.fields)
+        params = [x for _ in layout.half_steps for x in (t(L, width, width), t(L, width, width), t(L, width))]
+        assert torch.autograd.gradcheck(lambda *a: Integrate.apply(plan, nf, *a), (*[t(width, 3) for _ in range(nf)],
+                                                                                  *params))
 
 
 def test_h2_step_is_the_design_formula(f64):
@@ -200,9 +208,9 @@ def test_inverse_step_undoes_a_layer_and_drift_is_measured(f64):
 @pytest.mark.parametrize("masked", [False, True])
 def test_in_place_regulariser_gradient_equals_autograd(masked, f64, monkeypatch):
     """The regulariser's gradient added after backward (chunk by chunk, no graph) is autograd's."""
-    from dhdnn.models import _fused
+    from dhdnn.models import regularizer
 
-    monkeypatch.setattr(_fused, "SMOOTH_CHUNK", 3)  # several chunks, with overlaps at their ends
+    monkeypatch.setattr(regularizer, "SMOOTH_CHUNK", 3)  # several chunks, with overlaps at their ends
     torch.manual_seed(0)
     mask = (torch.rand(4, 4) > 0.4) | torch.eye(4, dtype=torch.bool) if masked else None
     m = build_model("H2", 8, 11, 0.3, mask=mask)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dhdnn.models import build_model
-from dhdnn.models._fused import FRACTION_BITS, FixedPointOverflow
+from dhdnn.integrator import FRACTION_BITS, FixedPointOverflow
 
 RELATIVE = {torch.float64: 1e-12, torch.float32: 1e-5}
 
@@ -54,7 +54,8 @@ def test_every_rebuilt_state_is_the_forward_state_at_depth_4096(dtype):
     y = torch.randn(16, 16, dtype=dtype)
     got = grads(model, y)
     fwd, back = model.certificate.states["forward"], model.certificate.states["rebuilt"]
-    assert len(fwd) == len(back) == 4096 and model.certificate.checked == 1  # the input, compared too
+    # a state after every half-step (2 per layer), the input compared too
+    assert len(fwd) == len(back) == 2 * 4096 and model.certificate.checked == 1
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(fwd, reversed(back)))
     # the gradient is the adjoint of this fixed-point forward
     ref = grads(model, y, lambda m, yy: fixed_point_autograd(m, yy, FRACTION_BITS[dtype]))
@@ -66,10 +67,10 @@ def test_the_float64_carrier_holds_the_same_integers_as_int64(dtype, layers, mon
     """Where the weights bound every state below 2^53 grid units the integers are carried in
     float64: states, output and gradients bit for bit those of the int64 carrier (float64 runs
     have 48 fraction bits, so only small states and few layers fit under 2^53 there)."""
-    from dhdnn.models import _fused
+    from dhdnn.integrator import carriers
 
     def run(carrier_limit):
-        monkeypatch.setattr(_fused, "FLOAT_CARRIER_BELOW", carrier_limit)
+        monkeypatch.setattr(carriers, "FLOAT_CARRIER_BELOW", carrier_limit)
         torch.manual_seed(0)
         model = build_model("H2", 8, layers, 0.05, init_std=0.5).to(dtype)
         model.set_backprop("reversible", state="fixed")

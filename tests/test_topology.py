@@ -51,7 +51,7 @@ def test_paper_ring_inputs_and_exact_sparsity():
 
 def test_h1_mask_couples_p_and_q_of_neighbours_only():
     topo = load_topology("topologies/line8.yaml")
-    mask = dense_masks(topo, "H1")
+    mask = dense_masks(topo, "H1")["K"]
     off = topo.offsets
     m = topo.half_dim
     # agent 0 (rows p^[0]) touches q^[1] (neighbour) but not q^[2]

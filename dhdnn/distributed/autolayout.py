@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from .mesh import candidates
+
 NEIGHBOUR_PATH_FACTOR = 1.6  # measured here: per-half-step overhead of the overlapped path / the short path
 
 
@@ -33,12 +35,6 @@ class Layout:
     replicas: int
     predicted_step_s: float
     candidates: dict = field(default_factory=dict)  # "PxR" -> predicted seconds per step
-
-
-def candidates(world: int, n_agents: int, batch: int) -> list[tuple[int, int]]:
-    """Every (P, R) with P x R = world, P <= agents and at least one sample per replica."""
-    return [(world // r, r) for r in range(1, world + 1)
-            if world % r == 0 and world // r <= n_agents and batch >= r]
 
 
 def _exchange_time(rounds: int = 40) -> float:

@@ -22,8 +22,9 @@ and back down a spanning tree of neighbour ranks; the backward averages the rank
 gradients the same way, so the same loss on every rank gives exactly one process's
 gradient). With replicas (a ``("replica", "agent")`` mesh) each replica takes its slice of
 the global batch and gradients are averaged over the replica group when the backward ends,
-as DistributedDataParallel does. The setup is the CLI engine's own
-(:func:`~dhdnn.distributed.network.build_shard`).
+as DistributedDataParallel does. The CLI's sharded engine is a client of the same object
+(:func:`~dhdnn.distributed.network.build_shard`, :class:`DistributedNetwork`): one setup, one
+step preamble, one replica slice, one gradient reducer and one checkpoint protocol.
 """
 from __future__ import annotations
 
@@ -36,10 +37,11 @@ from torch import Tensor, nn
 
 from .. import checkpoint as ckpt
 from ..build import NetworkSpec
+from ..engine import param_groups
 from .exchange import Tracer
-from .mesh import Groups, ParallelDims, make_groups
+from .mesh import Groups, check_layout, make_groups
 from .network import ShardedNet, build_shard
-from .replicas import GradReducer
+from .replicas import GradReducer, begin_step
 
 
 def distribute(model: nn.Module, topology=None, *, mesh=None, replicas: int = 1, assignment=None,
@@ -61,11 +63,8 @@ def distribute(model: nn.Module, topology=None, *, mesh=None, replicas: int = 1,
     spec, topology = spec_of(model, topology)
     dtype = next(model.parameters()).dtype
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    groups = _groups(mesh, replicas, device)
-    tracer = None
-    if trace is not None:
-        Path(trace).mkdir(parents=True, exist_ok=True)
-        tracer = Tracer(groups.rank, Path(trace) / f"trace-rank{groups.rank}.jsonl", groups.to_global)
+    groups = _groups(mesh, replicas, device, topology)
+    tracer = Tracer.for_rank(trace, groups) if trace is not None else None
     net = build_shard(spec, topology, groups, dtype=dtype, device=str(device), assignment=assignment,
                       partition_method=partition_method, readout=readout, tracer=tracer, local_kernel=local_kernel,
                       backprop=backprop, anchor_every=anchor_every, logits_everywhere=True)
@@ -76,7 +75,7 @@ def distribute(model: nn.Module, topology=None, *, mesh=None, replicas: int = 1,
 def spec_of(model: nn.Module, topology=None) -> tuple[NetworkSpec, object]:
     """The :class:`NetworkSpec` and topology of a dense topology network; a model not built by
     dhdnn is checked against the topology (architecture, masks, input placement, readout)."""
-    from ..models import Classifier
+    from ..models import NETWORKS, Classifier
 
     spec, own = getattr(model, "spec", None), getattr(model, "topology", None)
     topology = topology if topology is not None else own
@@ -85,9 +84,9 @@ def spec_of(model: nn.Module, topology=None) -> tuple[NetworkSpec, object]:
     if own is not None and own.fingerprint != topology.fingerprint:
         raise ValueError("topology: differs from the one the model was built on")
     if spec is not None:
-        if spec.network != "state":
-            raise ValueError("model: the conv network has no agents to distribute; run it as data-parallel "
-                             "replicas (dhdnn train with workers) instead")
+        if not NETWORKS[spec.network].has_agents:
+            raise ValueError(f"model: the {spec.network} network has no agents to distribute; run it as "
+                             "data-parallel replicas (dhdnn train with workers) instead")
         return spec, topology
     if not isinstance(model, Classifier):
         raise ValueError(f"model: expected a dhdnn network (dhdnn.build_network), got {type(model).__name__}")
@@ -106,9 +105,9 @@ def _check_matches(model, spec: NetworkSpec, topo) -> None:
         raise ValueError(f"model: state dimension {body.dim}, the topology's is {topo.state_dim}")
     if getattr(body, "X_is_identity", True) is False:
         raise ValueError("model: H2 with X other than the identity has no agent-local form; expected X = I")
-    masks = dense_masks(topo, spec.arch, spec.J)
+    masks = dense_masks(topo, spec.arch)
     for name, key in body.masked.items():
-        want = masks[key] if isinstance(masks, dict) else masks
+        want = masks[key]
         got = getattr(body, f"mask_{name}", None)
         if got is None or not torch.equal(got.cpu(), want):
             raise ValueError(f"model: body.{name} is not masked by the topology's agent graph")
@@ -117,17 +116,17 @@ def _check_matches(model, spec: NetworkSpec, topo) -> None:
         raise ValueError("model: its input placement or readout differs from the topology's inputs and readout")
 
 
-def _groups(mesh, replicas: int, device) -> Groups:
+def _groups(mesh, replicas: int, device, topology) -> Groups:
     rank, world = dist.get_rank(), dist.get_world_size()
     if mesh is None:
-        return make_groups(ParallelDims(world, replicas), rank, str(device))
+        return make_groups(check_layout(world, replicas, topology), rank, str(device))
     names = tuple(mesh.mesh_dim_names or ())
     if names == ("agent",):
-        dims = ParallelDims(world, 1)
+        dims = check_layout(world, 1, topology)
         return Groups(dims, rank, mesh.get_group("agent"), None, mesh)
     if names != ("replica", "agent"):
         raise ValueError(f"mesh: expected dimensions named ('replica', 'agent') or ('agent',), got {names}")
-    dims = ParallelDims(world, mesh.size(0))
+    dims = check_layout(world, mesh.size(0), topology)
     if not torch.equal(mesh.mesh.cpu().reshape(-1), torch.arange(world)):
         raise ValueError("mesh: expected the ranks in row-major order (rank = replica * agents + agent)")
     return Groups(dims, rank, mesh.get_group("agent"), mesh.get_group("replica"), mesh)
@@ -145,51 +144,35 @@ def _copy_weights(model: nn.Module, net: ShardedNet) -> None:
         e.put(list(e.params), full.index_select(c.block_axis, e.ids.to(full.device)).to(e.params[0].dtype))
 
 
-def _moments(optimizer) -> tuple[tuple[str, ...], callable]:
-    """The optimiser state tensors shaped like their parameter (Adam's ``exp_avg``, ``exp_avg_sq``;
-    SGD's ``momentum_buffer``; ...) and how to reach a parameter's state."""
-    if optimizer is None:
-        return (), lambda p: {}
-    names = set()
-    for p, st in optimizer.state.items():
-        names |= {k for k, v in st.items() if isinstance(v, Tensor) and v.shape == p.shape}
-    return tuple(sorted(names)), lambda p: optimizer.state[p]
-
-
 class DistributedNetwork(nn.Module):
     """This rank's share of a topology network (see the module docstring)."""
 
     def __init__(self, net: ShardedNet, groups: Groups, spec: NetworkSpec, topology, tracer: Tracer | None,
-                 device):
+                 device, average: bool = True, fault=None):
+        """``average``: replica gradients averaged when the backward ends (a user's loop whose
+        replicas normalise their loss by their own slice); else summed by ``reducer.finish()``
+        (the trainer normalises by the global batch). ``fault``: test-only fault injection."""
         super().__init__()
         self.net, self.groups, self.spec, self.topology, self.tracer = net, groups, spec, topology, tracer
-        self.device = torch.device(device)
+        self.device, self.fault = torch.device(device), fault
         self.replicas = groups.dims.replicas
         self.steps = 0  # training forwards so far (the trace's step; the default checkpoint step)
-        self.reducer = None
-        if self.replicas > 1:
-            mates = [groups.dims.global_rank(r, groups.agent_rank) for r in range(self.replicas)]
-            self.reducer = GradReducer(list(net.parameters()), groups.replica, mates, tracer, average=True,
-                                       auto_finish=True)
+        self.reducer = GradReducer.for_groups(net.parameters(), groups, tracer, average=average, auto_finish=average)
 
     # ---- the step -------------------------------------------------------------------------
     def local(self, t: Tensor) -> Tensor:
         """This replica's slice of a global batch (replicas take distinct, nearly equal slices;
         the whole batch without replicas): cut the targets with it."""
-        return t if self.replicas == 1 else t.tensor_split(self.replicas)[self.groups.replica_rank]
+        return self.groups.local(t)
 
     def forward(self, x: Tensor) -> Tensor:
         """``x``: the global batch ``(B, features)``, the same on every rank; returns the outputs
-        of this replica's slice, on every rank of its agent group."""
-        training = torch.is_grad_enabled()
+        of this replica's slice, on every rank of its agent group (the root's, for the trainer)."""
         if self.tracer is not None:
             self.tracer.flush()  # the previous step's messages (its backward has run)
-            self.tracer.evaluating = not training
-            self.tracer.step = self.steps
-        if training:
-            self.steps += 1
-            if self.reducer is not None:
-                self.reducer.start_step()
+            self.tracer.evaluating = not torch.is_grad_enabled()
+        if torch.is_grad_enabled():
+            begin_step(self)
         return self.net(self.local(x).to(self.device))
 
     def regularizer(self, alpha: float) -> Tensor:
@@ -200,9 +183,7 @@ class DistributedNetwork(nn.Module):
 
     def param_groups(self, weight_decay: float = 0.0) -> list[dict]:
         """Optimiser groups: weight decay on the readout only (as ``dhdnn train`` does)."""
-        wd = {id(p) for p in self.net.readout_parameters()}
-        return [{"params": [p for p in self.parameters() if id(p) not in wd], "weight_decay": 0.0},
-                {"params": self.net.readout_parameters(), "weight_decay": weight_decay}]
+        return param_groups(self.parameters(), self.net.readout_parameters(), weight_decay)
 
     def replica_sum(self, t: Tensor) -> Tensor:
         """``t`` summed over this rank's replica group (e.g. correct predictions of each replica's
@@ -236,56 +217,31 @@ class DistributedNetwork(nn.Module):
         :meth:`load`."""
         from ..topology import topology_to_dict
 
-        step = self.steps if step is None else step
-        moments, state_of = _moments(optimizer)
-        if self.groups.replica_rank == 0:
-            ckpt.save_shard(path, step, self.groups.agent_rank, ckpt.pack(self.net.entries(), state_of, moments))
-        dist.barrier()
-        if self.is_main:
-            opt_step = _optimizer_step(optimizer)
-            ckpt.finalize(path, step, {"epoch": epoch, "shards": self.groups.dims.agents, "optimizer_step": opt_step,
-                                       "topology": self.topology.fingerprint, "network": self.spec.to_dict(),
-                                       "assignment": self.assignment.tolist(),
-                                       "topology_spec": self.topology.spec if self.topology.spec is not None
-                                       else topology_to_dict(self.topology)})
-        dist.barrier()
+        topo = self.topology
+        d = ckpt.save_all(path, self.steps if step is None else step, self.net.entries(), optimizer,
+                          self.groups.agent_rank if self.groups.replica_rank == 0 else None, self.is_main, dist.barrier,
+                          {"epoch": epoch, "shards": self.groups.dims.agents, "topology": topo.fingerprint,
+                           "network": self.spec.to_dict(), "assignment": self.assignment.tolist(),
+                           "topology_spec": topo.spec if topo.spec is not None else topology_to_dict(topo)})
         if self.tracer is not None:
             self.tracer.flush()
-        return ckpt.step_dir(path, step)
+        return d
 
     def load(self, path: str | Path, optimizer=None) -> dict:
         """Continue from the newest readable checkpoint in ``path`` (saved from any number of
         workers or layouts); restores the optimiser's moments into ``optimizer`` if given.
         Returns the checkpoint's metadata (``step``, ``epoch``)."""
-        found = ckpt.load_newest_readable(Path(path), report=lambda m: None)
-        if found is None:
-            raise ckpt.CheckpointError(f"{path}: no complete checkpoint")
-        d, meta, shards = found
+        meta = ckpt.resume(path, self.net.entries(), optimizer, self._check_fits)
+        self.steps = int(meta["step"])
+        return meta
+
+    def _check_fits(self, d: Path, meta: dict) -> None:
         if meta.get("topology") != self.topology.fingerprint:
             raise ckpt.CheckpointError(f"{d}: key 'topology' differs from this network's")
         if meta.get("network", {}).get("arch", self.spec.arch) != self.spec.arch:
             raise ckpt.CheckpointError(f"{d}: key 'network' differs from this network's")
-        names = sorted({k for s in shards for e in s["entries"].values() for k in e["moments"]})
-        state_of = (lambda p: optimizer.state[p]) if optimizer is not None else (lambda p: {})
-        ckpt.restore(d, shards, self.net.entries(), state_of, tuple(names) if optimizer is not None else ())
-        if optimizer is not None and "exp_avg" in names:
-            for p in self.parameters():
-                if "exp_avg" in optimizer.state[p]:
-                    optimizer.state[p]["step"] = torch.tensor(float(meta.get("optimizer_step") or meta["step"]))
-        self.steps = int(meta["step"])
-        return meta
 
     def close(self) -> None:
         """Write the trace records still held."""
         if self.tracer is not None:
             self.tracer.flush()
-
-
-def _optimizer_step(optimizer) -> int | None:
-    if optimizer is None:
-        return None
-    for st in optimizer.state.values():
-        s = st.get("step")
-        if s is not None:
-            return int(s)
-    return None

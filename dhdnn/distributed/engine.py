@@ -9,68 +9,35 @@ forward/backward), barriers and checkpoint entries.
 """
 from __future__ import annotations
 
-import os
-import signal
-from pathlib import Path
-
 import torch
 import torch.distributed as dist
 
 from ..engine import EVAL_BYTES, Engine, StepOut
 from ..tasks import TASKS
 from ..topology import Topology
+from .distribute import DistributedNetwork
 from .exchange import Tracer
 from .mesh import Groups
-from .network import ShardedNet, build_shard
-
-
-def maybe_fail(fault: tuple[int, int, str] | None, rank: int, step: int) -> None:
-    """Test-only fault injection (``DHDNN_FAULT=rank:step:kill|raise|stop``)."""
-    if fault and fault[0] == rank and fault[1] == step:
-        if fault[2] == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        if fault[2] == "stop":
-            os.kill(os.getpid(), signal.SIGSTOP)
-        raise RuntimeError(f"injected fault on rank {rank} at step {step}")
-
-
-def begin_step(engine) -> None:
-    """A training step starts on a worker: fault injection (tests), the tracer's step number, the
-    step count (an engine with ``_fault``, ``rank``, ``tracer`` and ``_step``)."""
-    maybe_fail(engine._fault, engine.rank, engine._step)
-    if engine.tracer is not None:
-        engine.tracer.step = engine._step
-    engine._step += 1
+from .network import build_shard
 
 
 class ShardedEngine(Engine):
-    """The :class:`~dhdnn.engine.Engine` of one rank of a sharded run."""
+    """The :class:`~dhdnn.engine.Engine` of one rank of a sharded run: a client of the library's
+    :class:`~dhdnn.distributed.DistributedNetwork` (its step preamble, replica slice, reducer)."""
 
-    def __init__(self, net: ShardedNet, groups: Groups, tracer: Tracer | None = None,
-                 fault: tuple[int, int, str] | None = None, device: str = "cpu", collectives: bool = True,
-                 train_batch: int = 0, task: str = "classify"):
-        self.net, self.groups, self.tracer = net, groups, tracer
+    def __init__(self, dnet: DistributedNetwork, device: str = "cpu", collectives: bool = True, train_batch: int = 0,
+                 task: str = "classify"):
+        self.dnet, self.net, self.groups, self.tracer = dnet, dnet.net, dnet.groups, dnet.tracer
         self.task = TASKS[task]
-        self.rank, self.world = groups.rank, groups.dims.world
-        self.table = net.table
-        self._step, self._fault, self.device = 0, fault, torch.device(device)
+        self.rank, self.world = self.groups.rank, self.groups.dims.world
+        self.table, self.spec, self.device = self.net.table, dnet.spec, torch.device(device)
         self._alpha = 0.0
-        self.replicas = groups.dims.replicas
-        self.reducer = None
-        if self.replicas > 1:
-            from .replicas import GradReducer
-
-            mates = [groups.dims.global_rank(r, groups.agent_rank) for r in range(self.replicas)]
-            self.reducer = GradReducer(list(net.parameters()), groups.replica, mates, tracer)
+        self.replicas = self.groups.dims.replicas
         # evaluation may use the memory a training batch's activations use (or EVAL_BYTES)
-        budget = max(EVAL_BYTES, train_batch * net.bytes_per_sample(training=True))
-        self._eval_chunk_size = budget // max(1, net.bytes_per_sample())
+        budget = max(EVAL_BYTES, train_batch * self.net.bytes_per_sample(training=True))
+        self._eval_chunk_size = budget // max(1, self.net.bytes_per_sample())
         if collectives:
             self._eval_chunk_size = self._agreed_eval_chunk()
-
-    def _mine(self, x: torch.Tensor) -> torch.Tensor:
-        """This replica's slice of a global batch (replicas take distinct, nearly equal slices)."""
-        return x if self.replicas == 1 else x.tensor_split(self.replicas)[self.groups.replica_rank]
 
     @property
     def shard_rank(self) -> int | None:
@@ -82,20 +49,14 @@ class ShardedEngine(Engine):
         return self.groups.dims.agents
 
     def optimizer_groups(self, weight_decay):
-        wd = {id(p) for p in self.net.readout_parameters()}
-        rest = [p for p in self.net.parameters() if id(p) not in wd]
-        return [{"params": rest, "weight_decay": 0.0},
-                {"params": self.net.readout_parameters(), "weight_decay": weight_decay}]
+        return self.dnet.param_groups(weight_decay)
 
     def objective(self, x, y, alpha, record=False):
         """The loss of this replica's slice, normalised by the global batch: summed over replicas
         (:meth:`after_backward`), the gradients are those of the whole batch in one process."""
-        begin_step(self)
         n_global = len(y)
-        x, y = self._mine(x).to(self.device), self._mine(y).to(self.device)
-        if self.reducer is not None:
-            self.reducer.start_step()
-        out = self.net(x)
+        out = self.dnet(x.to(self.device))
+        y = self.groups.local(y).to(self.device)
         self._alpha = alpha  # the regulariser's gradient is added after backward (after_backward)
         counts = self.groups.replica_rank == 0  # the regulariser is counted once, not once per replica
         reg = (self.net.regularizer_value(alpha) if alpha and counts else out.new_zeros(())).detach().reshape(1).cpu()
@@ -107,15 +68,15 @@ class ShardedEngine(Engine):
         return StepOut(out, torch.cat([zeros, reg]))  # a placeholder whose backward receives the logits' gradient
 
     def after_backward(self):
-        if self.reducer is not None:
-            self.reducer.finish()  # the data term, summed over the replicas of this shard
+        if self.dnet.reducer is not None:
+            self.dnet.reducer.finish()  # the data term, summed over the replicas of this shard
         if self._alpha:
             self.net.add_regularizer_grad(self._alpha)  # identical on every replica: added after the sum
 
     @torch.no_grad()
     def eval_stats(self, x, y):
         """Each replica evaluates its own slice; the root of each replica's agent group counts it."""
-        x, y = self._mine(x), self._mine(y)
+        x, y = self.groups.local(x), self.groups.local(y)
         out = torch.zeros(3, dtype=torch.float64)
         chunk = max(1, min(len(x), self._eval_chunk_size))
         if self.tracer is not None:
@@ -161,7 +122,11 @@ class ShardedEngine(Engine):
         return drift
 
     def set_anchor_every(self, k: int) -> None:
-        self.net.plan.anchor_every = k
+        self.net.plan.set_anchor_every(k)
+
+    @property
+    def fault(self):
+        return self.dnet.fault
 
     def end_epoch(self):
         if self.tracer is not None:
@@ -180,15 +145,11 @@ def build_sharded_engine(cfg, data, groups: Groups, topo: Topology, device: str 
     from ..train import DTYPES
 
     rc = cfg.run
-    tracer = None
-    if rc.trace:
-        tracer = Tracer(groups.rank, Path(rc.out_dir) / f"trace-rank{groups.rank}.jsonl", groups.to_global)
+    tracer = Tracer.for_rank(rc.out_dir, groups) if rc.trace else None
     spec = NetworkSpec.from_config(cfg, data.n_features, data.n_outputs)
     net = build_shard(spec, topo, groups, dtype=DTYPES[rc.dtype], device=device, partition_method=partition_method,
                       readout=rc.readout, tracer=tracer, local_kernel=rc.local_kernel, backprop=rc.backprop,
                       anchor_every=rc.anchors, check=collectives, reversible_state=rc.reversible_state,
                       fraction_bits=rc.reversible_fraction_bits)
-    engine = ShardedEngine(net, groups, tracer, fault, device, collectives,
-                           -(-cfg.train.batch_size // groups.dims.replicas), cfg.model.task)
-    engine.spec = spec
-    return engine
+    dnet = DistributedNetwork(net, groups, spec, topo, tracer, device, average=False, fault=fault)
+    return ShardedEngine(dnet, device, collectives, -(-cfg.train.batch_size // groups.dims.replicas), cfg.model.task)

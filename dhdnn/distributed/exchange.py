@@ -22,6 +22,7 @@ other), for tests and for any code that wants the primitives on their own.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+
+FAULT = os.environ.get("DHDNN_TEST_FAULT")  # test-only (dhdnn verify's tests): "halo" corrupts one received row
 
 
 class PeerFailure(RuntimeError):
@@ -50,10 +54,19 @@ class Tracer:
         self.evaluating = False  # forward passes of evaluation are traced as phase "eval"
         self.records: list[dict] = []
 
+    @classmethod
+    def for_rank(cls, directory, groups) -> "Tracer":
+        """The tracer of this rank of ``groups`` (a :class:`~.mesh.Groups`), writing
+        ``directory/trace-rank<R>.jsonl`` with global ranks."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        return cls(groups.rank, directory / f"trace-rank{groups.rank}.jsonl", groups.to_global)
+
     def record(self, phase: str, layer: int, op: str, dst: int, nbytes: int, **extra) -> None:
         phase = "eval" if self.evaluating else phase
         self.records.append({"step": self.step, "phase": phase, "layer": layer, "op": op,
-                             "src": self.rank, "dst": self.to_global(dst), "bytes": nbytes, **extra})
+                             "src": self.rank, "dst": self.to_global(dst) if dst >= 0 else dst, "bytes": nbytes,
+                             **extra})
 
     def flush(self) -> None:
         if self.path is None or not self.records:
@@ -113,6 +126,7 @@ class Exchanger:
         self.stats = stats if stats is not None else CommStats()
         self._buffers: dict[tuple, Tensor] = {}
         self._rows: dict[torch.device, dict[int, Tensor]] = {}
+        self.faulted = False
 
     @property
     def active(self) -> bool:
@@ -195,12 +209,14 @@ class Exchanger:
 
     def finish_gather(self, p: Pending) -> None:
         self._wait(p)
-        if len(p.outs) == 1 and not self.stage_cpu:
-            return  # received in place
-        for s, buf in p.recv.items():
-            sl = self.layout.halo_slices[s]
-            for i, out in enumerate(p.outs):
-                out[sl].copy_(buf[i])
+        if len(p.outs) > 1 or self.stage_cpu:  # (one tensor: received in place)
+            for s, buf in p.recv.items():
+                sl = self.layout.halo_slices[s]
+                for i, out in enumerate(p.outs):
+                    out[sl].copy_(buf[i])
+        if FAULT == "halo" and p.what[0] == "forward" and not self.faulted:
+            self.faulted = True  # test-only, once: the first halo row this rank receives is corrupted
+            p.outs[0][0].add_(1.0)
 
     # ---- scatter-add ----------------------------------------------------------------------
     def start_scatter(self, cs: list[Tensor], phase: str = "forward", layer: int = -1,

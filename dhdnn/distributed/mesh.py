@@ -1,9 +1,11 @@
-"""The 2-D layout of a sharded run: agent partitions × data-parallel replicas.
+"""The 2-D layout of a run: agent partitions × data-parallel replicas.
 
-``world = agents × replicas``, validated here and nowhere else. Rank ``r`` holds agent
-partition ``r % agents`` of replica ``r // agents`` (a row-major ``("replica", "agent")``
-``DeviceMesh``): halo exchanges and the readout tree run inside the ``agent`` group of a
-replica, gradient averaging inside the ``replica`` group of a partition.
+``world = agents × replicas``, validated by :func:`check_layout` and nowhere else (the CLI
+before any worker starts, ``dhdnn partition`` and :func:`~dhdnn.distributed.distribute` call it;
+its :class:`LayoutError` names the config key). Rank ``r`` holds agent partition ``r % agents``
+of replica ``r // agents`` (a row-major ``("replica", "agent")`` ``DeviceMesh``): halo exchanges
+and the readout tree run inside the ``agent`` group of a replica, gradient averaging inside
+the ``replica`` group of a partition.
 """
 from __future__ import annotations
 
@@ -13,6 +15,14 @@ import torch
 import torch.distributed as dist
 
 
+class LayoutError(ValueError):
+    """A layout that cannot be: ``key`` is the config key to change, ``reason`` what is wrong."""
+
+    def __init__(self, key: str, reason: str):
+        super().__init__(f"{key}: {reason}")
+        self.key, self.reason = key, reason
+
+
 @dataclass(frozen=True)
 class ParallelDims:
     world: int
@@ -20,11 +30,11 @@ class ParallelDims:
 
     def __post_init__(self):
         if self.world < 1 or self.replicas < 1:
-            raise ValueError(f"run.replicas: expected a positive number of replicas and workers, got "
-                             f"{self.replicas} replicas of {self.world} workers")
+            raise LayoutError("run.replicas", f"expected a positive number of replicas and workers, got "
+                                              f"{self.replicas} replicas of {self.world} workers")
         if self.world % self.replicas:
-            raise ValueError(f"run.replicas: {self.replicas} replicas do not divide {self.world} workers; "
-                             "expected workers = agent partitions x replicas")
+            raise LayoutError("run.replicas", f"{self.replicas} replicas do not divide {self.world} workers; "
+                                              "expected workers = agent partitions x replicas")
 
     @property
     def agents(self) -> int:
@@ -37,6 +47,39 @@ class ParallelDims:
 
     def global_rank(self, replica: int, agent: int) -> int:
         return replica * self.agents + agent
+
+
+def candidates(world: int, n_agents: int, batch: int) -> list[tuple[int, int]]:
+    """Every (P, R) with P x R = world, P <= agents and at least one sample per replica; the most
+    agent partitions (the smallest share of memory per rank) first."""
+    return [(world // r, r) for r in range(1, world + 1) if world % r == 0 and world // r <= n_agents and batch >= r]
+
+
+def check_layout(world: int, replicas: int | str = 1, topo=None, batch: int | None = None) -> ParallelDims:
+    """The one validation of a layout: ``world`` workers as agent partitions x ``replicas``
+    (``auto``: the candidate with the most partitions, which a start-up measurement may change),
+    no more partitions than ``topo`` has agents (and its pins in range), at least one sample of
+    ``batch`` per replica. Raises :class:`LayoutError` (or the topology's error for a pin)."""
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise LayoutError("run.workers", f"expected a positive integer, got {world!r}")
+    n_agents = topo.n_agents if topo is not None else 1
+    if replicas == "auto":
+        cands = candidates(world, n_agents, batch if batch is not None else world)
+        if not cands:
+            raise LayoutError("run.replicas", f"no layout of {world} workers fits {n_agents} agents and batch {batch}")
+        replicas = cands[0][1]
+    dims = ParallelDims(world, replicas)
+    if topo is not None:
+        from ..partition import check_workers
+
+        check_workers(topo, dims.agents)
+    elif dims.agents != 1:
+        raise LayoutError("run.replicas", f"a network without agents runs one copy per worker; expected {world} "
+                                          f"replicas of {world} workers, got {replicas}")
+    if batch is not None and batch < dims.replicas:
+        raise LayoutError("train.batch_size", f"{batch} samples cannot be split over {dims.replicas} replicas; "
+                                              "expected at least one sample per replica")
+    return dims
 
 
 @dataclass
@@ -61,11 +104,23 @@ class Groups:
     def to_global(self, agent_rank: int) -> int:
         return self.dims.global_rank(self.replica_rank, agent_rank)
 
+    def local(self, t):
+        """This replica's slice of a global batch (replicas take distinct, nearly equal slices; the
+        whole batch without replicas)."""
+        return t if self.dims.replicas == 1 else t.tensor_split(self.dims.replicas)[self.replica_rank]
+
+    @property
+    def replica_mates(self) -> list[int]:
+        """The global ranks holding this rank's agent partition, one per replica."""
+        return [self.dims.global_rank(r, self.agent_rank) for r in range(self.dims.replicas)]
+
 
 def make_groups(dims: ParallelDims, rank: int, device: str = "cpu") -> Groups:
     """Process groups for ``dims`` (collective at setup: every rank calls it)."""
     if dims.replicas == 1:
         return Groups(dims, rank, dist.group.WORLD, None)
+    if dims.agents == 1:  # replicas of the whole network (no agent partitions): the default group
+        return Groups(dims, rank, None, dist.group.WORLD)
     from torch.distributed.device_mesh import init_device_mesh
 
     kind = "cuda" if device.startswith("cuda") else "cpu"

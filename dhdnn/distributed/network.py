@@ -17,11 +17,10 @@ from torch import Tensor, nn
 from ..blocks import BlockTable, init_class
 from ..engine import Entry
 from ..halo import HaloPlan, RankRows, build_plans, ranges
-from ..models._fused import add_smoothness_grad, smoothness_value
-from .exchange import CommStats, Exchanger, FieldLayout, Tracer
-from .kernels import build_kernels, class_rows
+from ..integrator import Integrate, LocalMap, Plan, build_kernels, class_rows
+from ..models.regularizer import add_smoothness_grad, smoothness_value
+from .exchange import FAULT, CommStats, Exchanger, FieldLayout, Tracer
 from .readout import AllReduceSum, Tree, TreeAllReduce, TreeReduce
-from .stack import Coupling, ShardedStack, StackPlan
 
 
 class ShardedNet(nn.Module):
@@ -45,13 +44,10 @@ class ShardedNet(nn.Module):
         self._entries: list[Entry] = []
         self._init = (seed, init_std, dtype)
         mine = owner == plan.rank
-        self._build_stack(mine, plan, local_kernel, backprop, anchor_every)
-        if backprop == "reversible":
-            from ..models._fused import Certificate
-
-            self.plan.reversible_state, self.plan.fraction_bits = reversible_state, fraction_bits
-            self.plan.cert = Certificate(exact=reversible_state == "fixed")
+        self._build_stack(mine, plan, local_kernel)
+        self.plan.set_backprop(backprop == "reversible", anchor_every, reversible_state, fraction_bits)
         self._build_io(mine, n_features)
+        self.extra_message = None  # test-only: (src, dst) of one message between non-neighbour ranks
         self.tree = Tree(plan.tree_parent, plan.tree_children, group, tracer, stage_cpu, self.comm_stats,
                          size=plan.workers)
 
@@ -94,7 +90,7 @@ class ShardedNet(nn.Module):
         return list(self.params[key]) if key in self.params else []
 
     # ---- the layers ---------------------------------------------------------------------
-    def _build_stack(self, mine, plan: HaloPlan, local_kernel: str, backprop: str, anchor_every: int) -> None:
+    def _build_stack(self, mine, plan: HaloPlan, local_kernel: str) -> None:
         """Matrices: one ``(layers, F, E)`` tensor (zero off the blocks) for the dense kernel, one
         tensor per block class for the block kernel. Biases: one ``(layers, F)`` tensor each."""
         lay, F, E, L, dtype = self.layout, self.rows.F, self.rows.E, self.layers, self._init[2]
@@ -126,29 +122,24 @@ class ShardedNet(nn.Module):
                 sel = np.flatnonzero(mine[c.rows])
                 if c.kind == b and len(sel):
                     self._add_inside(p, c, sel, torch.as_tensor(self.rows.rows(c.rows[sel])))
-        n_classes = {k: len(self.kind(k)) for k in (*lay.matrices, *lay.biases)}
-        self.plan = StackPlan(lay, self.h, L, F, E, kernels, n_classes,
-                              [self._coupling(hs.coupling, plan) for hs in lay.half_steps],
-                              self.ex if self.ex.active else None, backprop, anchor_every, rank=plan.rank)
+        n = self.table.topo.dims[plan.local]  # J1 acts on each agent's (p, q) rows
+        maps = [LocalMap.of(hs.map, ranges(self.rows.start[plan.local], n), ranges(self.rows.start[plan.local] + n, n),
+                            F, dtype) for hs in lay.half_steps]
+        self.plan = Plan(lay, self.h, L, F, E, [kernels[m] for m in lay.matrices], maps,
+                         [len(self.kind(m)) for m in lay.matrices], self.ex if self.ex.active else None,
+                         where=f" on rank {plan.rank}")
 
-    def _coupling(self, kind: str, plan: HaloPlan) -> Coupling:
-        if kind in ("-", "+"):
-            return Coupling(-1.0 if kind == "-" else 1.0)
-        # J1 on each agent's (p, q) rows: (z_p, z_q) -> (z_q, -z_p)
-        n = self.table.topo.dims[plan.local]
-        p_rows = ranges(self.rows.start[plan.local], n)
-        q_rows = ranges(self.rows.start[plan.local] + n, n)
-        perm, sign = np.empty(self.rows.F, np.int64), np.empty(self.rows.F)
-        perm[p_rows], perm[q_rows] = q_rows, p_rows
-        sign[p_rows], sign[q_rows] = 1.0, -1.0
-        inv = np.empty_like(perm)
-        inv[perm] = np.arange(len(perm))
-        dtype = self._init[2]
-        return Coupling(1.0, torch.as_tensor(perm), torch.as_tensor(sign, dtype=dtype).unsqueeze(1),
-                        torch.as_tensor(inv))
+    def outside(self) -> list[dict]:
+        """Non-zero entries this rank stores outside the graph's blocks (none, unless a bug)."""
+        out, at = [], 0
+        for hs, kern, n in zip(self.layout.half_steps, self.plan.kernels, self.plan.n_tensors):
+            out += [dict(e, name=hs.matrix) for e in kern.outside(self.stack_params()[at:at + n])]
+            at += n + 1
+        return out
 
     def stack_params(self) -> list[nn.Parameter]:
-        """The stack's parameters in :meth:`StackPlan.split` order (fixed after construction)."""
+        """The stack's parameters in the integrator's order (per half-step its matrix tensors,
+        then its bias; fixed after construction)."""
         if not hasattr(self, "_stack_params"):
             self._stack_params = [p for hs in self.layout.half_steps for p in self.kind(hs.matrix) + self.kind(hs.bias)]
         return self._stack_params
@@ -243,14 +234,30 @@ class ShardedNet(nn.Module):
         return out
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.extra_message is not None and torch.is_grad_enabled():
+            self._send_extra(*self.extra_message)
         fields = self.initial_fields(x)
-        fields = ShardedStack.apply(self.plan, len(fields), *fields, *self.stack_params())
+        fields = Integrate.apply(self.plan, len(fields), *fields, *self.stack_params())
         partial = self.readout_partial(list(fields))
         if self.readout_mode == "allreduce":
             return AllReduceSum.apply(partial, self.group)
         if self.tree.parent is None and not self.tree.children:  # a lone rank: the partial sum is the sum
             return partial
         return (TreeAllReduce if self.logits_everywhere else TreeReduce).apply(partial, self.tree)
+
+    def _send_extra(self, src: int, dst: int) -> None:
+        """Test-only (``DHDNN_TEST_FAULT=message``): one traced message between ranks that own no
+        adjacent agents, at the first training step."""
+        import torch.distributed as dist
+
+        self.extra_message, t = None, torch.zeros(1)
+        pg = self.group if self.group is not None else dist.group.WORLD
+        if self.rank == src:
+            if self.ex.tracer is not None:
+                self.ex.tracer.record("forward", 0, f"gather_{self.layout.field_names[0]}", dst, 4)
+            pg.send([t], dst, 0).wait()
+        elif self.rank == dst:
+            pg.recv([t], src, 0).wait()
 
     @property
     def has_logits(self) -> bool:
@@ -279,7 +286,7 @@ class ShardedNet(nn.Module):
         in training (autograd) every layer's fields and tanh outputs."""
         itemsize = torch.finfo(self._init[2]).bits // 8
         nf, nhs, L, F, E = len(self.layout.field_names), len(self.layout.half_steps), self.layers, self.rows.F, self.rows.E
-        if training and self.plan.backprop == "autograd":
+        if training and self.plan.keep == "every":
             return ((L + 1) * nf * E + L * nhs * F) * itemsize
         return 6 * E * nf * itemsize
 
@@ -312,6 +319,9 @@ def build_shard(spec, topo, groups, *, dtype=torch.float32, device: str = "cpu",
                      groups.agent, tracer, stage, local_kernel, backprop, anchor_every, logits_everywhere,
                      reversible_state, fraction_bits)
     net.assignment = part.assignment
+    if FAULT == "message":  # test-only: the first pair of ranks that own no adjacent agents
+        g = part.rank_graph(topo)
+        net.extra_message = next(((r, s) for r in range(P) for s in range(r + 1, P) if not g.has_edge(r, s)), None)
     return net.to(device)
 
 

@@ -1,4 +1,5 @@
-"""Data-parallel replicas of a shard: gradients summed over the replica group, overlapped.
+"""A training step on a worker: its start (:func:`begin_step`), and data-parallel replicas of a
+shard whose gradients are summed over the replica group, overlapped.
 
 Every replica of an agent partition computes the same parameters' gradients on its own slice
 of the global batch, with the loss normalised by the *global* batch size, so the sum of the
@@ -15,6 +16,9 @@ Every reduction can be traced (op ``allreduce_grad``, its bytes, the group's ran
 """
 from __future__ import annotations
 
+import os
+import signal
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -22,6 +26,28 @@ from torch import nn
 from .exchange import Tracer
 
 BUCKET_BYTES = 25 << 20  # as DistributedDataParallel's default
+
+
+def maybe_fail(fault: tuple[int, int, str] | None, rank: int, step: int) -> None:
+    """Test-only fault injection (``DHDNN_FAULT=rank:step:kill|raise|stop``)."""
+    if fault and fault[0] == rank and fault[1] == step:
+        if fault[2] == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if fault[2] == "stop":
+            os.kill(os.getpid(), signal.SIGSTOP)
+        raise RuntimeError(f"injected fault on rank {rank} at step {step}")
+
+
+def begin_step(owner) -> None:
+    """A training step starts on a worker (``owner``: anything with ``rank``, ``steps``, ``fault``,
+    ``tracer`` and ``reducer``): fault injection (tests), the tracer's step number, the step
+    count, the replica reducer's buckets. The one preamble of the library and every engine."""
+    maybe_fail(owner.fault, owner.rank, owner.steps)
+    if owner.tracer is not None:
+        owner.tracer.step = owner.steps
+    owner.steps += 1
+    if owner.reducer is not None:
+        owner.reducer.start_step()
 
 
 class GradReducer:
@@ -45,6 +71,13 @@ class GradReducer:
         for p in params:
             p.register_post_accumulate_grad_hook(self._ready)
         self.bytes_per_step = sum(p.numel() * p.element_size() for p in params)
+
+    @classmethod
+    def for_groups(cls, params, groups, tracer: Tracer | None = None, **options) -> "GradReducer | None":
+        """The reducer of a shard's ``params`` over its replica group (None without replicas)."""
+        if groups.dims.replicas == 1:
+            return None
+        return cls(list(params), groups.replica, groups.replica_mates, tracer, **options)
 
     def start_step(self) -> None:
         self._pending = {b: len(ps) for b, ps in enumerate(self.buckets)}

@@ -15,21 +15,20 @@ import torch
 import torch.distributed as dist
 
 from ..engine import DenseEngine, StepOut
-from .engine import begin_step
 from .exchange import Tracer
 from .mesh import Groups
-from .replicas import GradReducer
+from .replicas import GradReducer, begin_step
 
 
 class ReplicatedEngine(DenseEngine):
     def __init__(self, model, groups: Groups, device: str = "cpu", table=None, task: str = "classify",
                  tracer: Tracer | None = None, fault=None):
         super().__init__(model, device, table, task)
-        self.groups, self.tracer, self._fault = groups, tracer, fault
+        self.groups, self.tracer, self.fault = groups, tracer, fault  # groups: 1 partition x world replicas
         self.rank, self.world = groups.rank, groups.dims.world
-        self._step = 0
+        self.steps = 0
         self._broadcast_parameters()
-        self.reducer = GradReducer(list(model.parameters()), dist.group.WORLD, list(range(self.world)), tracer)
+        self.reducer = GradReducer.for_groups(model.parameters(), groups, tracer)
 
     @torch.no_grad()
     def _broadcast_parameters(self) -> None:
@@ -39,9 +38,6 @@ class ReplicatedEngine(DenseEngine):
             t = p.detach().cpu() if dist.get_backend() == "gloo" else p.detach()
             dist.broadcast(t, 0)
             p.copy_(t)
-
-    def _mine(self, t: torch.Tensor) -> torch.Tensor:
-        return t.tensor_split(self.world)[self.rank]
 
     @property
     def shard_rank(self) -> int | None:
@@ -54,8 +50,7 @@ class ReplicatedEngine(DenseEngine):
     def objective(self, x, y, alpha, record=False):
         begin_step(self)
         n_global = len(y)
-        x, y = self._mine(x).to(self.device), self._mine(y).to(self.device)
-        self.reducer.start_step()
+        x, y = self.groups.local(x).to(self.device), self.groups.local(y).to(self.device)
         out = self.model(x)
         loss = self.task.loss(out, y, "sum") / n_global  # summed over the workers: the global batch's mean
         self._alpha = alpha
@@ -71,7 +66,7 @@ class ReplicatedEngine(DenseEngine):
         if self.tracer is not None:
             self.tracer.evaluating = True
         try:
-            return super().eval_stats(self._mine(x), self._mine(y))
+            return super().eval_stats(self.groups.local(x), self.groups.local(y))
         finally:
             if self.tracer is not None:
                 self.tracer.evaluating = False

@@ -2,9 +2,9 @@
 
 Nothing under this package imports ``torch.distributed``.
 """
-from . import baselines  # noqa: F401  (registers MS1-MS3, ResNet, MLP)
-from .hamiltonian import ARCHITECTURES, ODENet, build_model, j_matrix
-from .network import Classifier, Embedding, InputPlacement, default_placement
+from . import baselines, conv  # noqa: F401  (register MS1-MS3, ResNet, MLP; the conv network)
+from .hamiltonian import ARCHITECTURES, NotDistributable, ODENet, build_model, j_matrix
+from .network import NETWORKS, Classifier, Embedding, InputPlacement, default_placement
 
-__all__ = ["ARCHITECTURES", "ODENet", "build_model", "j_matrix", "Classifier", "Embedding",
-           "InputPlacement", "default_placement"]
+__all__ = ["ARCHITECTURES", "NETWORKS", "NotDistributable", "ODENet", "build_model", "j_matrix", "Classifier",
+           "Embedding", "InputPlacement", "default_placement"]

@@ -15,12 +15,16 @@ import torch
 from torch import Tensor, nn
 
 from .hamiltonian import ODENet
+from .network import register_network
 
 
+@register_network("conv")
 class ConvClassifier(nn.Module):
     # images per evaluation chunk: ~50,000 pixel states, whose few feature-major fields stay in a
     # core's L2 cache through all layers (measured here: 0.12 ms per image, 0.15 at 283 images)
     eval_batch = 64
+    has_agents = False  # one state per pixel, weights shared: on workers it runs as data-parallel replicas
+    needs_images = True  # it reads whole images (data with an image shape)
 
     def __init__(self, body: ODENet, image_shape: tuple[int, int, int], n_classes: int):
         super().__init__()
@@ -73,3 +77,27 @@ class ConvClassifier(nn.Module):
     def readout_parameters(self) -> list[nn.Parameter]:
         """Parameters that take ordinary weight decay (the classifier)."""
         return [self.linear.weight]
+
+    # ---- what the builder, the memory estimate and the export need --------------------------
+    @staticmethod
+    def state_dim(spec, topology) -> int:
+        if topology is not None:
+            raise ValueError("topology: the conv network has no agents; expected no topology (image patches as "
+                             "agents: a topology with embeddings)")
+        return spec.channels
+
+    @staticmethod
+    def states_per_sample(n_features: int) -> int:
+        return n_features  # every pixel (one input channel) is a state
+
+    @classmethod
+    def from_spec(cls, spec, body: ODENet, topology) -> "ConvClassifier":
+        torch.manual_seed(spec.seed)  # the convolution and readout initialise from torch's generator
+        return cls(body, spec.image_shape, spec.n_outputs)
+
+    def export_fields(self) -> dict:
+        return {"image_shape": list(self.image_shape)}
+
+    @classmethod
+    def from_export(cls, d: dict, body: ODENet) -> "ConvClassifier":
+        return cls(body, tuple(d["image_shape"]), d["n_classes"])

@@ -1,23 +1,25 @@
 """H-DNN layer stacks: the shared ODE-network base, H1, H2 and the registry.
 
-Every architecture is a stack of ``layers`` residual steps of size ``h``. A class
-declares its per-layer parameters and supplies ``step``; the base class owns
-initialisation, masking, the layer loop and the smoothness regulariser. H1 and H2
-also provide a fused forward (``_fused.py``) whose hand-written adjoint is checked
-against the autograd path through ``step``.
+Every architecture is a stack of ``layers`` residual steps of size ``h``. A class declares
+its per-layer parameters and supplies ``step`` (the readable step-by-step oracle); the base
+class owns initialisation, masking, the layer loop and the smoothness regulariser. A class
+that declares its :attr:`~ODENet.layout` (H1, H2) runs on the one integrator
+(``dhdnn.integrator``) in one process as on every rank; its facts (integrated, invertible,
+distributable) are derived from that layout, never from its name.
 
 Pure maths: this module never imports ``torch.distributed``.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import ClassVar, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from . import _fused
+from ..integrator import (CARRIERS, KEEPS, AgentLayout, Certificate, HalfStep, Integrate, MatrixKernel, Plan, Workspace,
+                          local_maps)
+from .regularizer import add_smoothness_grad, smoothness_value
 
 ARCHITECTURES: dict[str, type["ODENet"]] = {}
 
@@ -30,91 +32,13 @@ class NotDistributable(ValueError):
         self.key, self.reason = key, message
 
 
-@dataclass(frozen=True)
-class HalfStep:
-    """One update of a layer, run agent by agent by the distributed engine:
-
-    ``target <- target + h C (K^T tanh(K source + b))``, with ``K`` (parameter ``matrix``)
-    block-sparse along the graph, ``b`` (``bias``) per agent and ``C`` a fixed agent-local map:
-    ``"-"`` (``-z``), ``"+"`` (``+z``) or ``"J1"`` (``(z_p, z_q) -> (z_q, -z_p)``).
-    ``K x`` reads the neighbours' ``source`` (one gather); ``K^T s`` produces contributions for
-    the neighbours (one scatter-add).
-    """
-
-    matrix: str
-    bias: str
-    source: str
-    target: str
-    coupling: str
-
-    def __post_init__(self):
-        if self.coupling not in ("-", "+", "J1"):
-            raise ValueError(f"coupling: expected '-', '+' or 'J1', got {self.coupling!r}")
-
-
-@dataclass(frozen=True)
-class AgentLayout:
-    """What the distributed engine needs from an architecture.
-
-    ``fields`` names the agent-local state pieces the layer works on, each holding the listed
-    parts of an agent's state side by side (H2: ``p`` and ``q`` apart; H1: ``(p, q)`` together);
-    ``half_steps`` is one layer. Everything else is derived: exchanges per layer, whether a layer
-    can be inverted exactly (each half-step updates a field it does not read), matrices, biases.
-    """
-
-    fields: tuple[tuple[str, tuple[str, ...]], ...]
-    half_steps: tuple[HalfStep, ...]
-
-    def __post_init__(self):
-        widths = {len(parts) for _, parts in self.fields}
-        if len(widths) != 1:
-            raise ValueError("fields: every field must hold the same number of parts per agent")
-        names = {f for f, _ in self.fields}
-        for hs in self.half_steps:
-            if hs.source not in names or hs.target not in names:
-                raise ValueError(f"half-step {hs.matrix}: unknown field")
-            if hs.coupling == "J1" and self.parts_per_agent != 2:
-                raise ValueError("J1 coupling needs fields holding (p, q) side by side")
-
-    @property
-    def field_names(self) -> tuple[str, ...]:
-        return tuple(f for f, _ in self.fields)
-
-    def parts(self, field: str) -> tuple[str, ...]:
-        return dict(self.fields)[field]
-
-    @property
-    def parts_per_agent(self) -> int:
-        """Entries an agent of dimension ``n_i`` holds in each field, in units of ``n_i``."""
-        return len(self.fields[0][1])
-
-    @property
-    def matrices(self) -> tuple[str, ...]:
-        return tuple(hs.matrix for hs in self.half_steps)
-
-    @property
-    def biases(self) -> tuple[str, ...]:
-        return tuple(hs.bias for hs in self.half_steps)
-
-    @property
-    def exchanges_per_layer(self) -> int:
-        """Forward exchanges per layer (a gather and a scatter-add per half-step)."""
-        return 2 * len(self.half_steps)
-
-    @property
-    def invertible(self) -> bool:
-        """A layer can be undone exactly from its output (every half-step leaves its source alone)."""
-        return all(hs.source != hs.target for hs in self.half_steps)
-
-    def matrix_field(self, matrix: str) -> str:
-        return next(hs.source for hs in self.half_steps if hs.matrix == matrix)
-
-
 def register(name: str):
-    """Class decorator adding an architecture to :data:`ARCHITECTURES` under ``name``."""
+    """Class decorator adding an architecture to :data:`ARCHITECTURES` under ``name``; derives
+    its facts from its declared layout (``invertible``: reversible backprop and the fixed carrier)."""
 
     def deco(cls):
         cls.arch_name = name
+        cls.invertible = cls.layout is not None and cls.layout.invertible
         ARCHITECTURES[name] = cls
         return cls
 
@@ -135,9 +59,10 @@ class ODENet(nn.Module):
     smooth_params: ClassVar[tuple[str, ...]] = ()  # entering the smoothness regulariser
     needs_even_dim: ClassVar[bool] = False
     default_std: ClassVar[float | None] = 1.0  # None: torch.nn.Linear's default uniform init
-    distributable: ClassVar[bool] = False  # agent_layout() exists (for some options)
     config_options: ClassVar[tuple[str, ...]] = ()  # model config keys passed to the class (H1: J)
-    invertible: ClassVar[bool] = False  # has a reversible backward (run.backprop: reversible)
+    layout: ClassVar[AgentLayout | None] = None  # the integrator's layer (None: the step-by-step path only)
+    distributable: ClassVar[bool] = False  # agent_layout() exists (for some options)
+    invertible: ClassVar[bool] = False  # derived by register(): reversible backprop, the fixed carrier
 
     def __init__(self, dim: int, layers: int, h: float, mask=None, init_std: float | None = None,
                  generator: torch.Generator | None = None):
@@ -153,7 +78,9 @@ class ODENet(nn.Module):
         self.half = dim // 2
         self.backprop, self.anchor_every = "autograd", 0  # set_backprop() switches invertible stacks
         self.reversible_state, self.fraction_bits = "fixed", None  # exact (fixed point) or float rebuild
-        self.certificate = _fused.Certificate(exact=True)  # what the last reversible backward found
+        self.certificate = Certificate(exact=True)  # what the last reversible backward found
+        self._plans: dict = {}  # integrator plans, by which half-steps share K and A
+        self._ws = Workspace()  # buffers kept from one pass to the next
         std = self.default_std if init_std is None else init_std
         for name, shape in self.param_shapes.items():
             self.register_parameter(name, nn.Parameter(self._init((layers, *self._dims(shape)), std, generator)))
@@ -227,6 +154,8 @@ class ODENet(nn.Module):
 
     def forward(self, y: Tensor) -> Tensor:
         self._check_input(y)
+        if self.layout is not None:
+            return self.forward_fm(y.T).T
         P = self.per_layer()
         for j in range(self.layers):
             y = self.step(y, j, P)
@@ -234,9 +163,43 @@ class ODENet(nn.Module):
 
     def forward_fm(self, Y: Tensor) -> Tensor:
         """The stack on a feature-major batch: ``Y`` is ``(dim, N)``, one column per state (the
-        layout of very many small states, e.g. every pixel of an image batch). H1 and H2 run
-        fused feature-major kernels; other architectures go through the batch-major path."""
-        return self.forward(Y.T).T
+        layout of very many small states, e.g. every pixel of an image batch). An integrated
+        architecture runs the integrator on it; the others go through the batch-major path."""
+        if self.layout is None:
+            return self.forward(Y.T).T
+        if Y.dim() != 2 or Y.shape[0] != self.dim:
+            raise ValueError(f"input: expected a ({self.dim}, N) feature-major state tensor, got {tuple(Y.shape)}")
+        width = self.half * self.layout.parts_per_agent
+        starts = [0 if parts[0] == "p" else self.half for _, parts in self.layout.fields]
+        P = self.effective()
+        params, shared = [], []
+        for hs, (K, A) in zip(self.layout.half_steps, self.matrices(P)):
+            params += [K] if A is K else [K, A]
+            params.append(P[hs.bias])
+            shared.append(A is K)
+        out = Integrate.apply(self._plan(tuple(shared), width), len(starts), *[Y[a:a + width] for a in starts],
+                              *params)
+        return out[0] if len(out) == 1 else torch.cat(out, 0)
+
+    def matrices(self, P: Mapping[str, Tensor]) -> list[tuple[Tensor, Tensor]]:
+        """Per half-step of :attr:`layout`: ``K`` and ``A`` (``A`` is ``K`` with the architecture's
+        fixed factor folded in; ``A is K`` where there is none)."""
+        raise NotImplementedError
+
+    def _plan(self, shared: tuple[bool, ...], width: int) -> Plan:
+        """The integrator's plan of this stack in one process: assembled matrices, no exchanges."""
+        if shared not in self._plans:
+            kernels = [MatrixKernel(None, width, width, self.layers, s) for s in shared]
+            plan = Plan(self.layout, self.h, self.layers, width, width, kernels, local_maps(self.layout),
+                        [k.n_tensors for k in kernels], ws=self._ws)
+            self._plans[shared] = plan
+            self._configure(plan)
+        return self._plans[shared]
+
+    def _configure(self, plan: Plan) -> None:
+        plan.set_backprop(self.backprop == "reversible", self.anchor_every, self.reversible_state,
+                          self.fraction_bits)
+        plan.cert = self.certificate if self.backprop == "reversible" else None
 
     def trajectory(self, y: Tensor) -> list[Tensor]:
         """All ``layers + 1`` states ``[y_0, ..., y_L]`` via the step-by-step autograd path."""
@@ -257,7 +220,7 @@ class ODENet(nn.Module):
     def regularizer_value(self, alpha: float) -> Tensor:
         """:meth:`regularizer`'s value without a graph (see :meth:`add_regularizer_grad`)."""
         P = self.effective()
-        return alpha * self.h * 0.5 * sum(_fused.smoothness_value(P[n]) for n in self.smooth_params)
+        return alpha * self.h * 0.5 * sum(smoothness_value(P[n]) for n in self.smooth_params)
 
     def add_regularizer_grad(self, alpha: float) -> None:
         """Add :meth:`regularizer`'s gradient to the parameters' ``.grad`` in place (after
@@ -267,8 +230,7 @@ class ODENet(nn.Module):
             p = getattr(self, n)
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            _fused.add_smoothness_grad(P[n].detach(), p.grad, alpha * self.h * 0.5,
-                                       getattr(self, f"mask_{n}", None))
+            add_smoothness_grad(P[n].detach(), p.grad, alpha * self.h * 0.5, getattr(self, f"mask_{n}", None))
 
     def extra_repr(self) -> str:
         return f"arch={self.arch_name}, dim={self.dim}, layers={self.layers}, h={self.h}"
@@ -278,13 +240,30 @@ class ODENet(nn.Module):
         with ``state="fixed"`` exactly, from an int64 fixed-point state with ``fraction_bits``
         (None: 32 for float32, 48 for float64); with ``"float"`` by float inversion, bounded by an
         anchor every ``anchor_every`` layers."""
-        if mode == "reversible" and not self.invertible:
+        if mode == "reversible" and "nothing" not in self.axes().get("keep", ()):
             raise ValueError(f"backprop: {self.arch_name} layers cannot be inverted exactly; expected autograd")
-        if state not in ("fixed", "float"):
-            raise ValueError(f"reversible_state: expected fixed or float, got {state!r}")
+        if state not in CARRIERS:
+            raise ValueError(f"reversible_state: expected one of {list(CARRIERS)}, got {state!r}")
         self.backprop, self.anchor_every = mode, anchor_every
         self.reversible_state, self.fraction_bits = state, fraction_bits
-        self.certificate = _fused.Certificate(exact=state == "fixed")
+        self.certificate = Certificate(exact=state == "fixed")
+        for plan in self._plans.values():
+            self._configure(plan)
+
+    def set_anchor_every(self, k: int) -> None:
+        """Float reversible backprop: store the state every ``k`` layers from the next pass on."""
+        self.anchor_every = k
+        for plan in self._plans.values():
+            plan.set_anchor_every(k)
+
+    @classmethod
+    def axes(cls) -> dict[str, tuple[str, ...]]:
+        """The integrator's axes this architecture supports (none without a layout: it runs step by
+        step); reversible keeps and the fixed carrier need an invertible layer."""
+        if cls.layout is None:
+            return {}
+        rev = cls.invertible
+        return {"keep": KEEPS if rev else ("every",), "carrier": CARRIERS if rev else ("float",)}
 
     @classmethod
     def agent_layout(cls, **options) -> AgentLayout:
@@ -323,6 +302,7 @@ class H1(ODENet):
     smooth_params = ("K", "b")
     config_options = ("J",)
     distributable = True  # with J1
+    layout = AgentLayout(fields=(("y", ("p", "q")),), half_steps=(HalfStep("K", "b", "y", "y", "J1"),))
 
     def __init__(self, dim, layers, h, mask=None, J: str = "J1", **kw):
         super().__init__(dim, layers, h, mask=mask, **kw)
@@ -333,23 +313,15 @@ class H1(ODENet):
         K = P["K"][j]
         return y + self.h * (torch.tanh(y @ K.T + P["b"][j]) @ K) @ self.J.T
 
-    def forward(self, y):
-        self._check_input(y)
-        P = self.effective()
-        # K J^T folded into one matrix so the fused kernel does one product per update
-        return _fused.H1Stack.apply(y, P["K"], self._folded(P["K"]), P["b"], self.h)
+    def matrices(self, P):
+        return [(P["K"], self._folded(P["K"]))]
 
     def _folded(self, K: Tensor) -> Tensor:
-        """``K J^T`` for every layer: for J1 a signed swap of the p and q column halves (no matmul)."""
+        """``K J^T`` for every layer (the transposed product's matrix): for J1 a signed swap of the
+        p and q column halves (no matmul)."""
         if self.J_kind == "J1":
             return torch.cat([K[:, :, self.half:], -K[:, :, :self.half]], 2)
         return K @ self.J.T.to(K.dtype)
-
-    def forward_fm(self, Y):
-        if Y.dim() != 2 or Y.shape[0] != self.dim:
-            raise ValueError(f"input: expected a ({self.dim}, N) feature-major state tensor, got {tuple(Y.shape)}")
-        P = self.effective()
-        return _fused.H1StackFM.apply(Y, P["K"], self._folded(P["K"]), P["b"], self.h)
 
     def extra_repr(self):
         return super().extra_repr() + f", J={self.J_kind}"
@@ -359,7 +331,7 @@ class H1(ODENet):
         if J != "J1":
             raise NotDistributable("model.J", f"{J} couples every agent with every other (centralised only); "
                                               "use J1 for distributed runs")
-        return AgentLayout(fields=(("y", ("p", "q")),), half_steps=(HalfStep("K", "b", "y", "y", "J1"),))
+        return cls.layout
 
 
 @register("H2")
@@ -375,7 +347,9 @@ class H2(ODENet):
     smooth_params = ("K_p", "K_q", "b_p", "b_q")
     needs_even_dim = True
     distributable = True
-    invertible = True
+    # X = I: p <- p - h K_q^T tanh(K_q q + b_q), then q <- q + h K_p^T tanh(K_p p + b_p)
+    layout = AgentLayout(fields=(("p", ("p",)), ("q", ("q",))),
+                         half_steps=(HalfStep("K_q", "b_q", "q", "p", "-"), HalfStep("K_p", "b_p", "p", "q", "+")))
 
     def __init__(self, dim, layers, h, mask=None, X=None, **kw):
         super().__init__(dim, layers, h, mask=mask, **kw)
@@ -396,31 +370,12 @@ class H2(ODENet):
         q = q + self.h * (torch.tanh(p @ Kp.T + P["b_p"][j]) @ Kp) @ self.X.T
         return torch.cat([p, q], dim=1)
 
-    def forward(self, y):
-        self._check_input(y)
-        P = self.effective()
+    def matrices(self, P):
+        if self.X_is_identity:
+            return [(P["K_q"], P["K_q"]), (P["K_p"], P["K_p"])]
+        # the p-update's transposed product uses (K_q X), the q-update's (K_p X^T): folded once per pass
         X = self.X.to(P["K_p"].dtype)
-        # the p-update uses rows (K_q X), the q-update (K_p X^T): fold X in once per forward
-        Aq, Ap = (P["K_q"], P["K_p"]) if self.X_is_identity else (P["K_q"] @ X, P["K_p"] @ X.T)
-        if self.backprop == "reversible" and self.reversible_state == "fixed" and torch.is_grad_enabled():
-            bits = _fused.fraction_bits(y.dtype, self.fraction_bits)
-            return _fused.H2FixedStack.apply(y, P["K_p"], Ap, P["K_q"], Aq, P["b_p"], P["b_q"], self.h, bits,
-                                             self.certificate)
-        if self.backprop == "reversible" or not torch.is_grad_enabled():  # (no gradient: keep no states either)
-            cert = self.certificate if torch.is_grad_enabled() else None
-            return _fused.H2RevStack.apply(y, P["K_p"], Ap, P["K_q"], Aq, P["b_p"], P["b_q"], self.h,
-                                           self.anchor_every, cert)
-        return _fused.H2Stack.apply(y, P["K_p"], Ap, P["K_q"], Aq, P["b_p"], P["b_q"], self.h)
-
-    def forward_fm(self, Y):
-        if self.backprop == "reversible":  # the reversible stack is batch-major
-            return super().forward_fm(Y)
-        if Y.dim() != 2 or Y.shape[0] != self.dim:
-            raise ValueError(f"input: expected a ({self.dim}, N) feature-major state tensor, got {tuple(Y.shape)}")
-        P = self.effective()
-        X = self.X.to(P["K_p"].dtype)
-        Aq, Ap = (P["K_q"], P["K_p"]) if self.X_is_identity else (P["K_q"] @ X, P["K_p"] @ X.T)
-        return _fused.H2StackFM.apply(Y, P["K_p"], Ap, P["K_q"], Aq, P["b_p"], P["b_q"], self.h)
+        return [(P["K_q"], P["K_q"] @ X), (P["K_p"], P["K_p"] @ X.T)]
 
     def inverse_step(self, y: Tensor, j: int, P: Mapping[str, Tensor]) -> Tensor:
         """Undo layer ``j``: the state before it from the state after it (exact in exact arithmetic)."""
@@ -433,9 +388,7 @@ class H2(ODENet):
 
     @classmethod
     def agent_layout(cls, **options) -> AgentLayout:
-        # X = I: p <- p - h K_q^T tanh(K_q q + b_q), then q <- q + h K_p^T tanh(K_p p + b_p)
-        return AgentLayout(fields=(("p", ("p",)), ("q", ("q",))),
-                           half_steps=(HalfStep("K_q", "b_q", "q", "p", "-"), HalfStep("K_p", "b_p", "p", "q", "+")))
+        return cls.layout
 
 
 def build_model(name: str, dim: int, layers: int, h: float, mask=None, **options) -> ODENet:

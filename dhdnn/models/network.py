@@ -1,8 +1,10 @@
-"""The classifier around an H-DNN: input placement, the layer stack, a linear readout.
+"""Network kinds around an H-DNN, and the state network: input placement, the stack, a readout.
 
 ``logits = W y_L + mu`` where ``y_0`` holds the input features at fixed state indices
 (zero elsewhere), optionally plus learned linear embeddings of feature slices (one per
-agent, for image patches). Pure maths.
+agent, for image patches). Every network kind registers in :data:`NETWORKS` and declares what
+the engines need (``has_agents``: a topology splits its state into agents; ``needs_images``),
+how it is built from a spec and how it is exported; no other module names a kind. Pure maths.
 """
 from __future__ import annotations
 
@@ -50,6 +52,20 @@ class InputPlacement:
             raise ValueError("input placement: two features placed into the same state index")
 
 
+NETWORKS: dict[str, type] = {}  # model.network -> the network class
+
+
+def register_network(name: str):
+    """Class decorator adding a network kind to :data:`NETWORKS` under ``name``."""
+
+    def deco(cls):
+        cls.kind = name
+        NETWORKS[name] = cls
+        return cls
+
+    return deco
+
+
 def default_placement(n_features: int, dim: int) -> InputPlacement:
     """Spread the features evenly over the state; with two features: first entry of ``p`` and
     last entry of ``q``, as in the paper's 2-D examples."""
@@ -62,8 +78,12 @@ def default_placement(n_features: int, dim: int) -> InputPlacement:
     return InputPlacement(idx)
 
 
+@register_network("state")
 class Classifier(nn.Module):
     """Input placement -> H-DNN -> linear readout (``W``, ``mu``)."""
+
+    has_agents = True  # with a topology, its state splits into agents: the sharded engine runs it
+    needs_images = False  # it places features into the state (which it checks against the data)
 
     def __init__(self, body: ODENet, n_features: int, n_classes: int,
                  placement: InputPlacement | None = None, readout_states: tuple[int, ...] | None = None):
@@ -111,3 +131,39 @@ class Classifier(nn.Module):
     def readout_parameters(self) -> list[nn.Parameter]:
         """Parameters that take ordinary weight decay (the classifier)."""
         return [self.W]
+
+    # ---- what the builder, the memory estimate and the export need --------------------------
+    @staticmethod
+    def state_dim(spec, topology) -> int:
+        """The H-DNN's state dimension for a spec (or a model config) on ``topology``."""
+        if topology is not None:
+            return topology.state_dim
+        if spec.dim is None:
+            raise ValueError("dim: a network without a topology needs its state dimension")
+        return spec.dim
+
+    @staticmethod
+    def states_per_sample(n_features: int) -> int:
+        return 1
+
+    @classmethod
+    def from_spec(cls, spec, body: ODENet, topology) -> "Classifier":
+        if topology is not None:
+            return cls(body, spec.n_features, spec.n_outputs, topology.placement(spec.n_features),
+                       topology.readout_state_indices())
+        placement = InputPlacement(tuple(spec.feature_index)) if spec.feature_index is not None else None
+        return cls(body, spec.n_features, spec.n_outputs, placement)
+
+    def export_fields(self) -> dict:
+        pl = self.placement
+        return {"readout_states": self.readout_idx.tolist(),
+                "placement": {"feature_index": list(pl.feature_index), "features": list(pl.features),
+                              "embeddings": [{"features": list(e.features), "states": list(e.states)}
+                                             for e in pl.embeddings]}}
+
+    @classmethod
+    def from_export(cls, d: dict, body: ODENet) -> "Classifier":
+        pl = d["placement"]
+        placement = InputPlacement(tuple(pl["feature_index"]), tuple(pl["features"]),
+                                   tuple(Embedding(tuple(e["features"]), tuple(e["states"])) for e in pl["embeddings"]))
+        return cls(body, d["n_features"], d["n_classes"], placement, tuple(d["readout_states"]))

@@ -1,6 +1,6 @@
-"""Local products with one rank's rows of a block-sparse matrix, split for overlap.
+"""The coupling's local products: a matrix's rows times a field, split for overlap.
 
-A rank holds the row blocks of its agents for every layer. Against its *extended* field
+A rank (or one process: the one-rank case) holds the row blocks of its agents for every layer. Against its *extended* field
 ``X = [x_local; x_halo]`` (``(E, B)``, local rows ``[0, F)`` first) a kernel computes, per
 layer ``j`` (every method overwrites its output unless it says "add"):
 
@@ -11,15 +11,17 @@ layer ``j`` (every method overwrites its output unless it says "add"):
 * ``grad(st, G, j, gu, X, s, GZ)``: the weight gradient of ``s = tanh(K X + b)``,
   ``z = K^T s``: ``dK += gu X^T + s GZ^T`` on the blocks only.
 
-:class:`DenseKernel` works on the rank's rows stored assembled, ``(layers, F, E)`` matrices zero
-off the blocks (small or dense ranks: one BLAS call per product); :class:`BlockKernel` multiplies block by
-block with chunked ``bmm`` (cost follows the non-zero blocks, so a rank of 30,000 ring agents
-never forms a 30,000-agent matrix). Both take the parameter tensors as arguments, so the
-autograd Function that calls them owns the gradients. ``prepare`` builds per-pass state
-(views per layer), so a product costs one call, not an indexing chain.
+:class:`MatrixKernel` works on assembled ``(layers, F, E)`` matrices (the dense model, the conv
+network, small or dense ranks: one BLAS call per product); :class:`BlockKernel` multiplies block
+by block with chunked ``bmm`` (cost follows the non-zero blocks, so a rank of 30,000 ring agents
+never forms a 30,000-agent matrix); :class:`DiagonalKernel` stores blocks along graph offsets.
+All take the parameter tensors as arguments, so the integrator's autograd Function owns the
+gradients. ``prepare`` builds per-pass state (views per layer), so a product costs one call, not
+an indexing chain. :data:`KERNELS` is the registry ``run.local_kernel`` names. Pure maths.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +29,7 @@ import torch
 from torch import Tensor
 
 CHUNK_ELEMENTS = 1 << 18  # gathered inputs per bmm chunk (~1 MiB in float32: stays in cache)
+FAULT = os.environ.get("DHDNN_TEST_FAULT")  # test-only (dhdnn verify's tests): "mask" lets an off-block entry learn
 
 
 @dataclass
@@ -44,65 +47,118 @@ class ClassRows:
 
 
 @dataclass
-class DenseState:
-    K: Tensor  # (L, F, E)
-    loc: list  # per layer: (F, F) views
-    halo: list  # per layer: (F, H) views (None without a halo)
+class MatrixState:
+    """One pass's operands of :class:`MatrixKernel`: per layer, ``loc``/``halo`` (the matrix ``mv``
+    multiplies with, local and halo columns) and ``tloc``/``thalo`` (transposed views of the
+    matrix ``tmv`` multiplies with). Forward: ``K`` and ``A^T``; :meth:`MatrixKernel.adjoint`
+    swaps them for the backward (``A`` and ``K^T``)."""
+
+    K: Tensor
+    A: Tensor
+    loc: list
+    halo: list | None
+    tloc: list
+    thalo: list | None
 
 
-class DenseKernel:
-    """Assembled local matrices: ``K[j]`` is ``(F, E)``, zero off the blocks."""
+class MatrixKernel:
+    """Assembled matrices, one BLAS call per product: the dense model and the conv network
+    (``(layers, m, m)``, no halo; ``A``, the matrix of the transposed product, may differ from ``K``
+    when a fixed factor is folded in), and a rank's rows stored ``(layers, F, E)``, zero off the
+    blocks (small or dense ranks). Without a halo its products can also update the state
+    directly (:attr:`direct`), and its weights bound every increment (:meth:`column_bound`)."""
 
     name = "dense"
+    scales_mv = True  # mv_local folds a scale into the BLAS call (the activation's factor 2)
 
-    def __init__(self, classes: list[ClassRows], F: int, E: int, layers: int):
-        self.F, self.E, self.L = F, E, layers
-        # flat positions of every block entry in an (F, E) matrix, class by class
-        self.flat = [(c.rows[:, :, None] * E + c.cols[:, None, :]).reshape(-1) for c in classes]
-        mask = torch.zeros(F * E, dtype=torch.bool)
-        for f in self.flat:
-            mask[f] = True
-        self.mask = mask.view(F, E)
+    def __init__(self, classes: list[ClassRows] | None, F: int, E: int, layers: int, shared: bool = True):
+        self.F, self.E, self.L, self.shared = F, E, layers, shared
+        self.n_tensors = 1 if shared else 2
+        self.mask = None
+        if classes is not None:  # a rank's blocks: flat positions of every block entry, class by class
+            self.flat = [(c.rows[:, :, None] * E + c.cols[:, None, :]).reshape(-1) for c in classes]
+            mask = torch.zeros(F * E, dtype=torch.bool)
+            for f in self.flat:
+                mask[f] = True
+            self.mask = mask.view(F, E)
+
+    @property
+    def direct(self) -> bool:
+        return self.E == self.F
 
     def move(self, fn) -> None:
         """Move the kernel's index tensors (``fn`` as in ``Module._apply``)."""
-        self.flat = [fn(f) for f in self.flat]
-        self.mask = fn(self.mask)
+        if self.mask is not None:
+            self.flat, self.mask = [fn(f) for f in self.flat], fn(self.mask)
 
-    def prepare(self, Ws: list[Tensor]) -> DenseState:
-        """``Ws``: the one ``(L, F, E)`` parameter (stored assembled, zero off the blocks)."""
-        K = Ws[0]
-        F = self.F
-        if self.E == F:  # no halo: the whole matrix is local
-            return DenseState(K, list(K.unbind(0)), None)
-        return DenseState(K, list(K[:, :, :F].unbind(0)), list(K[:, :, F:].unbind(0)))
+    def prepare(self, Ws: list[Tensor]) -> MatrixState:
+        """``Ws``: ``[K]`` (or ``[K, A]``), each ``(L, F, E)``."""
+        K, A, F = Ws[0], Ws[-1], self.F
+        At = A.transpose(1, 2)
+        if self.E == F:
+            return MatrixState(K, A, list(K.unbind(0)), None, list(At.unbind(0)), None)
+        return MatrixState(K, A, list(K[:, :, :F].unbind(0)), list(K[:, :, F:].unbind(0)),
+                           list(At[:, :F].unbind(0)), list(At[:, F:].unbind(0)))
 
-    def mv_local(self, st, j, X, out, bias=None):
+    def adjoint(self, st: MatrixState) -> MatrixState:
+        """The backward's operands: ``mv`` with ``A``, ``tmv`` with ``K^T``."""
+        return st if self.shared else self.prepare([st.A, st.K])
+
+    def mv_local(self, st, j, X, out, bias=None, scale=1.0):
         if bias is None:
             torch.mm(st.loc[j], X[:self.F], out=out)
         else:
-            torch.addmm(bias, st.loc[j], X[:self.F], out=out)
+            torch.addmm(bias, st.loc[j], X[:self.F], beta=scale, alpha=scale, out=out)
 
     def mv_halo(self, st, j, X, out):
         if st.halo is not None:
             out.addmm_(st.halo[j], X[self.F:])
 
     def tmv_local(self, st, j, s, Z):
-        torch.mm(st.loc[j].T, s, out=Z[:self.F])
+        torch.mm(st.tloc[j], s, out=Z[:self.F])
 
     def tmv_halo(self, st, j, s, Z):
-        if st.halo is not None:
-            torch.mm(st.halo[j].T, s, out=Z[self.F:])
+        if st.thalo is not None:
+            torch.mm(st.thalo[j], s, out=Z[self.F:])
 
-    def grad_buffers(self, st) -> Tensor:
-        return torch.zeros_like(st.K)
+    def tmv_into(self, st, j, s, base, out, alpha=1.0):
+        """``out = base + alpha tmv(s)`` in one call (:attr:`direct` only)."""
+        torch.addmm(base, st.tloc[j], s, alpha=alpha, out=out)
+
+    def grad_buffers(self, st) -> list[Tensor]:
+        return [torch.zeros_like(st.K)] + ([] if self.shared else [torch.zeros_like(st.A)])
 
     def grad(self, st, G, j, gu, X, s, GZ):
-        G[j].addmm_(gu, X.T).addmm_(s, GZ.T)
+        """``dK += gu X^T``, ``dA += s GZ^T``."""
+        G[0][j].addmm_(gu, X.T)
+        G[-1][j].addmm_(s, GZ.T)
 
-    def end_grad(self, G: Tensor) -> list[Tensor]:
+    def grad_layers(self, st, G, GU, X, S, GZ):
+        """:meth:`grad` for every layer at once (``(L, rows, B)`` operands), as batched products."""
+        G[0].baddbmm_(GU, X.transpose(1, 2))
+        G[-1].baddbmm_(S, GZ.transpose(1, 2))
+
+    def end_grad(self, G: list[Tensor]) -> list[Tensor]:
         """Entries off the blocks get no gradient: they stay exactly zero under any optimiser."""
-        return [G.mul_(self.mask)]
+        if self.mask is None:
+            return G
+        G = [g.mul_(self.mask) for g in G]
+        if FAULT == "mask" and (~self.mask).any():  # test-only: one entry off the blocks gets a gradient
+            G[0].view(self.L, -1)[:, int((~self.mask).view(-1).nonzero()[0])] = 1.0
+        return G
+
+    def outside(self, Ws: list[Tensor]) -> list[dict]:
+        """The non-zero entries stored outside the graph's blocks (none, unless a bug)."""
+        if self.mask is None:
+            return []
+        bad = (Ws[0].detach() != 0) & ~self.mask
+        return [{"layer": int(j), "where": f"local row {int(r)}, column {int(c)}", "value": float(Ws[0][j, r, c])}
+                for j, r, c in bad.nonzero()[:5].tolist()]
+
+    def column_bound(self, st) -> float | None:
+        """``sum_j max_c sum_r |A_j[r, c]|``: how far ``tmv`` of a vector in [-1, 1] can move an
+        entry over all layers (None with a halo: other ranks' rows add to the same columns)."""
+        return float(st.A.detach().abs().sum(1).amax(-1).double().sum()) if self.E == self.F else None
 
 
 class _BlockProducts:
@@ -110,8 +166,15 @@ class _BlockProducts:
     output (``_mv``, ``_tmv_add``), started from the bias or zero."""
 
     F: int
+    scales_mv, direct, n_tensors = False, False, None  # (n_tensors: one per block class)
 
-    def mv_local(self, Ws, j, X, out, bias=None):
+    def adjoint(self, st):
+        return st  # K is A
+
+    def column_bound(self, st):
+        return None
+
+    def mv_local(self, Ws, j, X, out, bias=None, scale=1.0):
         if bias is None:
             out.zero_()
         else:
@@ -159,21 +222,17 @@ class BlockKernel(_BlockProducts):
             b = min(hi, a + step)
             yield slice(a, b), c.rows[a:b].reshape(-1), c.cols[a:b].reshape(-1)
 
-    def _mv(self, Ws, j, X, out, part):
+    def _mv(self, Ws, j, X, out, part, transpose: bool = False):
+        """``out[rows] += K X[cols]`` block by block (``transpose``: ``out[cols] += K^T X[rows]``)."""
         B = X.shape[1]
         for W, c in zip(Ws, self.classes):
-            _, r, cc = c.shape
             for sl, rows, cols in self._chunks(c, part, B):
-                xs = X.index_select(0, cols).view(-1, cc, B)
-                out.index_add_(0, rows, torch.bmm(W[j, sl], xs).view(-1, B))
+                src, dst = (rows, cols) if transpose else (cols, rows)
+                w = W[j, sl].transpose(1, 2) if transpose else W[j, sl]
+                out.index_add_(0, dst, torch.bmm(w, X.index_select(0, src).view(len(w), w.shape[2], B)).view(-1, B))
 
     def _tmv_add(self, Ws, j, s, Z, part):
-        B = s.shape[1]
-        for W, c in zip(Ws, self.classes):
-            _, r, cc = c.shape
-            for sl, rows, cols in self._chunks(c, part, B):
-                ss = s.index_select(0, rows).view(-1, r, B)
-                Z.index_add_(0, cols, torch.bmm(W[j, sl].transpose(1, 2), ss).view(-1, B))
+        self._mv(Ws, j, s, Z, part, transpose=True)
 
     def grad(self, Ws, G, j, gu, X, s, GZ):
         B = X.shape[1]
@@ -189,6 +248,9 @@ class BlockKernel(_BlockProducts):
 
     def end_grad(self, G):
         return G
+
+    def outside(self, Ws):
+        return []  # only the blocks are stored
 
 
 @dataclass
@@ -354,6 +416,15 @@ class DiagonalKernel(_BlockProducts):
                 g.index_fill_(1, pad, 0)
         return G
 
+    def outside(self, Ws):
+        """The non-zero padding entries of the bands (none, unless a bug)."""
+        out = []
+        for ci, (W, pad) in enumerate(zip(Ws, self.pads)):
+            vals = W.detach()[:, pad].flatten(2).abs().amax(-1)  # (layers, padding slots)
+            out += [{"layer": j, "where": f"block class {ci}, band slot {int(pad[i])}", "value": float(vals[j, i])}
+                    for j, i in (vals != 0).nonzero()[:5].tolist()]
+        return out
+
 
 DIAGONAL_COVERAGE = 0.5  # share of a matrix's entries in bands above which auto takes the diagonal kernel
 
@@ -387,7 +458,7 @@ def build_kernels(requested: str, classes: dict[str, list[ClassRows]], F: int, E
     return name, {m: KERNELS[name](v, F, E, layers) for m, v in classes.items()}
 
 
-KERNELS = {"dense": DenseKernel, "blocks": BlockKernel, "diagonal": DiagonalKernel}
+KERNELS = {"dense": MatrixKernel, "blocks": BlockKernel, "diagonal": DiagonalKernel}
 
 
 def class_rows(rows_ext: np.ndarray, cols_ext: np.ndarray, F: int, device=None) -> tuple[ClassRows, np.ndarray]:
