@@ -59,8 +59,9 @@ def engine_kind(cfg: Config, topo, torchrun: bool) -> str:
     return "sharded" if topo is not None and NETWORKS[cfg.model.network].has_agents else "replicated"
 
 
-def validate(cfg: Config, world: int | None = None, local_world: int | None = None) -> Setup:
-    """Check the run before anything starts; errors name the file and the key (ConfigError)."""
+def validate(cfg: Config, world: int | None = None, local_world: int | None = None, warn: bool = True) -> Setup:
+    """Check the run before anything starts; errors name the file and the key (ConfigError).
+    ``warn``: say when workers outnumber cores (a speed matter)."""
     from .topology import load_topology
 
     torchrun = world is not None
@@ -72,7 +73,7 @@ def validate(cfg: Config, world: int | None = None, local_world: int | None = No
     _check_features(cfg, data, topo)
     check = {"sharded": _check_sharded, "replicated": _check_replicated}.get(kind)
     dims = check(cfg, topo, world) if check is not None else _check_dense(cfg)
-    _check_resources(cfg, topo, data, dims, kind == "sharded", local_world or (world if kind != "dense" else 1))
+    _check_resources(cfg, topo, data, dims, kind == "sharded", local_world or (world if kind != "dense" else 1), warn)
     return Setup(topo, data.n_features, data.n_outputs, kind, world, dims.replicas)
 
 
@@ -175,7 +176,7 @@ def _check_dense(cfg: Config):
     return _layout(cfg, 1, 1)
 
 
-def _check_resources(cfg: Config, topo, data, dims, sharded: bool, here: int) -> None:
+def _check_resources(cfg: Config, topo, data, dims, sharded: bool, here: int, warn: bool = True) -> None:
     """Refuse a run whose estimated memory exceeds the machine's; warn when workers outnumber cores."""
     from .resources import available_memory, cores, estimate, human
 
@@ -189,7 +190,7 @@ def _check_resources(cfg: Config, topo, data, dims, sharded: bool, here: int) ->
                           f"{f' x {here} ranks' if here > 1 else ''}, more than this machine's {human(avail)} "
                           f"available; lower {keys}")
     threads = cfg.run.threads
-    if here * threads > cores():
+    if warn and here * threads > cores():
         print(f"dhdnn: warning: {here} worker(s) x {threads} thread(s) on {cores()} cores: workers will wait "
               "for each other's CPU time (every exchange then costs a scheduling delay); use at most "
               f"{max(1, cores() // threads)} workers here", file=sys.stderr)

@@ -158,7 +158,7 @@ def check_close(got: dict, want: dict, tol: float, what: str = "parameters") -> 
     for key, ref in want.items():
         if key not in got:
             raise CheckFailed("exactness", f"{what}: {key} is missing")
-        diff = (got[key].double() - ref.double()).abs()
+        diff = (got[key].detach().double() - ref.detach().double()).abs()
         rel = float(diff.max()) / max(float(ref.abs().max()), 1e-300) if diff.numel() else 0.0
         if not rel <= tol:
             idx = tuple(int(i) for i in np.unravel_index(int(diff.argmax()), tuple(diff.shape)))
