@@ -217,7 +217,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .config import apply_overrides, config_from_dict
+    from .config import ConfigError, apply_overrides, config_from_dict
     from .engine import DenseEngine
     from .export import dense_model_of_run, model_from_export, read_export
     from .train import DTYPES, load_data
@@ -233,6 +233,10 @@ def cmd_evaluate(args) -> int:
         model, raw = model_from_export(payload, src), payload["config"]
     spec = getattr(model, "spec", None)
     task = TASKS[spec.task if spec is not None else "classify"]
+    if not raw.get("data") and not any(o.strip().startswith("data.") for o in args.overrides):
+        raise ConfigError(f"{src}: key 'data': no data is recorded with this model; expected --set data.name=... "
+                          "(and data.path=... for files), or an export that records its data "
+                          "(export_model(model, path, data={...}))")
     # the model is given; what matters of the config is its data section (and the task it implies)
     raw = {**raw, "topology": None, "model": {**(raw.get("model") or {}), "task": task.name}}
     cfg = config_from_dict(apply_overrides(raw, args.overrides), str(src))

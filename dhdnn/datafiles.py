@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -55,14 +56,21 @@ def read_npz(path: Path, keys: dict | None = None) -> tuple[dict[str, np.ndarray
         raise ConfigError(f"{path}: file not found (data.path)")
     if path.is_dir():
         found = {p.stem: p for p in path.glob("*.npy")}
-        load = lambda n: np.load(found[n], mmap_mode="c", allow_pickle=False)  # noqa: E731
+        load = lambda n: _npy(found[n])  # noqa: E731
     else:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+        if magic == b"\x93NUMPY":
+            raise ConfigError(f"{path}: key 'data.path': one .npy array, expected an .npz archive of named arrays "
+                              "(np.savez), or a directory of x_train.npy, y_train.npy, ...")
+        if not zipfile.is_zipfile(path):
+            raise ConfigError(f"{path}: key 'data.path': not an .npz (zip) archive; expected the named arrays "
+                              "np.savez writes (x_train, y_train[, x_test, y_test])")
         try:
             archive = np.load(path, allow_pickle=False)
         except Exception as e:
-            raise ConfigError(f"{path}: cannot be read as .npz ({_first_line(e)})") from None
-        if not hasattr(archive, "files"):
-            raise ConfigError(f"{path}: expected an .npz archive of named arrays (np.savez), got one array")
+            raise ConfigError(f"{path}: key 'data.path': cannot be read as an .npz archive ({_first_line(e)})") \
+                from None
         found = {n: n for n in archive.files}
         load = lambda n: archive[n]  # noqa: E731
     out = {}
@@ -77,6 +85,14 @@ def read_npz(path: Path, keys: dict | None = None) -> tuple[dict[str, np.ndarray
             raise ConfigError(f"{where}: key '{n}': missing; the file holds {sorted(found)}; "
                               "name its arrays x_train, y_train (x_test, y_test) or map them with data.keys")
     return out, where
+
+
+def _npy(path: Path) -> np.ndarray:
+    """A ``.npy`` array, memory-mapped copy-on-write (never unpickled)."""
+    with open(path, "rb") as f:
+        if f.read(6) != b"\x93NUMPY":
+            raise ValueError(f"{path.name} is not a .npy array file (np.save writes one)")
+    return np.load(path, mmap_mode="c", allow_pickle=False)
 
 
 def read_csv(path: Path, dc, role: str = "data.path") -> tuple[np.ndarray, np.ndarray, str]:
@@ -101,11 +117,17 @@ def read_csv(path: Path, dc, role: str = "data.path") -> tuple[np.ndarray, np.nd
         feats = [_column(path, names, width, c, "data.features") for c in dc.features]
     if not feats:
         raise ConfigError(f"{path}: key 'data.features': no feature columns left beside the target")
+    cols = feats + targets
+    keys = ["data.features"] * len(feats) + ["data.target"] * len(targets)
     try:
         table = np.loadtxt(path, delimiter=dc.delimiter, skiprows=1 if header else 0, ndmin=2, dtype=np.float64,
-                           usecols=feats + targets, encoding="utf-8")
+                           usecols=cols, encoding="utf-8")
+        bad = np.argwhere(~np.isfinite(table))
     except ValueError as e:
-        raise ConfigError(f"{path}: {_first_line(e)} (expected numbers in every used column)") from None
+        raise ConfigError(_csv_cell(path, dc.delimiter, header, names, cols, keys) or f"{path}: {_first_line(e)} "
+                          "(expected numbers in every used column)") from None
+    if len(bad):  # in the file's coordinates: its line (as an editor counts) and the column's name
+        raise ConfigError(_csv_cell(path, dc.delimiter, header, names, cols, keys, tuple(bad[0])))
     x, y = table[:, :len(feats)], table[:, len(feats):]
     return x, (y[:, 0] if not isinstance(target, list) else y), str(path)
 
@@ -117,6 +139,27 @@ def read_csv_splits(dc, source: str) -> tuple[dict[str, np.ndarray], str]:
         xt, yt, _ = read_csv(Path(dc.test_path), dc, "data.test_path")
         out.update(x_test=xt, y_test=yt)
     return out, where
+
+
+def _csv_cell(path: Path, delimiter: str, header: bool, names, cols: list[int], keys: list[str],
+              at: tuple[int, int] | None = None) -> str | None:
+    """The error of a CSV cell as the user sees the file: line number (1-based, as an editor
+    counts), column name (or number), the config key that uses it. ``at``: (data row, used
+    column) of a non-finite value; else the first cell that is not a number."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip() and not line.lstrip().startswith("#")]
+    rows = lines[1:] if header else lines
+    for r, (n, line) in enumerate(rows):
+        if at is not None and r != at[0]:
+            continue
+        cells = line.rstrip("\r\n").split(delimiter)
+        for i, c in enumerate(cols):
+            cell = cells[c].strip().strip('"') if c < len(cells) else ""
+            if (at is not None and i == at[1]) or (at is None and not _is_number(cell)):
+                name = f"column {names[c]!r}" if names else f"column {c + 1}"
+                what = f"non-finite value {cell}" if at is not None else f"{cell!r} is not a number"
+                return f"{path}: line {n}, {name} (key '{keys[i]}'): {what}; expected finite numbers in every used column"
+    return None
 
 
 def _column(path: Path, names: list[str] | None, width: int, c, key: str) -> int:

@@ -70,10 +70,12 @@ def trainable_parameters(model) -> int:
     return n
 
 
-def export_model(model, out: str | Path, cfg=None) -> Path:
+def export_model(model, out: str | Path, cfg=None, data: dict | None = None) -> Path:
     """Write ``model`` (a dense network: from a run, :func:`dhdnn.build_network` or a user's
-    loop) as one export file; ``cfg``: the run config it came from, if any (``dhdnn evaluate``
-    reads its data section)."""
+    loop) as one export file; ``cfg``: the run config it came from, if any; ``data``: else the
+    data it was trained on, as a run config's ``data`` section (``{"name": "double_moons",
+    "n_samples": 2000}``, validated here): ``dhdnn evaluate`` reads it, and asks for data
+    where none is recorded."""
     body = model.body
     spec = getattr(model, "spec", None)
     payload = {
@@ -84,7 +86,7 @@ def export_model(model, out: str | Path, cfg=None) -> Path:
         "task": spec.task if spec is not None else "classify",
         "spec": spec.to_dict() if spec is not None else None,
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        "config": cfg.to_dict() if cfg is not None else {},
+        "config": cfg.to_dict() if cfg is not None else ({"data": _data_section(data)} if data else {}),
         "topology": None,
     }
     topo = getattr(model, "topology", None)
@@ -96,6 +98,12 @@ def export_model(model, out: str | Path, cfg=None) -> Path:
     out = Path(out)
     ckpt.atomic_write(out, lambda f: torch.save(payload, f))
     return out
+
+
+def _data_section(data: dict) -> dict:
+    from .config import config_from_dict
+
+    return config_from_dict({"data": data}, "export_model(data=...)").to_dict()["data"]
 
 
 def load_exported(path: str | Path) -> Classifier:

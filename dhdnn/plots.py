@@ -11,8 +11,9 @@
 * ``predictions.png`` (regression): how close is each predicted output to its target?
   ``vector_field.png`` (regression from 2 inputs to 2 outputs): the learned field beside the
   true one.
-* ``partition.png`` (a topology run on several workers) and ``topology_plot``: where do the
-  agents live, what does each worker carry, which edges cross workers?
+* ``topology.png`` (a topology run) and ``partition.png`` (one on several agent partitions):
+  which agent reads the inputs and feeds the readout, where do the agents live, what does each
+  worker carry, which edges cross workers?
 
 Uses matplotlib's file-only Agg backend.
 """
@@ -218,12 +219,27 @@ def plot_run(run: Path) -> list[Path]:
         pred = _predict(model, data.x_test)  # once, for both pictures
         written.append(confusion(pred, data, run / "confusion.png"))
         written.append(misclassified(pred, data, run / "misclassified.png"))
-    workers = cfg.run.workers // (cfg.run.replicas if isinstance(cfg.run.replicas, int) else 1)
-    if topo is not None and workers > 1:
-        from .partition import partition
+    if topo is not None:
+        written.append(topology_plot(topo, None, run / "topology.png"))
+        partitions = _partitions(run, cfg, topo)
+        if partitions > 1:
+            from .partition import partition
 
-        written.append(topology_plot(topo, partition(topo, workers), run / "partition.png"))
+            written.append(topology_plot(topo, partition(topo, partitions), run / "partition.png"))
     return written
+
+
+def _partitions(run: Path, cfg, topo) -> int:
+    """The run's agent partitions: as recorded (``run.replicas: auto`` chooses at start-up), else
+    the layout its config asks for (1 for a run in one process)."""
+    from .distributed.mesh import check_layout
+
+    summary = run / "summary.json"
+    layout = json.loads(summary.read_text()).get("layout") if summary.exists() else None
+    if layout:
+        return int(layout["agents"])
+    sharded = cfg.run.workers > 1 and cfg.run.engine != "dense"
+    return check_layout(cfg.run.workers, cfg.run.replicas, topo, cfg.train.batch_size).agents if sharded else 1
 
 
 def topology_plot(topo, part, out) -> Path:

@@ -77,6 +77,10 @@ def check_locality(records, topology, assignment, *, batch, layout, layers: int,
         n += 1
         step_bytes[(m["step"], rs, m["phase"])] += m["bytes"]
         if m["op"] != "readout":
+            pp, k = plans_b[rs]["per_pair"], factor if m["phase"] == "backward" else 1
+            if m["bytes"] not in (k * pp.get(f"{s}->{d}", 0), k * pp.get(f"{d}->{s}", 0)):
+                raise CheckFailed("bytes", f"{_describe(m)}: {m['bytes']} bytes, the plan's rows between agent ranks "
+                                           f"{s} and {d} are {k * pp.get(f'{s}->{d}', 0)} / {k * pp.get(f'{d}->{s}', 0)}")
             exchange[(m["step"], rs, m["phase"], m["layer"], m["op"])] += m["bytes"]
             senders[(m["step"], rs, m["phase"], m["layer"], m["op"], s)] += 1
     for key, count in senders.items():

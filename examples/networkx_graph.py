@@ -41,7 +41,7 @@ def main(argv=None) -> None:
             opt.step()
     with torch.no_grad():
         acc = float((model(x_test).argmax(1) == data.y_test).float().mean())
-    dhdnn.export_model(model, args.out)
+    dhdnn.export_model(model, args.out, data={"name": "double_circles", "n_samples": 2000, "seed": 0})  # for evaluate
     back = dhdnn.load_exported(args.out)
     with torch.no_grad():
         same = torch.equal(back(x_test), model(x_test))

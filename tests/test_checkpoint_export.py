@@ -117,3 +117,20 @@ def test_format_1_checkpoints_still_load(tmp_path):
 
     for k, v in dense_packed(table, model2).items():
         torch.testing.assert_close(v, full2[k].to(v.dtype), rtol=0, atol=0)
+
+
+def test_evaluate_asks_for_data_where_none_is_recorded(tmp_path, capsys):
+    """A library export records no data unless given: ``dhdnn evaluate`` asks for it (exit 2)
+    instead of evaluating on a default dataset; an export that records its data evaluates."""
+    from dhdnn import build_network, export_model, load_topology
+    from dhdnn.cli import main
+
+    model = build_network(load_topology("topologies/ring8.yaml"), arch="H2", layers=2, h=0.5, n_outputs=2)
+    export_model(model, tmp_path / "bare.pt")
+    assert main(["evaluate", str(tmp_path / "bare.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "key 'data'" in err and "--set data.name=" in err and len(err.strip().splitlines()) == 1, err
+    assert main(["evaluate", str(tmp_path / "bare.pt"), "--set", "data.name=double_moons", "--json"]) == 0
+    export_model(model, tmp_path / "m.pt", data={"name": "double_moons", "n_samples": 400})
+    assert main(["evaluate", str(tmp_path / "m.pt"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["samples"] == 200

@@ -5,7 +5,6 @@ masked matrix product), so they agree to round-off: ~1e-15 relative per operatio
 by the depth of the network; 1e-10 leaves ample margin while still catching any wrong term.
 """
 import random
-from collections import defaultdict
 
 import networkx as nx
 import numpy as np
@@ -17,9 +16,9 @@ from dhdnn.blocks import BlockTable, dense_packed, init_packed, load_dense
 from dhdnn.distributed.launch import run_local
 from dhdnn.build import build_classifier
 from dhdnn.engine import DenseEngine
-from dhdnn.halo import build_plans, predicted_bytes
 from dhdnn.models import ARCHITECTURES
 from dhdnn.partition import partition
+from dhdnn.testing import check_locality as check_messages
 from dhdnn.topology import load_topology
 
 from ._workers import cfg_for, exact_reversible_worker, exactness_worker, make_data
@@ -127,34 +126,12 @@ def check_run(topo_path, arch, workers, tmp_path, readout="tree", kernel="blocks
 
 def check_locality(topo, results, workers, arch, batch, classes, backprop="autograd", layers=LAYERS):
     """Every message goes between adjacent ranks, one per neighbour rank per exchange, with
-    bytes equal to the halo plan, per exchange and per step."""
-    layout = ARCHITECTURES[arch].agent_layout()
-    part = partition(topo, workers)
-    rank_edges = {tuple(sorted(e)) for e in part.rank_graph(topo).edges}
-    plans = build_plans(topo, part)
-    factor = 2 if backprop == "reversible" else 1
-    pred = predicted_bytes(topo, part, batch, "float64", layout.parts_per_agent, layout.exchanges_per_layer,
-                           layers=layers, classes=classes, backward_factor=factor)
+    bytes equal to the halo plan, per exchange and per step (dhdnn.testing: the checks users run)."""
     records = [m for r in results for m in r["records"]]
-    per_exchange = defaultdict(int)
-    per_sender = defaultdict(int)
-    for m in records:
-        assert m["src"] != m["dst"] and tuple(sorted((m["src"], m["dst"]))) in rank_edges, m
-        assert m["phase"] in ("forward", "backward") and m["step"] == 0
-        per_exchange[(m["phase"], m["layer"], m["op"])] += m["bytes"]
-        per_sender[(m["phase"], m["layer"], m["op"], m["src"])] += 1
-    for (phase, layer, op), nbytes in per_exchange.items():
-        if op == "readout":
-            assert nbytes == pred["readout"] // 2  # up in forward, down in backward
-        else:
-            assert nbytes == pred["per_exchange"] * (factor if phase == "backward" else 1), (phase, layer, op)
-    for (phase, layer, op, src), count in per_sender.items():  # one message per neighbour rank
-        expected = len(plans[src].neighbor_ranks) if op != "readout" else \
-            (1 if phase == "forward" else len(plans[src].tree_children))
-        assert count == expected
-    n_layer_ex = sum(1 for k in per_exchange if k[2] != "readout")
-    assert n_layer_ex == (0 if workers == 1 else 2 * layers * pred["exchanges_per_layer_forward"])
-    assert sum(m["bytes"] for m in records) == (pred["per_step"] if workers > 1 else 0)
+    assert all(m["phase"] in ("forward", "backward") and m["step"] == 0 for m in records)
+    got = check_messages(records, topo, partition(topo, workers).assignment, batch=batch,
+                         layout=ARCHITECTURES[arch].agent_layout(), layers=layers, classes=classes, backprop=backprop)
+    assert got["messages"] == len(records) and (workers == 1) == (not records)
 
 
 CASES = [("topologies/ring8.yaml", "H2"), ("topologies/grid4x4_patches.yaml", "H2"), ("random", "H2"),

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import networkx as nx
@@ -18,9 +17,8 @@ import torch.nn.functional as F
 import dhdnn
 from dhdnn.build import build_classifier
 from dhdnn.config import load_config
-from dhdnn.halo import predicted_bytes
 from dhdnn.models import ARCHITECTURES
-from dhdnn.partition import Partition
+from dhdnn.testing import check_locality, check_reductions, read_trace
 from dhdnn.topology import Topology, TopologyError
 
 from .test_torchrun import free_port, torch_env
@@ -114,25 +112,17 @@ def one_process(steps: int, dtype=torch.float64):
 
 def check_trace(trace_dir: Path, topo, assignment, workers: int, batch: int, layers: int, steps: int,
                 replicas: int = 1):
-    """Every message between neighbour ranks of replica 0; bytes per step equal to the plan (with
-    the logits coming back down the tree to every rank); gradient sums only in the replica group."""
-    part = Partition(assignment, workers, "saved")
-    edges = {tuple(sorted(e)) for e in part.rank_graph(topo).edges}
+    """Every message between neighbour ranks of one replica; bytes per step equal to the plan (with
+    the logits coming back down the tree to every rank); gradient sums only in the replica group
+    (dhdnn.testing: the checks users run on their own trace directories)."""
+    records = read_trace(trace_dir)
+    assert {m["src"] for m in records} == set(range(workers * replicas))  # every rank traced
     lay = ARCHITECTURES["H2"].agent_layout()
-    plan = predicted_bytes(topo, part, batch, "float64", lay.parts_per_agent, lay.exchanges_per_layer, layers=layers,
-                           classes=2, logits_everywhere=True)
-    per_step = defaultdict(int)
-    for r in range(workers):
-        for line in (trace_dir / f"trace-rank{r}.jsonl").read_text().splitlines():
-            m = json.loads(line)
-            if m["op"] == "allreduce_grad":  # this shard's copies: the same agent rank in every replica
-                assert m["phase"] == "backward" and m["group"] == [r + k * workers for k in range(replicas)], m
-                continue
-            assert m["src"] == r and tuple(sorted((m["src"], m["dst"]))) in edges, m
-            if m["phase"] != "eval":
-                per_step[m["step"]] += m["bytes"]
-    assert sorted(per_step) == list(range(steps))
-    assert set(per_step.values()) == {plan["per_step"]}, (dict(per_step), plan["per_step"])
+    got = check_locality(records, topo, assignment, batch=batch, layout=lay, layers=layers, classes=2,
+                         logits_everywhere=True, replicas=replicas)
+    assert len({m["step"] for m in records if m["phase"] != "eval" and m["op"] != "allreduce_grad"}) == steps
+    assert got["messages"] and got["bytes_per_step"] == [got["planned_per_step"]]
+    check_reductions(records, workers, replicas)
 
 
 @pytest.mark.parametrize("nproc,replicas", [(2, 1), (3, 1), (4, 2)])

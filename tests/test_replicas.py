@@ -6,17 +6,16 @@ global batch, so only the order of additions differs: 1e-9 leaves ample margin).
 halo messages only inside a replica and gradient reductions only inside a replica group.
 """
 import json
-from collections import defaultdict
 
 import pytest
 import torch
 
 from dhdnn import checkpoint as ckpt
 from dhdnn.config import load_config
-from dhdnn.halo import predicted_bytes
 from dhdnn.models import ARCHITECTURES
 from dhdnn.partition import partition
 from dhdnn.run import train_from_config
+from dhdnn.testing import check_locality, check_reductions, read_trace
 from dhdnn.topology import load_topology
 
 from ._runs import assert_same as _same, params_of as _params, write_mixed_run
@@ -51,40 +50,21 @@ def test_every_layout_trains_the_one_process_network(mixed, tmp_path):
 
 
 def test_traces_keep_halos_inside_replicas_and_reductions_inside_replica_groups(mixed, tmp_path):
+    """Halo and readout messages only between neighbour ranks of one replica, with each replica's
+    planned bytes for its share of the batch (40 / 2); gradient sums only in the backward, on the
+    replica group, each step exactly the shard's gradient bytes (dhdnn.testing's checks)."""
     P, R = 2, 2
     out = tmp_path / "trace"
     _run(mixed, out, P * R, R, trace=True)
     topo = load_topology(mixed.parent / "mixed9.yaml")
     part = partition(topo, P)
-    rank_edges = {tuple(sorted(e)) for e in part.rank_graph(topo).edges}
-    layout = ARCHITECTURES["H2"].agent_layout()
-    grad_bytes = defaultdict(int)
-    for r in range(P * R):
-        records = [json.loads(x) for x in (out / f"trace-rank{r}.jsonl").read_text().splitlines()]
-        replica, agent = divmod(r, P)
-        per_exchange = defaultdict(int)
-        for m in records:
-            if m["op"] == "allreduce_grad":
-                assert m["phase"] == "backward" and sorted(m["group"]) == [agent, agent + P], m  # my replica group
-                grad_bytes[(r, m["step"])] += m["bytes"]
-                continue
-            dst_replica, dst_agent = divmod(m["dst"], P)
-            assert dst_replica == replica and tuple(sorted((agent, dst_agent))) in rank_edges, m
-            if m["phase"] != "eval" and m["op"] != "readout" and m["step"] == 0:
-                per_exchange[(m["phase"], m["layer"], m["op"])] += m["bytes"]
-        assert not any(m["phase"] == "forward" and m["op"] == "allreduce_grad" for m in records)
-        # the halo plan's bytes for this replica's share of the batch (40 / 2): a gather sends my
-        # boundary rows (my send lists), a scatter-add the contributions for my neighbours' rows
-        share = 40 // R
-        plan = predicted_bytes(topo, part, share, "float64", layout.parts_per_agent, layout.exchanges_per_layer)
-        out_b = sum(v for k, v in plan["per_pair"].items() if int(k.split("->")[0]) == agent)
-        in_b = sum(v for k, v in plan["per_pair"].items() if int(k.split("->")[1]) == agent)
-        assert per_exchange and set(per_exchange.values()) == {out_b, in_b}
-    shard_bytes = _shard_gradient_bytes(topo, part, P)
-    steps = {step for _, step in grad_bytes}
-    assert len(steps) == 5  # 200 training samples / batch 40: every step reduced
-    for (r, step), b in grad_bytes.items():  # every step reduces exactly this shard's gradients
-        assert b == shard_bytes[r % P], (r, step, b, shard_bytes[r % P])
+    records = read_trace(out)
+    assert {m["src"] for m in records} == set(range(P * R))
+    got = check_locality(records, topo, part.assignment, batch=40 // R, layout=ARCHITECTURES["H2"].agent_layout(),
+                         layers=3, classes=2, replicas=R)
+    assert got["messages"] and got["bytes_per_step"] == [got["planned_per_step"]]
+    red = check_reductions(records, P, R, _shard_gradient_bytes(topo, part, P))
+    assert red["reductions"] == 5 * P * R  # 200 training samples / batch 40: every step reduced on every rank
 
 
 def _shard_gradient_bytes(topo, part, P):

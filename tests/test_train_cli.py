@@ -92,3 +92,26 @@ def test_auto_resume_starts_fresh_then_continues(tmp_path, capsys):
     assert main(["train", str(cfg), "--out", str(out), "--no-progress", "--auto-resume"]) == 0
     assert main(["train", str(cfg), "--out", str(out), "--no-progress", "--auto-resume", "--set", "train.epochs=3"]) == 0
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_the_readmes_pictures_are_what_plot_writes(tmp_path):
+    """The README's list of pictures equals what ``dhdnn plot`` writes for the runs it describes:
+    a 2-D topology run with gradient norms (one process), a regression on 2 workers, images."""
+    import re
+    from pathlib import Path
+
+    from dhdnn.plots import plot_run
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    paragraph = readme.split("**Pictures**", 1)[1].split("\n\n", 1)[0]
+    listed = set(re.findall(r"`([a-z_]+\.png)`", paragraph))
+    tiny = ["train.epochs=1", "run.progress=false", "model.layers=2"]
+    runs = {"ring8": ("launch/ring8_swiss_roll.yaml", ["data.n_samples=200", "train.grad_norm_every=2"]),
+            "field": ("examples/vector_field.yaml", ["data.options.n_samples=200", "run.workers=2"]),
+            "digits": ("launch/digits_conv_H2.yaml", ["data.train_fraction=0.1"])}
+    written = set()
+    for name, (config, sets) in runs.items():
+        cfg = load_config(config, [*tiny, *sets, f"run.out_dir={tmp_path / name}"])
+        train_from_config(cfg)
+        written |= {p.name for p in plot_run(tmp_path / name)}
+    assert written == listed, (sorted(written), sorted(listed))

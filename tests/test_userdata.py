@@ -135,7 +135,16 @@ def _bad_cases(d: Path):
                           ["outofrange.npz", "key 'y_test'"])
     # csv: a word in a number column, an unknown target column
     (d / "words.csv").write_text("a,b,c,label\n1,2,3,0\n1,two,3,1\n")
-    cases["csv words"] = ({"name": "csv", "path": str(d / "words.csv"), "target": "label"}, None, ["words.csv"])
+    cases["csv words"] = ({"name": "csv", "path": str(d / "words.csv"), "target": "label"}, None,
+                          ["words.csv", "line 3, column 'b' (key 'data.features'): 'two' is not a number"])
+    # a nan in a target cell: the file's line as an editor counts it (a blank line included) and the column's name
+    (d / "nan.csv").write_text("a,b,c,label\n1,2,3,0\n\n1,2,3,nan\n" + "".join(f"{i},{i},{i},{i % 2}\n"
+                                                                              for i in range(20)))
+    cases["csv nan"] = ({"name": "csv", "path": str(d / "nan.csv"), "target": "label"}, None,
+                        ["nan.csv", "line 4, column 'label' (key 'data.target'): non-finite value nan"])
+    (d / "text.npz").write_text("x_train,y_train\n1,2\n")
+    cases["npz text"] = ({"name": "npz", "path": str(d / "text.npz")}, None,
+                         ["text.npz", "key 'data.path': not an .npz (zip) archive"])
     (d / "ok.csv").write_text("a,b,c,label\n" + "".join(f"{i},{i},{i},{i % 2}\n" for i in range(20)))
     cases["csv target"] = ({"name": "csv", "path": str(d / "ok.csv"), "target": "klass"}, None,
                            ["ok.csv", "key 'data.target'"])
@@ -181,6 +190,7 @@ def test_every_bad_input_is_one_line_with_exit_code_2_and_writes_nothing(tmp_pat
         lines = [ln for ln in err.splitlines() if ln.strip()]
         assert code == 2, (what, err[-2000:])
         assert len(lines) == 1 and lines[0].startswith("dhdnn: error: "), (what, err)
+        assert "pickle" not in lines[0] and " row " not in lines[0], (what, lines[0])  # never unsafe loading advice
         for needle in needles:
             assert needle in lines[0], (what, needle, lines[0])
         assert not (d / "run").exists(), what  # refused before the run directory was made
