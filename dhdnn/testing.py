@@ -105,7 +105,7 @@ def check_locality(records, topology, assignment, *, batch, layout, layers: int,
     if P > 1 and not totals:
         raise CheckFailed("locality", "no training messages were traced")
     return {"messages": n, "bytes_per_step": sorted(set(totals.values())),
-            "planned_per_step": plans_b[0]["per_step"]}
+            "planned_per_step": sorted({p["per_step"] for p in plans_b}) if totals else []}
 
 
 def check_reductions(records, partitions: int, replicas: int, shard_bytes: dict | None = None) -> dict:
@@ -162,7 +162,8 @@ def check_close(got: dict, want: dict, tol: float, what: str = "parameters") -> 
     for key, ref in want.items():
         if key not in got:
             raise CheckFailed("exactness", f"{what}: {key} is missing")
-        diff = (got[key].detach().double() - ref.detach().double()).abs()
+        ref = ref.detach()
+        diff = (got[key].detach().double() - ref.double()).abs()
         rel = float(diff.max()) / max(float(ref.abs().max()), 1e-300) if diff.numel() else 0.0
         if not rel <= tol:
             idx = tuple(int(i) for i in np.unravel_index(int(diff.argmax()), tuple(diff.shape)))

@@ -57,7 +57,7 @@ class Report:
             num = lambda d, k, f: format(d[k], f) if k in d else "-"  # noqa: E731
             lines.append(f"{r['workers']:>7} {r['layout']:>6} {num(loc, 'messages', 'd'):>8} "
                          f"{','.join(map(str, loc.get('bytes_per_step', []))) or '-':>11} "
-                         f"{num(loc, 'planned_per_step', 'd'):>11} {num(red, 'reductions', 'd'):>10} "
+                         f"{','.join(map(str, loc.get('planned_per_step', []))) or '-':>11} {num(red, 'reductions', 'd'):>10} "
                          f"{num(ex, 'params', '.1e'):>9} {num(ex, 'logits', '.1e'):>9} {num(ex, 'export', '.1e'):>9} "
                          f"{'zero' if 'masks' in c else '-':>7}  {r.get('failed') or 'ok'}")
         lines.append("all checks hold (relative differences against one process, float64; tolerance "

@@ -121,7 +121,7 @@ def check_trace(trace_dir: Path, topo, assignment, workers: int, batch: int, lay
     got = check_locality(records, topo, assignment, batch=batch, layout=lay, layers=layers, classes=2,
                          logits_everywhere=True, replicas=replicas)
     assert len({m["step"] for m in records if m["phase"] != "eval" and m["op"] != "allreduce_grad"}) == steps
-    assert got["messages"] and got["bytes_per_step"] == [got["planned_per_step"]]
+    assert got["messages"] and got["bytes_per_step"] == got["planned_per_step"]
     check_reductions(records, workers, replicas)
 
 

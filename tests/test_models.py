@@ -57,8 +57,9 @@ def test_fused_gradcheck(f64):
         plan = Plan(layout, 0.2, L, width, width, kernels, local_maps(layout), [2] * len(kernels), ws=Workspace(0))
         nf = len(layout.fields)
         params = [x for _ in layout.half_steps for x in (t(L, width, width), t(L, width, width), t(L, width))]
-        assert torch.autograd.gradcheck(lambda *a: Integrate.apply(plan, nf, *a), (*[t(width, 3) for _ in range(nf)],
-                                                                                  *params))
+        for transposed in (False, True):  # the state feature-major (fields x width, B) or batch-major
+            y = t(3, nf * width) if transposed else t(nf * width, 3)
+            assert torch.autograd.gradcheck(lambda *a: Integrate.apply(plan, transposed, *a), (y, *params))
 
 
 def test_h2_step_is_the_design_formula(f64):

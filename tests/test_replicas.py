@@ -62,7 +62,7 @@ def test_traces_keep_halos_inside_replicas_and_reductions_inside_replica_groups(
     assert {m["src"] for m in records} == set(range(P * R))
     got = check_locality(records, topo, part.assignment, batch=40 // R, layout=ARCHITECTURES["H2"].agent_layout(),
                          layers=3, classes=2, replicas=R)
-    assert got["messages"] and got["bytes_per_step"] == [got["planned_per_step"]]
+    assert got["messages"] and got["bytes_per_step"] == got["planned_per_step"]
     red = check_reductions(records, P, R, _shard_gradient_bytes(topo, part, P))
     assert red["reductions"] == 5 * P * R  # 200 training samples / batch 40: every step reduced on every rank
 

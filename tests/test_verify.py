@@ -32,7 +32,7 @@ def test_verify_holds_on_the_mixed_dims_graph_reversible_with_replicas(tmp_path)
     run = report["runs"][0]
     assert run["layout"] == "2x2" and run["checks"]["reductions"]["reductions"] == 2 * 4
     loc = run["checks"]["locality"]
-    assert loc["messages"] > 0 and loc["bytes_per_step"] == [loc["planned_per_step"]]
+    assert loc["messages"] > 0 and loc["bytes_per_step"] == loc["planned_per_step"]
     assert max(run["checks"]["exactness"].values()) <= 1e-9
 
 

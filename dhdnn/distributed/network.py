@@ -182,8 +182,9 @@ class ShardedNet(nn.Module):
             else:
                 self.mu = p
 
-    def initial_fields(self, x: Tensor) -> list[Tensor]:
-        """My agents' initial ``(F, B)`` fields from a batch of input features ``x`` (B, features)."""
+    def initial_fields(self, x: Tensor) -> Tensor:
+        """My agents' initial fields, stacked ``(fields x F, B)``, from a batch of input features ``x``
+        (B, features)."""
         B, F, nf = x.shape[0], self.rows.F, len(self.layout.field_names)
         Y = x.new_zeros(nf * F, B)
         Y[self.in_dst] = x[:, self.in_src].T
@@ -191,11 +192,10 @@ class ShardedNet(nn.Module):
             Y = Y.index_add(0, rows.reshape(-1), torch.einsum("akf,baf->akb", W, x[:, feats]).reshape(-1, B))
         for b, rows in self._embed_bias:
             Y = Y.index_add(0, rows.reshape(-1), b.reshape(-1, 1).expand(-1, B))
-        fields = list(Y.split(F, 0))
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and not Y.requires_grad:
             # every rank must run the same backward exchanges, even where its inputs carry no gradient
-            fields = [f if f.requires_grad else f.requires_grad_() for f in fields]
-        return fields
+            Y.requires_grad_()
+        return Y
 
     def _runs(self, rows: Tensor) -> list[tuple[int, int, int]] | None:
         """``rows`` (agents, 2n) holds each agent's p rows, then its q rows. Where the agents' p
@@ -236,9 +236,8 @@ class ShardedNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.extra_message is not None and torch.is_grad_enabled():
             self._send_extra(*self.extra_message)
-        fields = self.initial_fields(x)
-        fields = Integrate.apply(self.plan, len(fields), *fields, *self.stack_params())
-        partial = self.readout_partial(list(fields))
+        Y = Integrate.apply(self.plan, False, self.initial_fields(x), *self.stack_params())
+        partial = self.readout_partial(list(Y.split(self.rows.F, 0)))
         if self.readout_mode == "allreduce":
             return AllReduceSum.apply(partial, self.group)
         if self.tree.parent is None and not self.tree.children:  # a lone rank: the partial sum is the sum
@@ -268,15 +267,16 @@ class ShardedNet(nn.Module):
 
     def regularizer_value(self, alpha: float) -> Tensor:
         """This rank's share of ``alpha h sum_j 1/2 ||theta_{j+1} - theta_j||^2``."""
-        return alpha * self.h * 0.5 * sum(smoothness_value(P) for P in self.stack_params())
+        return alpha * self.h * 0.5 * smoothness_value(self.stack_params())
 
     def add_regularizer_grad(self, alpha: float) -> None:
         """Its gradient, added to ``.grad`` in place (blocks are stored whole or assembled with
         zeros off the blocks; zeros stay zero)."""
-        for P in self.stack_params():
+        Ps = self.stack_params()
+        for P in Ps:
             if P.grad is None:
                 P.grad = torch.zeros_like(P)
-            add_smoothness_grad(P.detach(), P.grad, alpha * self.h * 0.5)
+        add_smoothness_grad([P.detach() for P in Ps], [P.grad for P in Ps], alpha * self.h * 0.5)
 
     def entries(self) -> list[Entry]:
         return list(self._entries)

@@ -148,15 +148,14 @@ def fraction_bits(dtype: torch.dtype, bits: int | None = None) -> int:
 
 
 def quantise(x: Tensor, scale: float) -> Tensor:
-    """``round(x * 2^F)`` as int64 (the scaling by a power of two is exact)."""
-    return torch.round(x * scale).to(torch.int64)
+    """``round(x * 2^F)`` as int64 (the scaling by a power of two is exact), contiguous (the input
+    may be a transposed view: every add on the state would then stride)."""
+    return torch.round(x * scale).to(torch.int64, memory_format=torch.contiguous_format)
 
 
 def dequantise(X: Tensor, inv: float, out: Tensor) -> Tensor:
-    """``X * 2^-F`` in ``out``'s dtype: the integer rounded once to ``out``'s dtype (the scaling by
-    a power of two is exact), the same value from either carrier."""
-    if X.is_floating_point():
-        return torch.mul(X, inv, out=out)
+    """``X * 2^-F`` in ``out``'s dtype: the integer rounded once to ``out``'s dtype, then scaled by a
+    power of two (exact): the same value from either carrier."""
     return out.copy_(X).mul_(inv)
 
 

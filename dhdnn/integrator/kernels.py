@@ -96,26 +96,26 @@ class MatrixKernel:
         K, A, F = Ws[0], Ws[-1], self.F
         At = A.transpose(1, 2)
         if self.E == F:
-            return MatrixState(K, A, list(K.unbind(0)), None, list(At.unbind(0)), None)
-        return MatrixState(K, A, list(K[:, :, :F].unbind(0)), list(K[:, :, F:].unbind(0)),
-                           list(At[:, :F].unbind(0)), list(At[:, F:].unbind(0)))
+            return MatrixState(K, A, K.unbind(0), None, At.unbind(0), None)
+        return MatrixState(K, A, K[:, :, :F].unbind(0), K[:, :, F:].unbind(0), At[:, :F].unbind(0), At[:, F:].unbind(0))
 
     def adjoint(self, st: MatrixState) -> MatrixState:
         """The backward's operands: ``mv`` with ``A``, ``tmv`` with ``K^T``."""
         return st if self.shared else self.prepare([st.A, st.K])
 
     def mv_local(self, st, j, X, out, bias=None, scale=1.0):
+        X = X[:self.F] if st.halo is not None else X
         if bias is None:
-            torch.mm(st.loc[j], X[:self.F], out=out)
+            torch.mm(st.loc[j], X, out=out)
         else:
-            torch.addmm(bias, st.loc[j], X[:self.F], beta=scale, alpha=scale, out=out)
+            torch.addmm(bias, st.loc[j], X, beta=scale, alpha=scale, out=out)
 
     def mv_halo(self, st, j, X, out):
         if st.halo is not None:
             out.addmm_(st.halo[j], X[self.F:])
 
     def tmv_local(self, st, j, s, Z):
-        torch.mm(st.tloc[j], s, out=Z[:self.F])
+        torch.mm(st.tloc[j], s, out=Z[:self.F] if st.halo is not None else Z)
 
     def tmv_halo(self, st, j, s, Z):
         if st.thalo is not None:

@@ -112,34 +112,34 @@ class Plan:
         for c in self.maps:
             c.move(fn)
 
-    def direct(self, k: int) -> bool:
-        """Half-step ``k`` can update the state in the product's own call (no exchange, assembled
-        matrices, float carrier, scalar map)."""
-        return self.ex is None and self.kernels[k].direct and self.carrier == "float" and self.maps[k].scalar
-
-    def prescaled(self, k: int) -> bool:
-        """The kernel folds tanh's factor 2 into the product (``mv_local``'s ``scale``)."""
-        return self.kernels[k].scales_mv and self.E == self.F
-
-    def scale(self, k: int) -> float:
-        return 2.0 if self.prescaled(k) else 1.0
+    def facts(self, exact: bool) -> tuple:
+        """Per half-step, for a pass on the fixed (``exact``) or float carrier: whether it updates the
+        state in the product's own call (no exchange, assembled matrices, float carrier, scalar
+        map: ``direct``); whether the kernel folds tanh's factor 2 into the product, and that
+        factor (``mv_local``'s ``scale``); its exchanges' names. Computed once per plan."""
+        key = (exact, self.ex is None, self.E == self.F)
+        if getattr(self, "_facts", (None,))[0] != key:
+            steps = range(len(self.kernels))
+            direct = [self.ex is None and not exact and self.kernels[k].direct and self.maps[k].scalar for k in steps]
+            pre = [self.kernels[k].scales_mv and self.E == self.F for k in steps]
+            names = [(f"gather_{hs.source}", f"scatter_{hs.source}") for hs in self.layout.half_steps]
+            self._facts = (key, (direct, pre, [2.0 if p else 1.0 for p in pre], names))
+        return self._facts[1]
 
 
 class _Operands:
-    """One pass's prepared operands per half-step: kernel state, its adjoint, bias columns per layer."""
+    """One pass's prepared operands per half-step: kernel state, its adjoint, bias columns per
+    layer; and what the plan says of it (direct, tanh's factor, the exchanges' names)."""
 
-    def __init__(self, plan: Plan, params):
+    def __init__(self, plan: Plan, params, exact: bool):
         self.st, self.adj, self.bias, at = [], [], [], 0
         for kern, n in zip(plan.kernels, plan.n_tensors):
-            st = kern.prepare(list(params[at:at + n]))
+            st = kern.prepare(params[at:at + n])
             self.st.append(st)
             self.adj.append(kern.adjoint(st))
-            self.bias.append(list(params[at + n].unsqueeze(2).unbind(0)))
+            self.bias.append(params[at + n].unsqueeze(2).unbind(0))
             at += n + 1
-
-
-def _ops(hs) -> tuple[str, str]:
-    return f"gather_{hs.source}", f"scatter_{hs.source}"
+        self.direct, self.prescaled, self.scale, self.names = plan.facts(exact)
 
 
 def tanh_(s: Tensor, prescaled: bool) -> Tensor:
@@ -159,41 +159,48 @@ class _Store:
         self.plan, self.every = plan, every
         self.buf = {f: ws.take((1 + L * plan.layout.updates(f) if every else 1, E, B), like) for f in names}
         self.ext = {f: list(t.unbind(0)) for f, t in self.buf.items()}  # views, made once: the loop indexes lists
-        self.loc = {f: list(t[:, :F].unbind(0)) for f, t in self.buf.items()}
+        self.loc = self.ext if E == F else {f: list(t[:, :F].unbind(0)) for f, t in self.buf.items()}
         # keeping nothing, one (F, B) tanh buffer on its own, as the backward's: the BLAS library's
         # results can depend on where its output starts in memory, and exact increments must not
-        self.S = ws.take((L, len(plan.layout.half_steps), F, B) if every else (F, B), like)
-        self.Sv = [list(r.unbind(0)) for r in self.S.unbind(0)] if every else None
+        nhs = len(plan.layout.half_steps)
+        self.S = ws.take((L, nhs, F, B) if every else (F, B), like)
+        self.Sv = self.S.view(L * nhs, F, B).unbind(0) if every else None
         self.Z = ws.take((E, B), like)
-        self.cur, self.versions = dict.fromkeys(names, 0), []
+        self.cur, self.versions, self.nhs = dict.fromkeys(names, 0), [], nhs
+        self.ends = [(hs.source, hs.target) for hs in plan.layout.half_steps]
 
     def half(self, k: int, j: int):
         """Half-step ``k`` of layer ``j``: its source (with halo rows), tanh buffer, and the target
         before and after it; records which version of the source it read."""
-        hs = self.plan.layout.half_steps[k]
+        src, tgt = self.ends[k]
+        cur = self.cur
         if k == 0:
             self.versions.append([])
-        self.versions[j].append(self.cur[hs.source])
-        X, s = self.ext[hs.source][self.cur[hs.source]], self.Sv[j][k] if self.every else self.S
-        old = self.cur[hs.target]
-        self.cur[hs.target] = new = old + self.every
-        return X, s, self.loc[hs.target][old], self.loc[hs.target][new]
+        self.versions[j].append(cur[src])
+        old = cur[tgt]
+        cur[tgt] = new = old + self.every
+        s = self.Sv[j * self.nhs + k] if self.every else self.S
+        return self.ext[src][cur[src] if src != tgt else old], s, self.loc[tgt][old], self.loc[tgt][new]
 
     def now(self) -> dict[str, Tensor]:
         return {f: self.loc[f][i] for f, i in self.cur.items()}
 
 
 class Integrate(torch.autograd.Function):
-    """``(plan, n_fields, *fields, *params) -> final fields`` (each ``(F, B)``); see the module
-    docstring. ``params``: per half-step its matrix tensors, then its ``(layers, F)`` bias."""
+    """``(plan, transposed, Y, *params) -> Y_L``: ``Y`` is the state, its fields stacked
+    ``(fields x F, B)`` (feature-major; ``transposed``: ``(B, fields x F)``, batch-major), ``Y_L``
+    the final state in the same form; see the module docstring. ``params``: per half-step its
+    matrix tensors, then its ``(layers, F)`` bias."""
 
     @staticmethod
-    def forward(ctx, plan: Plan, n_fields: int, *tensors):
-        fields, params = dict(zip(plan.layout.field_names, tensors[:n_fields])), tensors[n_fields:]
+    def forward(ctx, plan: Plan, transposed: bool, Y: Tensor, *params):
+        names = plan.layout.field_names
+        fields = dict(zip(names, (Y.T if transposed else Y).split(plan.F, 0)))
         grad = any(ctx.needs_input_grad)  # (forward itself runs with grad mode off)
         keep = plan.keep if grad else "nothing"  # no gradient: in place, keep nothing
-        ops, st = _Operands(plan, params), _Store(plan, tensors[0], keep == "every")
-        carrier = _carrier(plan, tensors[0].dtype) if grad else FloatCarrier()
+        like = fields[names[0]]
+        carrier = _carrier(plan, Y.dtype) if grad else FloatCarrier()
+        ops, st = _Operands(plan, params, carrier.exact), _Store(plan, like, keep == "every")
         carrier.begin(fields, st.now(), _bound(plan, ops, carrier), plan.layers * len(plan.kernels))
         # float reversible: the input (the certificate's reference), and every anchor_every-th state
         anchors = {0: {f: x.detach().clone() for f, x in fields.items()}} \
@@ -203,9 +210,10 @@ class Integrate(torch.autograd.Function):
                 anchors[j] = {f: x.clone() for f, x in st.now().items()}
             for k in range(len(plan.kernels)):
                 _forward_half(plan, ops, st, carrier, k, j)
-        outs = tuple(x.clone() for x in st.now().values())
+        out = torch.cat(list(st.now().values()), 0)
+        outs = out.split(plan.F, 0)
         plan.ws.give(st.Z)
-        ctx.plan, ctx.keep, ctx.ops = plan, keep, ops
+        ctx.plan, ctx.keep, ctx.ops, ctx.transposed = plan, keep, ops, transposed
         if keep == "every":
             ctx.save_for_backward(*params, st.S, *st.buf.values())
             ctx.versions = st.versions
@@ -214,19 +222,18 @@ class Integrate(torch.autograd.Function):
             if grad:  # reversible: keep only the outputs (and anchors, or the fixed-point states)
                 ctx.save_for_backward(*params, *outs)
                 ctx.anchors, ctx.carrier = anchors, carrier
-        return outs
+        return out.T if transposed else out
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, *grads):
+    def backward(ctx, gY):
         plan = ctx.plan
         names = plan.layout.field_names
         saved = ctx.saved_tensors
         n_p = sum(plan.n_tensors) + len(plan.kernels)
-        like = saved[n_p]
-        B = saved[-1].shape[-1]
-        g = {f: gr.clone(memory_format=torch.contiguous_format) if gr is not None else like.new_zeros(plan.F, B)
-             for f, gr in zip(names, grads)}
+        # a copy (the backward adds into it in place) whose fields are contiguous row blocks
+        gin = (gY.T if ctx.transposed else gY).clone(memory_format=torch.contiguous_format)
+        g = dict(zip(names, gin.split(plan.F, 0)))
         if ctx.keep == "every":
             S, store = saved[n_p], dict(zip(names, saved[n_p + 1:]))
             G, gb = _adjoint(plan, ctx.ops, ctx.versions, S, store, g)
@@ -237,7 +244,7 @@ class Integrate(torch.autograd.Function):
         for k, kern in enumerate(plan.kernels):
             out += kern.end_grad(G[k])
             out.append(gb[k])
-        return (None, None, *g.values(), *out)
+        return (None, None, gin.T if ctx.transposed else gin, *out)
 
 
 def _carrier(plan: Plan, dtype):
@@ -259,27 +266,27 @@ def _bound(plan: Plan, ops: _Operands, carrier) -> float | None:
 def _forward_half(plan: Plan, ops: _Operands, st: _Store, carrier, k: int, j: int) -> None:
     """Half-step ``k`` of layer ``j``: ``target += h C A^T tanh(K source + b)``."""
     X, s, old, new = st.half(k, j)
-    kern, target = plan.kernels[k], plan.layout.half_steps[k].target
-    if plan.direct(k):  # three BLAS-level calls
-        kern.mv_local(ops.st[k], j, X, s, ops.bias[k][j], 2.0)
+    if ops.direct[k]:  # three BLAS-level calls
+        kern, stk = plan.kernels[k], ops.st[k]
+        kern.mv_local(stk, j, X, s, ops.bias[k][j], 2.0)
         tanh_(s, True)
-        kern.tmv_into(ops.st[k], j, s, old, new, plan.h * plan.maps[k].scale)
+        kern.tmv_into(stk, j, s, old, new, plan.h * plan.maps[k].scale)
     else:
         _half_forward(plan, ops, k, j, X, s, st.Z)
-        carrier.update(target, old, new, st.Z[:plan.F], plan.h, plan.maps[k], j)
+        carrier.update(st.ends[k][1], old, new, st.Z[:plan.F], plan.h, plan.maps[k], j)
 
 
 def _half_forward(plan: Plan, ops: _Operands, k: int, j: int, X: Tensor, s: Tensor, Z: Tensor) -> None:
     """``s = tanh(K X + b)`` on my rows, ``Z[:F] = A^T s`` for my rows including what the
     neighbours send (``Z[F:]`` holds what I sent them)."""
     kern, st, ex, F = plan.kernels[k], ops.st[k], plan.ex, plan.F
-    g_op, s_op = _ops(plan.layout.half_steps[k])
+    g_op, s_op = ops.names[k]
     pend = ex.start_gather([X[:F]], [X[F:]], "forward", j, g_op) if ex is not None else None
-    kern.mv_local(st, j, X, s, ops.bias[k][j], plan.scale(k))
+    kern.mv_local(st, j, X, s, ops.bias[k][j], ops.scale[k])
     if pend is not None:
         ex.finish_gather(pend)
         kern.mv_halo(st, j, X, s)
-    tanh_(s, plan.prescaled(k))
+    tanh_(s, ops.prescaled[k])
     if ex is not None:
         kern.tmv_halo(st, j, s, Z)
         pend = ex.start_scatter([Z[F:]], "forward", j, s_op)
@@ -294,10 +301,11 @@ def _adjoint(plan: Plan, ops: _Operands, versions, S: Tensor, store: dict, g: di
     batched products (``defer``)."""
     steps, F, E, L, ws = plan.layout.half_steps, plan.F, plan.E, plan.layers, plan.ws
     nhs, B = len(steps), S.shape[-1]
-    defer = all(plan.direct(k) for k in range(nhs)) and F * B < DEFER_BELOW
+    defer = all(ops.direct) and F * B < DEFER_BELOW
     G = [kern.grad_buffers(st) for kern, st in zip(plan.kernels, ops.st)]
-    if defer:
-        GU, GZ, D = S.new_empty(L, nhs, F, B), S.new_empty(L, nhs, F, B), S.square().neg_().add_(1)
+    if defer:  # per half-step k, every layer's dL/du and dL/dz side by side (batched weight gradients)
+        GU, GZ, D = S.new_empty(nhs, L, F, B), S.new_empty(nhs, L, F, B), S.square().neg_().add_(1)
+        GUv, GZv, Dv = (t.view(-1, F, B).unbind(0) for t in (GU, GZ, D))  # views, made once
         sc, gb = {"GX": None}, [None] * nhs
     else:
         sc = {"gz": ws.take((E, B), S), "GX": ws.take((E, B), S), "gu": ws.take((F, B), S), "D": ws.take((F, B), S)}
@@ -305,7 +313,7 @@ def _adjoint(plan: Plan, ops: _Operands, versions, S: Tensor, store: dict, g: di
     for j in reversed(range(L)):
         for k in reversed(range(nhs)):
             if defer:  # this layer's slots, and 1 - s^2 of every layer computed at once
-                sc.update(gz=GZ[j, k], gu=GU[j, k], D=D[j, k])
+                sc.update(gz=GZv[k * L + j], gu=GUv[k * L + j], D=Dv[j * nhs + k])
             _adjoint_half(plan, ops, sc, g, None if defer else G[k], gb[k], store[steps[k].source][versions[j][k]],
                           S[j, k], k, j, squared=defer)
     if not defer:
@@ -315,8 +323,8 @@ def _adjoint(plan: Plan, ops: _Operands, versions, S: Tensor, store: dict, g: di
         v = [versions[j][k] for j in range(L)]
         X = store[hs.source]
         X = X[v[0]:v[0] + L] if v == list(range(v[0], v[0] + L)) else X[v]
-        plan.kernels[k].grad_layers(ops.st[k], G[k], GU[:, k], X, S[:, k], GZ[:, k])
-    return G, [GU[:, k].sum(-1) for k in range(nhs)]
+        plan.kernels[k].grad_layers(ops.st[k], G[k], GU[k], X, S[:, k], GZ[k])
+    return G, list(GU.sum(-1).unbind(0))
 
 
 def _adjoint_half(plan: Plan, ops: _Operands, sc: dict, g: dict, G, gb, X: Tensor, s: Tensor, k: int, j: int,
@@ -327,7 +335,7 @@ def _adjoint_half(plan: Plan, ops: _Operands, sc: dict, g: dict, G, gb, X: Tenso
     ``sc["D"]`` already holds ``1 - s^2``."""
     hs, kern, st, sa, ex, F = plan.layout.half_steps[k], plan.kernels[k], ops.st[k], ops.adj[k], plan.ex, plan.F
     gz, gu, GX, D = sc["gz"], sc["gu"], sc["GX"], sc["D"]
-    g_op, s_op = _ops(hs)
+    g_op, s_op = ops.names[k]
     plan.maps[k].transpose(g[hs.target], gz[:F], plan.h)  # dL/dz = h C^T dL/dtarget
     pend = ex.start_gather([gz[:F]], [gz[F:]], "backward", j, s_op) if ex is not None else None
     kern.mv_local(sa, j, gz, gu)  # dL/ds = A dL/dz
@@ -339,7 +347,7 @@ def _adjoint_half(plan: Plan, ops: _Operands, sc: dict, g: dict, G, gb, X: Tenso
     else:
         torch.mul(s, s, out=D)
         gu.addcmul_(gu, D, value=-1)  # dL/du = (1 - s^2) dL/ds
-    direct = plan.direct(k)
+    direct = ops.direct[k]
     if direct:
         kern.tmv_into(sa, j, gu, g[hs.source], g[hs.source])  # dL/dsource += K^T dL/du
     else:
@@ -390,16 +398,16 @@ def _reverse_half(plan: Plan, ops: _Operands, sc: dict, cur: dict, g: dict, G, g
     hs, kern, st, sa, ex, F = plan.layout.half_steps[k], plan.kernels[k], ops.st[k], ops.adj[k], plan.ex, plan.F
     S, Z, GZ, GX, GU, D = (sc[n] for n in ("S", "Z", "GZ", "GX", "GU", "D"))
     X = cur[hs.source]
-    g_op, s_op = _ops(hs)
+    g_op, s_op = ops.names[k]
     plan.maps[k].transpose(g[hs.target], GZ[:F], plan.h)
     pend = ex.start_gather([X[:F], GZ[:F]], [X[F:], GZ[F:]], "backward", j, g_op) if ex is not None else None
-    kern.mv_local(st, j, X, S, ops.bias[k][j], plan.scale(k))
+    kern.mv_local(st, j, X, S, ops.bias[k][j], ops.scale[k])
     kern.mv_local(sa, j, GZ, GU)
     if pend is not None:
         ex.finish_gather(pend)
         kern.mv_halo(st, j, X, S)
         kern.mv_halo(sa, j, GZ, GU)
-    tanh_(S, plan.prescaled(k))
+    tanh_(S, ops.prescaled[k])
     torch.mul(S, S, out=D)
     GU.addcmul_(GU, D, value=-1)  # (1 - s^2) dL/ds
     if ex is not None:
@@ -407,13 +415,17 @@ def _reverse_half(plan: Plan, ops: _Operands, sc: dict, cur: dict, g: dict, G, g
         kern.tmv_halo(sa, j, GU, GX)
         pend = ex.start_scatter([Z[F:], GX[F:]], "backward", j, s_op)
     kern.tmv_local(st, j, S, Z)
-    kern.tmv_local(sa, j, GU, GX)
+    if ops.direct[k]:  # dL/dsource += K^T dL/du in one call
+        kern.tmv_into(sa, j, GU, g[hs.source], g[hs.source])
+    else:
+        kern.tmv_local(sa, j, GU, GX)
     kern.grad(st, G, j, GU, X, S, GZ)
     torch.sum(GU, 1, out=gb[j])
     if ex is not None:
         ex.finish_scatter(pend, [Z[:F], GX[:F]])
     carrier.undo(hs.target, cur[hs.target][:F], Z[:F], plan.h, plan.maps[k])  # the target before it
-    g[hs.source].add_(GX[:F])
+    if not ops.direct[k]:
+        g[hs.source].add_(GX[:F])
 
 
 def local_maps(layout: AgentLayout, folded: bool = True) -> list[LocalMap]:

@@ -155,7 +155,7 @@ class ODENet(nn.Module):
     def forward(self, y: Tensor) -> Tensor:
         self._check_input(y)
         if self.layout is not None:
-            return self.forward_fm(y.T).T
+            return self._integrate(y, transposed=True)
         P = self.per_layer()
         for j in range(self.layers):
             y = self.step(y, j, P)
@@ -169,26 +169,28 @@ class ODENet(nn.Module):
             return self.forward(Y.T).T
         if Y.dim() != 2 or Y.shape[0] != self.dim:
             raise ValueError(f"input: expected a ({self.dim}, N) feature-major state tensor, got {tuple(Y.shape)}")
-        width = self.half * self.layout.parts_per_agent
-        starts = [0 if parts[0] == "p" else self.half for _, parts in self.layout.fields]
+        return self._integrate(Y, transposed=False)
+
+    def _integrate(self, Y: Tensor, transposed: bool) -> Tensor:
+        """The integrator on the state (its layout's fields are consecutive row blocks: H2's p then
+        q, H1's (p, q)), in one process on assembled matrices."""
         P = self.effective()
         params, shared = [], []
         for hs, (K, A) in zip(self.layout.half_steps, self.matrices(P)):
             params += [K] if A is K else [K, A]
             params.append(P[hs.bias])
             shared.append(A is K)
-        out = Integrate.apply(self._plan(tuple(shared), width), len(starts), *[Y[a:a + width] for a in starts],
-                              *params)
-        return out[0] if len(out) == 1 else torch.cat(out, 0)
+        return Integrate.apply(self._plan(tuple(shared)), transposed, Y, *params)
 
     def matrices(self, P: Mapping[str, Tensor]) -> list[tuple[Tensor, Tensor]]:
         """Per half-step of :attr:`layout`: ``K`` and ``A`` (``A`` is ``K`` with the architecture's
         fixed factor folded in; ``A is K`` where there is none)."""
         raise NotImplementedError
 
-    def _plan(self, shared: tuple[bool, ...], width: int) -> Plan:
+    def _plan(self, shared: tuple[bool, ...]) -> Plan:
         """The integrator's plan of this stack in one process: assembled matrices, no exchanges."""
         if shared not in self._plans:
+            width = self.dim // len(self.layout.fields)
             kernels = [MatrixKernel(None, width, width, self.layers, s) for s in shared]
             plan = Plan(self.layout, self.h, self.layers, width, width, kernels, local_maps(self.layout),
                         [k.n_tensors for k in kernels], ws=self._ws)
@@ -220,7 +222,7 @@ class ODENet(nn.Module):
     def regularizer_value(self, alpha: float) -> Tensor:
         """:meth:`regularizer`'s value without a graph (see :meth:`add_regularizer_grad`)."""
         P = self.effective()
-        return alpha * self.h * 0.5 * sum(smoothness_value(P[n]) for n in self.smooth_params)
+        return alpha * self.h * 0.5 * smoothness_value([P[n] for n in self.smooth_params])
 
     def add_regularizer_grad(self, alpha: float) -> None:
         """Add :meth:`regularizer`'s gradient to the parameters' ``.grad`` in place (after
@@ -230,7 +232,9 @@ class ODENet(nn.Module):
             p = getattr(self, n)
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            add_smoothness_grad(P[n].detach(), p.grad, alpha * self.h * 0.5, getattr(self, f"mask_{n}", None))
+        add_smoothness_grad([P[n].detach() for n in self.smooth_params],
+                            [getattr(self, n).grad for n in self.smooth_params], alpha * self.h * 0.5,
+                            [getattr(self, f"mask_{n}", None) for n in self.smooth_params])
 
     def extra_repr(self) -> str:
         return f"arch={self.arch_name}, dim={self.dim}, layers={self.layers}, h={self.h}"
