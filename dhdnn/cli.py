@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -342,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
+    from .distributed.exchange import PeerFailure
     from .distributed.launch import Interrupted, WorkerFailure
     from .rundir import RunDirError
     from .train import NonFiniteError
@@ -365,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"dhdnn: error: worker {e.rank}: {e.details}", file=sys.stderr)
             return 3
         print(f"dhdnn: error: {e}", file=sys.stderr)
+        return 1
+    except PeerFailure as e:  # (a torchrun worker: local workers report through the launcher)
+        print(f"dhdnn: error: rank {os.environ.get('RANK', '?')}: {e}", file=sys.stderr)
         return 1
     except (CheckpointError, RunDirError, *USER_ERRORS) as e:
         print(f"dhdnn: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
