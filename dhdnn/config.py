@@ -191,6 +191,8 @@ class RunConfig:
     threads: int = 1  # torch threads per worker
     progress: bool = True
     replicas: int | str = 1  # data-parallel replicas (workers = agent partitions x replicas); auto: measured choice
+    placement: str = "auto"  # agent groups on nodes: packed (inside a node, replicas across nodes), spread
+    # (across nodes, replicas side by side), auto (packed; with replicas auto, measured on several nodes)
     backprop: str = "autograd"  # autograd (keep every layer's state) or reversible (rebuild states; H2)
     reversible_state: str = "fixed"  # reversible: fixed (int64 fixed point: rebuilt bit for bit) or float
     reversible_fraction_bits: int | None = None  # fixed: grid 2^-F; None: 32 (float32), 48 (float64)
@@ -217,6 +219,7 @@ class RunConfig:
         _expect(self.replicas == "auto" or (isinstance(self.replicas, int) and not isinstance(self.replicas, bool)
                                             and self.replicas > 0), "replicas", "a positive integer or 'auto'",
                 self.replicas)
+        _choice("placement", self.placement, ("auto", "packed", "spread"))
         _choice("backprop", self.backprop, ("autograd", "reversible"))
         _choice("reversible_state", self.reversible_state, CARRIERS)
         _expect(self.reversible_anchor_every == "auto" or (

@@ -338,25 +338,29 @@ def _sharded_worker(rank, world, cfg, data, topo, device, resume, fault):
     from .distributed.engine import build_sharded_engine
     from .distributed.mesh import ParallelDims, make_groups
 
-    layout = None
+    from .distributed.mesh import workers_per_node
+
+    layout, placement = None, "spread" if cfg.run.placement == "spread" else "packed"
+    _quiet_gloo()  # (before measuring exchanges: at normal priority gloo's threads steal the compute core)
     if cfg.run.replicas == "auto":
         from .distributed.autolayout import choose
 
         layout = choose(cfg, data, topo, log=lambda m: print(m, file=sys.stderr, flush=True))
         cfg.run.replicas = layout.replicas
-    groups = make_groups(ParallelDims(world, cfg.run.replicas), rank, device)
+        placement = layout.placement if cfg.run.placement == "auto" else placement
+    dims = ParallelDims(world, cfg.run.replicas, placement)
+    groups = make_groups(dims, rank, device)
     engine = build_sharded_engine(cfg, data, groups, topo, device=device, fault=fault)
-    _quiet_gloo()
+    _quiet_gloo()  # (the new groups' threads too)
     from .resources import estimate
 
     net = engine.net  # this rank's exact rows and parameter bytes
     est = estimate(cfg, topo, data.n_features, data.n_outputs, len(data.x_train) + len(data.x_test),
                    groups.dims.agents, True, rows=(net.rows.F, net.rows.E),
                    param_bytes=sum(p.numel() * p.element_size() for p in net.parameters()))
-    extra = {"memory_estimate_per_rank": est.total}
+    extra = {"memory_estimate_per_rank": est.total, "layout": dims.facts(workers_per_node(world))}
     if layout is not None:
-        extra["layout"] = {"agents": layout.agents, "replicas": layout.replicas,
-                           "predicted_step_s": layout.predicted_step_s, "candidates": layout.candidates}
+        extra["layout"].update(predicted_step_s=layout.predicted_step_s, candidates=layout.candidates)
     try:
         summary = Trainer(cfg, engine, data, resume=resume, fingerprint=topo.fingerprint, extra_summary=extra).fit()
     finally:

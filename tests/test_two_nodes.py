@@ -71,6 +71,9 @@ def test_two_nodes_train_the_one_process_network_and_the_link_carries_the_plan(n
                          layout=ARCHITECTURES["H2"].agent_layout(), layers=3, classes=2)
     assert got["bytes_per_step"] == got["planned_per_step"] and meta["shards"] == P
     check_reductions(records, P, replicas)
+    facts = ckpt_summary(tmp_path / "e3")["layout"]  # placement auto: the agent groups inside a node where they fit
+    assert facts["nodes"] == 2 and facts["agent_groups_span_nodes"] == (P > nproc)
+    assert facts["replica_groups_span_nodes"] == (replicas > 1)
     wire, payload = link[3] - link[1], traced[3][0] - traced[1][0]
     assert payload > 0 and payload <= wire <= 1.25 * payload + 64 * 1024, (wire, payload)
 
@@ -145,3 +148,38 @@ def test_the_run_rides_out_a_cut_by_elastic_restart_or_a_flap_without_one(down_s
         assert ("neighbour rank" in errs[0] + errs[1]) == bool(restarts)  # a restart only after a failure
     got, ref = params_of(out), _reference(tmp_path, SETS)
     assert all(got[k].equal(ref[k]) for k in ref)
+
+
+def test_the_mesh_is_placed_by_the_link(tmp_path):
+    """2 nodes x 2 workers as 2 agent partitions x 2 replicas. ``spread`` puts the agent groups
+    across the link (every halo message crosses it, the gradient sums stay in a node);
+    ``run.replicas: auto`` measures intra- and inter-node exchanges, predicts both placements of
+    every layout, prints the prediction and takes the fastest predicted. Both train the one-process
+    network (1e-9), and summary.json says where the groups sit."""
+    cfg = write_mixed_run(tmp_path, 40)
+    sets = ["--no-progress", "--set", "run.trace=true", "--set", "train.epochs=1"]
+    with two_nodes.TwoNodes("100mbit") as nodes:
+        spread = nodes.train(cfg, 2, ["--out", tmp_path / "spread", "--set", "run.replicas=2", "--set",
+                                      "run.placement=spread", *sets])
+        auto = nodes.train(cfg, 2, ["--out", tmp_path / "auto", "--set", "run.replicas=auto", *sets])
+    assert all(r.returncode == 0 for r in spread + auto), spread[0].stderr[-2000:] + auto[0].stderr[-2000:]
+    facts = ckpt_summary(tmp_path / "spread")["layout"]
+    assert facts["placement"] == "spread" and facts["agent_groups_span_nodes"] and not facts["replica_groups_span_nodes"]
+    records = read_trace(tmp_path / "spread")
+    halo = [m for m in records if m["op"] != "allreduce_grad" and m["phase"] != "eval"]
+    assert halo and all(m["src"] // 2 != m["dst"] // 2 for m in halo)  # ranks 0, 1 on node 0: agent groups {0, 2}, {1, 3}
+    assert all(len({r // 2 for r in m["group"]}) == 1 for m in records if m["op"] == "allreduce_grad")
+    printed = next(ln for ln in (auto[0].stderr + auto[1].stderr).splitlines() if "run.replicas auto" in ln)
+    assert "2x2 packed" in printed and "2x2 spread" in printed, printed
+    chosen = ckpt_summary(tmp_path / "auto")["layout"]
+    assert chosen["predicted_step_s"] == min(chosen["candidates"].values())
+    one = load_config(cfg, [f"run.out_dir={tmp_path / 'one'}", "train.epochs=1"])
+    train_from_config(one)
+    for run in ("spread", "auto"):
+        assert_same(params_of(tmp_path / run), params_of(tmp_path / "one"))
+
+
+def ckpt_summary(run: Path) -> dict:
+    import json
+
+    return json.loads((run / "summary.json").read_text())

@@ -1,19 +1,23 @@
-"""``run.replicas: auto``: choose agent partitions x replicas from a cost model measured at start-up.
+"""``run.replicas: auto``: choose agent partitions x replicas (and on several nodes where the agent
+groups sit) from a cost model measured at start-up.
 
 Every rank takes part (collectives at setup, on the default group); rank 0 decides and tells
-the others. Per training step of a layout (P, R):
+the others. Per training step of a layout (P, R, placement):
 
 * compute: a one-rank engine's step at batch ``ceil(B / R)`` is timed on rank 0, ``t(b)``, and
   at batch 8, ``t0`` (the per-step overhead that does not shrink with the work); with P
   partitions a rank does ``t0 + (t(b) - t0) / P``, and ranks with neighbours run the
   overlapped path, ``NEIGHBOUR_PATH_FACTOR`` times the one-rank path's overhead;
-* exchanges (P > 1): ``2 x layers x exchanges per layer + 2`` (readout) neighbour exchanges at
-  the measured exchange time (ranks paired, irecv + isend + wait, median);
-* gradient averaging (R > 1): one all-reduce of the shard's gradient bytes, at the measured
-  all-reduce latency plus bytes at the measured rate.
+* exchanges (P > 1): ``2 x layers x exchanges per layer + 2`` (readout) neighbour exchanges of
+  the halo plan's largest message, at the latency and per-byte cost measured between two ranks
+  of one node, or of two nodes where the agent groups span nodes;
+* gradient averaging (R > 1): a ring all-reduce of the shard's gradient bytes, ``2 (R - 1)``
+  steps of ``1/R`` of it, at the cost between nodes where the replica groups span them.
 
-The model is small on purpose; ``benchmarks/bench_layouts.py`` prints its predictions beside
-measured times for every layout.
+On one node the placement is ``packed``; on several, both are predicted: agent groups inside a
+node (replicas across nodes) or across nodes (replicas side by side). The model is small on
+purpose; ``benchmarks/bench_layouts.py`` and ``benchmarks/bench_two_nodes.py`` print its
+predictions beside measured times.
 """
 from __future__ import annotations
 
@@ -34,41 +38,40 @@ class Layout:
     agents: int
     replicas: int
     predicted_step_s: float
-    candidates: dict = field(default_factory=dict)  # "PxR" -> predicted seconds per step
+    placement: str = "packed"
+    candidates: dict = field(default_factory=dict)  # "PxR placement" -> predicted seconds per step
 
 
-def _exchange_time(rounds: int = 40) -> float:
-    """Median seconds of one neighbour exchange, ranks paired (0-1, 2-3, ...)."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    peer = rank ^ 1
-    t = torch.zeros(64)
-    buf = torch.empty(64)
-    times = []
-    pg = dist.group.WORLD
-    if peer < world:
-        for _ in range(rounds):
+def _exchange_cost(peer: int | None, rounds: int = 12) -> tuple[float, float]:
+    """(latency in seconds, seconds per byte) of one exchange with ``peer`` (None: this rank sits
+    out), from the medians at 256 bytes and at 1 MiB."""
+    pg, out = dist.group.WORLD, []
+    for n in (64, 1 << 18):
+        t, buf, times = torch.zeros(n), torch.empty(n), []
+        for _ in range(rounds if peer is not None else 0):
             t0 = time.perf_counter()
-            reqs = [pg.recv([buf], peer, 0), pg.send([t], peer, 0)]
-            for r in reqs:
+            for r in [pg.recv([buf], peer, 0), pg.send([t], peer, 0)]:
                 r.wait()
             times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2] if times else 0.0
+        out.append(sorted(times)[len(times) // 2] if times else 0.0)
+    return out[0], max(0.0, out[1] - out[0]) / ((1 << 18) * 4)
 
 
-def _allreduce_times() -> tuple[float, float]:
-    """(latency in seconds, seconds per byte) of an all-reduce on the default group."""
-    small, big = torch.zeros(1), torch.zeros(1 << 18)
-    for t in (small, big):
-        dist.all_reduce(t)
-    t0 = time.perf_counter()
-    for _ in range(10):
-        dist.all_reduce(small)
-    lat = (time.perf_counter() - t0) / 10
-    t0 = time.perf_counter()
-    for _ in range(3):
-        dist.all_reduce(big)
-    per_byte = max(0.0, (time.perf_counter() - t0) / 3 - lat) / (big.numel() * big.element_size())
-    return lat, per_byte
+def _link_costs(per_node: int) -> dict[str, tuple[float, float]]:
+    """Exchange latency and per-byte cost between ranks of one node (``intra``) and of two nodes
+    (``inter``), the slowest pair of each (every rank takes part: setup-time collectives)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    node = rank // per_node
+    pairs = {"intra": rank ^ 1 if (rank ^ 1) < world and (rank ^ 1) // per_node == node else None}
+    if world > per_node:  # node 2k with node 2k + 1
+        other = rank + per_node if node % 2 == 0 else rank - per_node
+        pairs["inter"] = other if 0 <= other < world else None
+    costs = {}
+    for kind, peer in pairs.items():
+        c = torch.tensor(_exchange_cost(peer), dtype=torch.float64)
+        dist.all_reduce(c, op=dist.ReduceOp.MAX)
+        costs[kind] = (float(c[0]), float(c[1]))
+    return costs
 
 
 def _step_time(cfg, data, topo, batch: int, steps: int = 5) -> float:
@@ -102,15 +105,15 @@ class _LoneGroup:
 
 
 def choose(cfg, data, topo, log=print) -> Layout:
-    """Measure, predict every layout, pick the fastest; identical on every rank."""
+    """Measure, predict every layout (and on several nodes, both placements of the agent groups),
+    pick the fastest; identical on every rank."""
     from ..models import ARCHITECTURES
+    from .mesh import ParallelDims, workers_per_node
 
     world, rank = dist.get_world_size(), dist.get_rank()
-    B = cfg.train.batch_size
+    per_node, B = workers_per_node(world), cfg.train.batch_size
     cands = candidates(world, topo.n_agents, B)
-    t_ex = torch.tensor([_exchange_time()], dtype=torch.float64)
-    dist.all_reduce(t_ex, op=dist.ReduceOp.MAX)
-    lat, per_byte = _allreduce_times()
+    links = _link_costs(per_node)
     numbers = torch.zeros(2 + len(cands), dtype=torch.float64)
     if rank == 0:
         numbers[0] = _step_time(cfg, data, topo, min(8, B))
@@ -124,22 +127,40 @@ def choose(cfg, data, topo, log=print) -> Layout:
     best, lines, predicted = None, [], {}
     for i, (P, R) in enumerate(cands):
         tb = float(numbers[2 + i])
-        overhead = t0 * (NEIGHBOUR_PATH_FACTOR if P > 1 else 1.0)
-        t = overhead + max(0.0, tb - t0) / P
-        if P > 1:
-            t += n_ex * float(t_ex)
-        if R > 1:
-            t += lat + params / P * per_byte
-        lines.append(f"{P}x{R} {1e3 * t:.2f} ms")
-        predicted[f"{P}x{R}"] = t
-        if best is None or t < best.predicted_step_s:
-            best = Layout(P, R, t)
+        for placement in ("packed", "spread") if world > per_node and 1 < P < world else ("packed",):
+            facts = ParallelDims(world, R, placement).facts(per_node)
+            t = t0 * (NEIGHBOUR_PATH_FACTOR if P > 1 else 1.0) + max(0.0, tb - t0) / P
+            if P > 1:
+                lat, per_byte = links["inter" if facts["agent_groups_span_nodes"] else "intra"]
+                t += n_ex * (lat + _halo_bytes(cfg, topo, P, math.ceil(B / R)) * per_byte)
+            if R > 1:  # a ring all-reduce: 2 (R - 1) steps of a 1/R share of the shard
+                lat, per_byte = links["inter" if facts["replica_groups_span_nodes"] else "intra"]
+                t += 2 * (R - 1) * (lat + params / P / R * per_byte)
+            name = f"{P}x{R}" + (f" {placement}" if world > per_node else "")
+            lines.append(f"{name} {1e3 * t:.2f} ms")
+            predicted[name] = t
+            if best is None or t < best.predicted_step_s:
+                best = Layout(P, R, t, placement)
     best.candidates = predicted
     if rank == 0:
         log(f"dhdnn: run.replicas auto: {world} workers as {best.agents} agent partition(s) x {best.replicas} "
-            f"replica(s), predicted {1e3 * best.predicted_step_s:.2f} ms per step (partitions x replicas: "
-            f"{', '.join(lines)})")
+            f"replica(s){f', agent groups {best.placement}' if world > per_node else ''}, predicted "
+            f"{1e3 * best.predicted_step_s:.2f} ms per step (partitions x replicas: {', '.join(lines)})")
     return best
+
+
+def _halo_bytes(cfg, topo, P: int, batch: int) -> float:
+    """The most bytes one rank sends in one exchange (the halo plan of the default partition)."""
+    from ..halo import predicted_bytes
+    from ..models import ARCHITECTURES
+    from ..partition import partition
+
+    lay = ARCHITECTURES[cfg.model.arch].agent_layout(J=cfg.model.J)
+    pairs = predicted_bytes(topo, partition(topo, P), batch, cfg.run.dtype, lay.parts_per_agent)["per_pair"]
+    sent: dict[str, int] = {}
+    for k, v in pairs.items():
+        sent[k.split("->")[0]] = sent.get(k.split("->")[0], 0) + v
+    return float(max(sent.values(), default=0))
 
 
 def _param_bytes(cfg, data, topo) -> float:

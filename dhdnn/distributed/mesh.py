@@ -27,11 +27,17 @@ class LayoutError(ValueError):
 class ParallelDims:
     world: int
     replicas: int = 1
+    # where agent groups sit: "packed", an agent group's ranks consecutive (rank = replica x P +
+    # agent: inside a node where P divides the workers per node, replicas across nodes), or
+    # "spread" (rank = agent x R + replica: agent groups across nodes, replicas side by side)
+    placement: str = "packed"
 
     def __post_init__(self):
         if self.world < 1 or self.replicas < 1:
             raise LayoutError("run.replicas", f"expected a positive number of replicas and workers, got "
                                               f"{self.replicas} replicas of {self.world} workers")
+        if self.placement not in ("packed", "spread"):
+            raise LayoutError("run.placement", f"expected packed or spread, got {self.placement!r}")
         if self.world % self.replicas:
             raise LayoutError("run.replicas", f"{self.replicas} replicas do not divide {self.world} workers; "
                                               "expected workers = agent partitions x replicas")
@@ -43,10 +49,32 @@ class ParallelDims:
 
     def coords(self, rank: int) -> tuple[int, int]:
         """(replica, agent partition) of a global rank."""
+        if self.placement == "spread":
+            return rank % self.replicas, rank // self.replicas
         return divmod(rank, self.agents)
 
     def global_rank(self, replica: int, agent: int) -> int:
+        if self.placement == "spread":
+            return agent * self.replicas + replica
         return replica * self.agents + agent
+
+    def facts(self, per_node: int) -> dict:
+        """Where the groups sit on nodes of ``per_node`` workers (consecutive global ranks, as
+        torchrun numbers them): for summary.json and the layout's prediction."""
+        node = lambda r: r // per_node  # noqa: E731
+        agent_groups = [{node(self.global_rank(r, a)) for a in range(self.agents)} for r in range(self.replicas)]
+        replica_groups = [{node(self.global_rank(r, a)) for r in range(self.replicas)} for a in range(self.agents)]
+        return {"agents": self.agents, "replicas": self.replicas, "placement": self.placement,
+                "nodes": -(-self.world // per_node), "workers_per_node": per_node,
+                "agent_groups_span_nodes": any(len(g) > 1 for g in agent_groups),
+                "replica_groups_span_nodes": any(len(g) > 1 for g in replica_groups)}
+
+
+def workers_per_node(world: int) -> int:
+    """torchrun's workers per node (``LOCAL_WORLD_SIZE``); every worker of a local run on one node."""
+    import os
+
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world))
 
 
 def candidates(world: int, n_agents: int, batch: int) -> list[tuple[int, int]]:
@@ -55,7 +83,8 @@ def candidates(world: int, n_agents: int, batch: int) -> list[tuple[int, int]]:
     return [(world // r, r) for r in range(1, world + 1) if world % r == 0 and world // r <= n_agents and batch >= r]
 
 
-def check_layout(world: int, replicas: int | str = 1, topo=None, batch: int | None = None) -> ParallelDims:
+def check_layout(world: int, replicas: int | str = 1, topo=None, batch: int | None = None,
+                 placement: str = "packed") -> ParallelDims:
     """The one validation of a layout: ``world`` workers as agent partitions x ``replicas``
     (``auto``: the candidate with the most partitions, which a start-up measurement may change),
     no more partitions than ``topo`` has agents (and its pins in range), at least one sample of
@@ -68,7 +97,7 @@ def check_layout(world: int, replicas: int | str = 1, topo=None, batch: int | No
         if not cands:
             raise LayoutError("run.replicas", f"no layout of {world} workers fits {n_agents} agents and batch {batch}")
         replicas = cands[0][1]
-    dims = ParallelDims(world, replicas)
+    dims = ParallelDims(world, replicas, "spread" if placement == "spread" else "packed")
     if topo is not None:
         from ..partition import check_workers
 
@@ -124,7 +153,13 @@ def make_groups(dims: ParallelDims, rank: int, device: str = "cpu") -> Groups:
     from torch.distributed.device_mesh import init_device_mesh
 
     kind = "cuda" if device.startswith("cuda") else "cpu"
-    mesh = init_device_mesh(kind, (dims.replicas, dims.agents), mesh_dim_names=("replica", "agent"))
+    if dims.placement == "spread":  # mesh[replica, agent] = agent x R + replica
+        from torch.distributed.device_mesh import DeviceMesh
+
+        ranks = torch.arange(dims.world).view(dims.agents, dims.replicas).T
+        mesh = DeviceMesh(kind, ranks, mesh_dim_names=("replica", "agent"))
+    else:
+        mesh = init_device_mesh(kind, (dims.replicas, dims.agents), mesh_dim_names=("replica", "agent"))
     groups = Groups(dims, rank, mesh.get_group("agent"), mesh.get_group("replica"), mesh)
     # connect the new groups now (gloo connects a group at its first operation: up to a second)
     for g in (groups.agent, groups.replica):
