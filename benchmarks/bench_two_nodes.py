@@ -5,7 +5,8 @@ A halo-heavy network (the 8-agent ring with 8 + 8 entries per agent, H2, 8 layer
 float32): per step its halo exchanges move ~30x the bytes of its gradient sum. As 2 agent
 partitions x 2 replicas it runs node-aware (``run.placement: packed``: the agent groups inside a
 node, the gradient sums across the link) or node-unaware (``spread``: the halo across the link).
-Per rate: ``run.replicas: auto``'s predictions for every layout (and its choice), and the measured
+First the bytes on the wire against the traced bytes between the nodes (:func:`wire`). Then, per
+rate: ``run.replicas: auto``'s predictions for every layout (and its choice), and the measured
 milliseconds per training step of both placements (the training seconds of epochs 2-3, over
 their steps; the median of ``--repeat`` runs, interleaved).
 
@@ -42,6 +43,42 @@ def run(nodes, out: Path, extra: list[str]) -> dict:
     return {"ms_per_step": 1e3 * sum(m["seconds"] for m in metrics[1:]) / steps, "layout": summary["layout"]}
 
 
+def wire() -> list[dict]:
+    """Bytes on the wire: the mixed-dims graph (tests/_runs.py), float64, batch 40, traced, for 1
+    and for 3 epochs; the veth's bytes over the 2 extra epochs against the traced bytes between
+    the nodes (halo and readout messages; gradient sums whose replica group spans the nodes)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from dhdnn.testing import read_trace
+    from tests._runs import write_mixed_run
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = write_mixed_run(Path(tmp), 40)
+        for nproc, replicas in ((1, 1), (2, 2)):
+            got = {}
+            with two_nodes.TwoNodes() as nodes:
+                for epochs in (1, 3):
+                    out = Path(tmp) / f"w{nproc}{epochs}"
+                    before = nodes.link_bytes()
+                    res = nodes.train(cfg, nproc, ["--out", out, "--no-progress", "--set", "run.trace=true", "--set",
+                                                   f"run.replicas={replicas}", "--set", f"train.epochs={epochs}"])
+                    assert all(r.returncode == 0 for r in res), res[0].stderr[-2000:]
+                    node = lambda r: r // nproc  # noqa: E731
+                    cross = [m for m in read_trace(out) if (len({node(r) for r in m["group"]}) > 1 if m["op"] ==
+                             "allreduce_grad" else node(m["src"]) != node(m["dst"]))]
+                    got[epochs] = (nodes.link_bytes() - before, sum(m["bytes"] for m in cross), len(cross))
+            row = {"workers_per_node": nproc, "replicas": replicas, "wire_bytes": got[3][0] - got[1][0],
+                   "traced_bytes": got[3][1] - got[1][1], "messages": got[3][2] - got[1][2]}
+            row["ratio"] = row["wire_bytes"] / row["traced_bytes"]
+            rows.append(row)
+            print(f"{nproc} worker(s) per node, {replicas} replica(s): {row['traced_bytes']} traced bytes between the "
+                  f"nodes over 2 epochs ({row['messages']} messages), {row['wire_bytes']} on the wire: "
+                  f"{row['ratio']:.2f}x", flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rates", nargs="+", default=["100mbit", "1gbit"])
@@ -50,6 +87,7 @@ def main():
     why = two_nodes.unavailable()
     if why:
         raise SystemExit(f"bench_two_nodes: {why}")
+    bytes_rows = wire()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for rate in args.rates:
@@ -69,7 +107,8 @@ def main():
                   f"{row['predicted_ms']['2x2 packed']:.1f} ms, spread {row['predicted_ms']['2x2 spread']:.1f} ms; "
                   f"measured packed {row['measured_ms']['packed']:.1f} ms, spread {row['measured_ms']['spread']:.1f} "
                   f"ms per step (runs {measured})", flush=True)
-    print(f"wrote {write_result('two_nodes', {'config': str(CONFIG.relative_to(ROOT)), 'sets': SETS, 'rows': rows})}")
+    result = {"config": str(CONFIG.relative_to(ROOT)), "sets": SETS, "rows": rows, "wire": bytes_rows}
+    print(f"wrote {write_result('two_nodes', result)}")
 
 
 if __name__ == "__main__":

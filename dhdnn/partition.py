@@ -31,9 +31,6 @@ class Partition:
     workers: int
     method: str
 
-    def agents_of(self, rank: int) -> np.ndarray:
-        return np.flatnonzero(self.assignment == rank)
-
     def loads(self, topo: Topology) -> list[int]:
         return np.bincount(self.assignment, weights=topo.dims, minlength=self.workers).astype(np.int64).tolist()
 

@@ -326,12 +326,9 @@ def _replicated_worker(rank, world, cfg, data, topo, device, resume, fault):
 
 
 def _quiet_gloo() -> None:
-    import torch.distributed as dist
+    from .distributed.launch import quiet_gloo
 
-    from .distributed.launch import quiet_transport_threads
-
-    if dist.get_backend() == "gloo":
-        quiet_transport_threads()
+    quiet_gloo()
 
 
 def _sharded_worker(rank, world, cfg, data, topo, device, resume, fault):

@@ -121,13 +121,6 @@ class Topology:
         g.add_edges_from(self.edges.tolist())
         return g
 
-    def is_complete(self) -> bool:
-        m = self.n_agents
-        return len(self.edges) == m * (m - 1) // 2
-
-    def agent_index(self, agent_id) -> int:
-        return self.ids.index(agent_id)
-
     def n_inputs(self) -> int:
         """Input features the topology reads (its largest fed feature + 1)."""
         feats = [f.feature for f in self.inputs] + [f for e in self.embeddings for f in e.features]

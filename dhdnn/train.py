@@ -85,7 +85,8 @@ class Trainer:
         self.opt = make_optimizer(groups, tc)
         self.params = [p for g in groups for p in g["params"]]
         self.epoch, self.step = 0, 0
-        self.log = log or (lambda msg: None)  # the run directory reports skipped checkpoints
+        # skipped (unreadable) checkpoints and the one resumed from, said once (by the main rank)
+        self.log = log or (lambda msg: print(f"dhdnn: {msg}", file=sys.stderr, flush=True) if engine.is_main else None)
         if resume:
             self._resume(dense_to_packed)
 
@@ -109,6 +110,7 @@ class Trainer:
         meta = ckpt.resume(self.out, self.engine.entries(), self.opt, self._check_compatible, self.log,
                            self._moments(), lambda shards: ckpt.upgrade_v1(shards, table, dense_to_packed))
         self.epoch, self.step = int(meta["epoch"]), int(meta["step"])
+        self.log(f"resumed from {self.out} at epoch {self.epoch}, step {self.step}")
         if self.engine.is_main:
             self._truncate_logs()
         self.timing["checkpoint_load_seconds"] = time.perf_counter() - t0

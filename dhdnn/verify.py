@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import testing as T
+from . import checks as T
 
 TOL = 1e-9  # float64, a few steps: the same sums in another order (~1e-15), amplified by Adam's first steps
 

@@ -63,21 +63,24 @@ def test_an_edited_topology_is_refused_on_resume_with_what_changed(mixed, tmp_pa
     train_from_config(cfg, resume=True)
 
 
-def test_a_run_directory_works_from_any_working_directory(tmp_path):
+def test_a_run_directory_works_from_any_working_directory(tmp_path, monkeypatch):
+    """Trained by the console command; then export, evaluate (run and model), plot and resume from
+    another directory (in this process: the paths are what is tested, not the start-up)."""
+    from dhdnn.cli import main
+
     run = tmp_path / "r"
-    args = [sys.executable, "-m", "dhdnn"]
     env = dict(os.environ, PYTHONPATH=str(Path.cwd()))
-    p = subprocess.run(args + ["train", str(Path("launch/ring8_swiss_roll.yaml").resolve()), "--out", str(run),
-                               "--no-progress", "--set", "data.n_samples=400", "--set", "train.epochs=1"],
+    p = subprocess.run([sys.executable, "-m", "dhdnn", "train", str(Path("launch/ring8_swiss_roll.yaml").resolve()),
+                        "--out", str(run), "--no-progress", "--set", "data.n_samples=400", "--set", "train.epochs=1"],
                        capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 0, p.stderr
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
     for cmd in (["export", str(run), "--out", "m.pt"], ["evaluate", str(run)], ["evaluate", "m.pt"],
                 ["plot", str(run)],
                 ["train", str(run / "config.yaml"), "--resume", "--set", "train.epochs=2", "--no-progress"]):
-        p = subprocess.run(args + cmd, capture_output=True, text=True, env=env, timeout=120, cwd=elsewhere)
-        assert p.returncode == 0, (cmd, p.stderr)
+        assert main(cmd) == 0, cmd
     assert yaml.safe_load((run / "config.yaml").read_text())["topology"] == "topology.yaml"
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
 

@@ -1,5 +1,7 @@
 """Layer 2: the same training command under torchrun (c10d/env:// rendezvous) equals the local
-launcher, and torchrun's elastic restart resumes from the last checkpoint."""
+launcher, and torchrun's elastic restart resumes from the last checkpoint, on one node and on two
+simulated ones (127.0.0.1). Two nodes that each have their own network stack (exactness, bytes on
+the link, the link cut) are in test_two_nodes."""
 import json
 import os
 import socket
@@ -66,7 +68,8 @@ def restart_run(out: Path, port: int, nnodes: int = 1, nproc: int = 2, extra=(),
 def test_torchrun_restart_resumes_from_the_last_checkpoint(tmp_path):
     p = restart_run(tmp_path / "tr", free_port())
     assert p.returncode == 0, p.stderr[-4000:]
-    assert "exitcode: -9" in p.stderr  # the worker was killed, and the run still finished
+    # the worker was killed, and the restarted workers went on from the checkpoint
+    assert "test fault: kill rank 1 at step 10" in p.stderr and "resumed from" in p.stderr
     lines = [json.loads(x) for x in (tmp_path / "tr" / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [1, 2, 3]
     loc = subprocess.run([sys.executable, "-m", "dhdnn", "train", RING, "--workers", "2", "--out", str(tmp_path / "loc"),
@@ -78,11 +81,11 @@ def test_torchrun_restart_resumes_from_the_last_checkpoint(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-9, atol=1e-9)
 
 
-def two_nodes(out: Path, port: int, fault: str | None = None, epochs: int = 2):
+def two_nodes(out: Path, port: int, fault: str, epochs: int):
     """Two torchrun agents on this machine as two nodes (2 workers each) through the shipped
     multi-node script, laid out as 2 agent partitions x 2 replicas."""
-    env = torch_env(MAX_RESTARTS="1" if fault else "0", NNODES="2", NPROC="2", RDZV=f"127.0.0.1:{port}",
-                    RDZV_ID=f"nodes{port}", **({"DHDNN_FAULT": fault} if fault else {}))
+    env = torch_env(MAX_RESTARTS="1", NNODES="2", NPROC="2", RDZV=f"127.0.0.1:{port}", RDZV_ID=f"nodes{port}",
+                    DHDNN_FAULT=fault)
     cmd = ["bash", "launch/torchrun_multi_node.sh", RING, "--out", str(out), *ARGS, "--set", "run.replicas=2",
            "--set", "run.trace=false", "--set", f"train.epochs={epochs}", "--set", "run.timeout_s=30"]
     nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -91,30 +94,18 @@ def two_nodes(out: Path, port: int, fault: str | None = None, epochs: int = 2):
     return [n.returncode for n in nodes], [err for _, err in results]
 
 
-def one_process(out: Path, epochs: int):
-    p = subprocess.run([sys.executable, "-m", "dhdnn", "train", RING, "--out", str(out), *ARGS,
-                        "--set", "run.trace=false", "--set", f"train.epochs={epochs}"],
-                       capture_output=True, text=True, env=torch_env(), timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-
-
-def test_two_simulated_nodes_train_the_one_process_network(tmp_path):
-    codes, errs = two_nodes(tmp_path / "nodes", free_port())
-    assert codes == [0, 0], "\n".join(e[-3000:] for e in errs)
-    one_process(tmp_path / "one", 2)
-    a, b = params(tmp_path / "nodes"), params(tmp_path / "one")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-9, atol=1e-9)
-    assert json.loads((ckpt.latest(tmp_path / "nodes") / "meta.json").read_text())["shards"] == 2
-
-
 def test_a_killed_worker_on_one_node_restarts_both_nodes_from_the_checkpoint(tmp_path):
     codes, errs = two_nodes(tmp_path / "nodes", free_port(), fault="3:6:kill:0", epochs=3)
     assert codes == [0, 0], "\n".join(e[-3000:] for e in errs)
-    assert any("exitcode: -9" in e for e in errs)  # the worker died, and the run still finished
+    # the worker died, and the restarted workers went on from the checkpoint (torchrun names the first
+    # failure it polled, which may be a peer's, so its "exitcode" line is not what is checked)
+    assert any("test fault: kill rank 3 at step 6" in e for e in errs) and any("resumed from" in e for e in errs)
     lines = [json.loads(x) for x in (tmp_path / "nodes" / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [1, 2, 3]
-    one_process(tmp_path / "one", 3)
+    p = subprocess.run([sys.executable, "-m", "dhdnn", "train", RING, "--out", str(tmp_path / "one"), *ARGS,
+                        "--set", "run.trace=false", "--set", "train.epochs=3"],
+                       capture_output=True, text=True, env=torch_env(), timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
     a, b = params(tmp_path / "nodes"), params(tmp_path / "one")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-9, atol=1e-9)

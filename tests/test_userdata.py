@@ -2,9 +2,6 @@
 on 1 and 2 workers; every bad input is refused with one line naming the file and the key,
 exit code 2, before anything is written; regression end to end (metrics, pictures, export)."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +12,6 @@ import yaml
 from dhdnn.config import ConfigError, load_config
 from dhdnn.train import load_data
 
-ROOT = Path(__file__).resolve().parent.parent
 TOPO = {"name": "ring4", "generator": {"kind": "ring", "agents": 4}, "defaults": {"dim": 2}}  # feature f -> agent f
 
 
@@ -33,12 +29,6 @@ def write_config(d: Path, data: dict, model=None, topology=TOPO, name="run.yaml"
     path = d / name
     path.write_text(yaml.safe_dump(cfg))
     return path
-
-
-def dhdnn(*args, cwd=ROOT):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "dhdnn", *map(str, args)], capture_output=True, text=True,
-                          timeout=240, cwd=cwd, env=env)
 
 
 def factory_module(d: Path) -> None:
@@ -199,7 +189,13 @@ def test_every_bad_input_is_one_line_with_exit_code_2_and_writes_nothing(tmp_pat
 
 # ---- training through the CLI, 1 and 2 workers ---------------------------------------------------
 @pytest.mark.parametrize("kind", ["npz", "csv", "factory"])
-def test_user_data_trains_on_one_and_two_workers(kind, tmp_path):
+def test_user_data_trains_on_one_and_two_workers(kind, tmp_path, monkeypatch):
+    """The command in this process (the console command's start-up is tested elsewhere): from the
+    data's directory, the factory module importable from there as the console finds it."""
+    from dhdnn.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
     x, y = blobs(300)
     np.savez(tmp_path / "d.npz", x_train=x[:240], y_train=y[:240], x_test=x[240:], y_test=y[240:])
     rows = np.concatenate([x, y[:, None]], 1)
@@ -211,40 +207,45 @@ def test_user_data_trains_on_one_and_two_workers(kind, tmp_path):
     summaries = []
     for workers in (1, 2):
         out = tmp_path / f"run{workers}"
-        p = dhdnn("train", cfg, "--workers", workers, "--out", out, "--set", "run.dtype=float64", cwd=tmp_path)
-        assert p.returncode == 0, p.stderr[-3000:]
+        assert main(["train", str(cfg), "--workers", str(workers), "--out", str(out), "--set", "run.dtype=float64",
+                     "--no-progress"]) == 0
         summaries.append(json.loads((out / "summary.json").read_text()))
     # the same network on 1 and 2 workers (float64): the same accuracy
+    assert [s["workers"] for s in summaries] == [1, 2]
     assert summaries[0]["test_acc"] == summaries[1]["test_acc"] and summaries[0]["test_acc"] > 0.5
 
 
-def test_regression_end_to_end(tmp_path):
+def test_regression_end_to_end(tmp_path, monkeypatch, capsys):
     """``model.task: regress``: mean squared error as loss and metric, 2 workers equal one process,
-    pictures, export and evaluate all speak MSE."""
+    pictures, export and evaluate all speak MSE (the commands in this process, from the data's
+    directory)."""
+    from dhdnn.cli import main
+
     factory_module(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))  # the factory module, as the console command finds it
     cfg = write_config(tmp_path, {"factory": "mydata:field", "train_fraction": 0.75},
                        model={"task": "regress"}, topology=dict(TOPO, inputs=[{"feature": 0, "agent": 0},
                                                                               {"feature": 1, "agent": 2}]))
     runs = []
     for workers in (1, 2):
         out = tmp_path / f"run{workers}"
-        p = dhdnn("train", cfg, "--workers", workers, "--out", out, "--set", "run.dtype=float64",
-                  "--set", "train.epochs=4", cwd=tmp_path)
-        assert p.returncode == 0, p.stderr[-3000:]
-        assert "test_mse" in p.stdout
+        capsys.readouterr()
+        assert main(["train", str(cfg), "--workers", str(workers), "--out", str(out), "--set", "run.dtype=float64",
+                     "--set", "train.epochs=4", "--no-progress"]) == 0
+        assert "test_mse" in capsys.readouterr().out
         runs.append(out)
     rows = [json.loads(ln) for ln in (runs[0] / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["test_mse"] < rows[0]["test_mse"] and "test_acc" not in rows[-1]
     a, b = (json.loads((r / "summary.json").read_text()) for r in runs)
     assert a["task"] == "regress" and abs(a["test_mse"] - b["test_mse"]) <= 1e-9 * a["test_mse"]
-    p = dhdnn("plot", runs[1], cwd=tmp_path)
-    assert p.returncode == 0, p.stderr
-    assert {"curves.png", "predictions.png", "vector_field.png"} <= {Path(x).name for x in p.stdout.split()}
-    p = dhdnn("export", runs[1], "--out", tmp_path / "m.pt", cwd=tmp_path)
-    assert p.returncode == 0, p.stderr
-    p = dhdnn("evaluate", tmp_path / "m.pt", "--json", cwd=tmp_path)
-    assert p.returncode == 0, p.stderr
-    assert abs(json.loads(p.stdout)["mse"] - b["test_mse"]) <= 1e-9 * b["test_mse"]
+    assert main(["plot", str(runs[1])]) == 0
+    printed = capsys.readouterr().out
+    assert {"curves.png", "predictions.png", "vector_field.png"} <= {Path(x).name for x in printed.split()}
+    assert main(["export", str(runs[1]), "--out", str(tmp_path / "m.pt")]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "m.pt"), "--json"]) == 0
+    assert abs(json.loads(capsys.readouterr().out)["mse"] - b["test_mse"]) <= 1e-9 * b["test_mse"]
 
 
 def test_config_errors_name_the_key():

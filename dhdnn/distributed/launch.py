@@ -160,6 +160,13 @@ def quiet_transport_threads() -> int:
     return changed
 
 
+def quiet_gloo() -> None:
+    """:func:`quiet_transport_threads` where this process's default group is gloo (every group
+    made so far: call it again after making new ones)."""
+    if dist.is_initialized() and dist.get_backend() == "gloo":
+        quiet_transport_threads()
+
+
 def describe_failure(rank: int, e: BaseException, primary: bool) -> str:
     culprit = None if primary else failed_rank()
     head = f"rank {rank}: " + (f"worker {culprit} failed; " if culprit is not None and culprit != rank else "")

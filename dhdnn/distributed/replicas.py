@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 
 import torch
 import torch.distributed as dist
@@ -31,6 +32,7 @@ BUCKET_BYTES = 25 << 20  # as DistributedDataParallel's default
 def maybe_fail(fault: tuple[int, int, str] | None, rank: int, step: int) -> None:
     """Test-only fault injection (``DHDNN_FAULT=rank:step:kill|raise|stop``)."""
     if fault and fault[0] == rank and fault[1] == step:
+        print(f"dhdnn: test fault: {fault[2]} rank {rank} at step {step}", file=sys.stderr, flush=True)
         if fault[2] == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         if fault[2] == "stop":
