@@ -210,17 +210,21 @@ class BlockKernel(_BlockProducts):
     def __init__(self, classes: list[ClassRows], F: int, E: int, layers: int):
         self.F, self.E, self.L = F, E, layers
         self.classes = classes
+        self._chunk_lists = {}  # (class, part, batch) -> its chunks: built once, every layer reuses them
 
     def move(self, fn) -> None:
         self.classes = [ClassRows(fn(c.rows), fn(c.cols), c.n_local) for c in self.classes]
+        self._chunk_lists = {}
 
-    def _chunks(self, c: ClassRows, part: str, B: int):
-        nb, r, cc = c.shape
-        lo, hi = (0, c.n_local) if part == "local" else (c.n_local, nb)
-        step = max(1, CHUNK_ELEMENTS // (max(r, cc) * max(B, 1)))
-        for a in range(lo, hi, step):
-            b = min(hi, a + step)
-            yield slice(a, b), c.rows[a:b].reshape(-1), c.cols[a:b].reshape(-1)
+    def _chunks(self, c: ClassRows, part: str, B: int) -> list:
+        key = (id(c), part, B)
+        if key not in self._chunk_lists:
+            nb, r, cc = c.shape
+            lo, hi = (0, c.n_local) if part == "local" else (c.n_local, nb)
+            step = max(1, CHUNK_ELEMENTS // (max(r, cc) * max(B, 1)))
+            cuts = [slice(a, min(hi, a + step)) for a in range(lo, hi, step)]
+            self._chunk_lists[key] = [(sl, c.rows[sl].reshape(-1), c.cols[sl].reshape(-1)) for sl in cuts]
+        return self._chunk_lists[key]
 
     def _mv(self, Ws, j, X, out, part, transpose: bool = False):
         """``out[rows] += K X[cols]`` block by block (``transpose``: ``out[cols] += K^T X[rows]``)."""
