@@ -147,3 +147,19 @@ def exact_reversible_worker(rank, world, topo_path, layers, h, runs, out_dir, ke
         out.append({"grads": held(engine, grads=True), "same": same, "checked": cert.checked,
                     "writes": engine.shard_rank is not None})
     return out
+
+
+def gloo_priority_worker(rank, world, quiet: str):
+    """The library's ``distribute`` with ``DHDNN_QUIET_GLOO=quiet``: the scheduling policy of
+    each of this process's gloo transport threads afterwards."""
+    import os
+    from pathlib import Path
+
+    import dhdnn
+    from dhdnn.distributed import distribute
+
+    os.environ["DHDNN_QUIET_GLOO"] = quiet
+    topo = dhdnn.load_topology("topologies/ring8.yaml")
+    distribute(dhdnn.build_network(topo, arch="H2", layers=2, h=0.1, n_outputs=2))
+    names = {tid: Path(f"/proc/self/task/{tid}/comm").read_text().strip() for tid in os.listdir("/proc/self/task")}
+    return [os.sched_getscheduler(int(t)) for t, n in names.items() if n.startswith(("gloo", "pt_gloo"))]

@@ -162,8 +162,9 @@ def quiet_transport_threads() -> int:
 
 def quiet_gloo() -> None:
     """:func:`quiet_transport_threads` where this process's default group is gloo (every group
-    made so far: call it again after making new ones)."""
-    if dist.is_initialized() and dist.get_backend() == "gloo":
+    made so far: call it again after making new ones). ``DHDNN_QUIET_GLOO=0`` leaves them at
+    normal priority (cores shared with other busy processes, where idle priority could wait)."""
+    if dist.is_initialized() and dist.get_backend() == "gloo" and os.environ.get("DHDNN_QUIET_GLOO", "1") != "0":
         quiet_transport_threads()
 
 
