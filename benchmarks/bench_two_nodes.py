@@ -65,10 +65,7 @@ def wire() -> list[dict]:
                     res = nodes.train(cfg, nproc, ["--out", out, "--no-progress", "--set", "run.trace=true", "--set",
                                                    f"run.replicas={replicas}", "--set", f"train.epochs={epochs}"])
                     assert all(r.returncode == 0 for r in res), res[0].stderr[-2000:]
-                    node = lambda r: r // nproc  # noqa: E731
-                    cross = [m for m in read_trace(out) if (len({node(r) for r in m["group"]}) > 1 if m["op"] ==
-                             "allreduce_grad" else node(m["src"]) != node(m["dst"]))]
-                    got[epochs] = (nodes.link_bytes() - before, sum(m["bytes"] for m in cross), len(cross))
+                    got[epochs] = (nodes.link_bytes() - before, *two_nodes.cross_node(read_trace(out), nproc))
             row = {"workers_per_node": nproc, "replicas": replicas, "wire_bytes": got[3][0] - got[1][0],
                    "traced_bytes": got[3][1] - got[1][1], "messages": got[3][2] - got[1][2]}
             row["ratio"] = row["wire_bytes"] / row["traced_bytes"]

@@ -305,6 +305,7 @@ def worker_main(rank: int, world: int, cfg_dict: dict, resume: bool, source: str
 def _replicated_worker(rank, world, cfg, data, topo, device, resume, fault):
     from .distributed.exchange import Tracer
     from .distributed.mesh import ParallelDims, make_groups
+    from .distributed.launch import quiet_gloo
     from .distributed.replicated import ReplicatedEngine
 
     groups = make_groups(ParallelDims(world, world), rank, device)  # the workers are the replicas
@@ -315,7 +316,7 @@ def _replicated_worker(rank, world, cfg, data, topo, device, resume, fault):
     model.body.set_backprop(rc.backprop, rc.anchors, rc.reversible_state, rc.reversible_fraction_bits)
     tracer = Tracer.for_rank(cfg.run.out_dir, groups) if cfg.run.trace else None
     engine = ReplicatedEngine(model, groups, device, table, cfg.model.task, tracer, fault)
-    _quiet_gloo()
+    quiet_gloo()
     fingerprint = topo.fingerprint if topo is not None else None
     try:
         summary = Trainer(cfg, engine, data, resume=resume, fingerprint=fingerprint,
@@ -325,20 +326,13 @@ def _replicated_worker(rank, world, cfg, data, topo, device, resume, fault):
     return summary if rank == 0 else None
 
 
-def _quiet_gloo() -> None:
-    from .distributed.launch import quiet_gloo
-
-    quiet_gloo()
-
-
 def _sharded_worker(rank, world, cfg, data, topo, device, resume, fault):
     from .distributed.engine import build_sharded_engine
-    from .distributed.mesh import ParallelDims, make_groups
-
-    from .distributed.mesh import workers_per_node
+    from .distributed.launch import quiet_gloo
+    from .distributed.mesh import ParallelDims, make_groups, workers_per_node
 
     layout, placement = None, "spread" if cfg.run.placement == "spread" else "packed"
-    _quiet_gloo()  # (before measuring exchanges: at normal priority gloo's threads steal the compute core)
+    quiet_gloo()  # (before measuring exchanges: at normal priority gloo's threads steal the compute core)
     if cfg.run.replicas == "auto":
         from .distributed.autolayout import choose
 
@@ -347,8 +341,7 @@ def _sharded_worker(rank, world, cfg, data, topo, device, resume, fault):
         placement = layout.placement if cfg.run.placement == "auto" else placement
     dims = ParallelDims(world, cfg.run.replicas, placement)
     groups = make_groups(dims, rank, device)
-    engine = build_sharded_engine(cfg, data, groups, topo, device=device, fault=fault)
-    _quiet_gloo()  # (the new groups' threads too)
+    engine = build_sharded_engine(cfg, data, groups, topo, device=device, fault=fault)  # quiets the new groups' threads
     from .resources import estimate
 
     net = engine.net  # this rank's exact rows and parameter bytes

@@ -177,6 +177,18 @@ class TwoNodes:
         return out
 
 
+def cross_node(records, nproc: int) -> tuple[int, int]:
+    """Traced bytes and messages between the two nodes (ranks ``n * nproc ...`` on node ``n``):
+    halo and readout messages, and gradient sums whose replica group spans the nodes (two members
+    of a ring all-reduce each send the buffer once)."""
+    node, total, count = (lambda r: r // nproc), 0, 0
+    for m in records:
+        spans = len({node(r) for r in m["group"]}) > 1 if m["op"] == "allreduce_grad" else node(m["src"]) != node(m["dst"])
+        if spans:
+            total, count = total + m["bytes"], count + 1
+    return total, count
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nproc", type=int, default=1, help="workers per node")

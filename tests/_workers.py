@@ -128,15 +128,12 @@ def exactness_worker(rank, world, topo_path, arch, layers, packed, data, out_dir
 def exact_reversible_worker(rank, world, topo_path, layers, h, runs, out_dir, kernel="auto"):
     """Exact reversible backprop on this rank for each ``(dtype, packed, data)`` of ``runs``: the
     gradients it gives, and whether every state the backward rebuilt equals the forward's."""
-    from dhdnn.distributed.launch import quiet_transport_threads
-
     out = []
     for dtype, packed, data in runs:
         cfg = cfg_for(topo_path, "H2", layers, out_dir, trace=False, backprop="reversible", h=h, kernel=kernel)
         cfg.run.dtype = str(dtype).split(".")[-1]
         groups = make_groups(ParallelDims(world, 1), rank, "cpu")
         engine = build_sharded_engine(cfg, data, groups, load_topology(topo_path))
-        quiet_transport_threads()  # as the CLI's workers do: 4096 layers are 32,768 exchanges
         load_packed(engine, packed)
         cert = engine.net.plan.cert
         cert.states = {"forward": [], "rebuilt": []}

@@ -28,18 +28,6 @@ pytestmark = pytest.mark.skipif(WHY is not None, reason=f"two nodes need network
 RING = ROOT / "launch" / "ring8_swiss_roll.yaml"
 
 
-def _cross(records, nproc: int) -> tuple[int, int]:
-    """Traced bytes and messages between the two nodes (ranks ``n * nproc ...`` on node ``n``):
-    halo and readout messages, and gradient sums whose replica group spans the nodes (two members
-    of a ring all-reduce each send the buffer once)."""
-    node, total, count = (lambda r: r // nproc), 0, 0
-    for m in records:
-        spans = len({node(r) for r in m["group"]}) > 1 if m["op"] == "allreduce_grad" else node(m["src"]) != node(m["dst"])
-        if spans:
-            total, count = total + m["bytes"], count + 1
-    return total, count
-
-
 @pytest.mark.parametrize("nproc,replicas", [(1, 1), (2, 2)])
 def test_two_nodes_train_the_one_process_network_and_the_link_carries_the_plan(nproc, replicas, tmp_path):
     """float64, the mixed-dims graph: 1 worker per node (the agents split across the link: halo and
@@ -58,7 +46,7 @@ def test_two_nodes_train_the_one_process_network_and_the_link_carries_the_plan(n
             res = nodes.train(cfg, nproc, ["--out", out, "--set", f"train.epochs={epochs}", *sets])
             assert all(r.returncode == 0 for r in res), res[0].stderr[-3000:] + res[1].stderr[-3000:]
             link[epochs] = nodes.link_bytes() - before
-            traced[epochs] = _cross(read_trace(out), nproc)
+            traced[epochs] = two_nodes.cross_node(read_trace(out), nproc)
     one = load_config(cfg, [f"run.out_dir={tmp_path / 'one'}", "train.epochs=3"])
     train_from_config(one)
     assert_same(params_of(tmp_path / "e3"), params_of(tmp_path / "one"))
@@ -145,7 +133,8 @@ def test_the_run_rides_out_a_cut_by_elastic_restart_or_a_flap_without_one(down_s
         nodes.link(True)
         errs = [p.communicate(timeout=300)[1] for p in procs]
         assert all(p.returncode == 0 for p in procs), errs[0][-3000:] + errs[1][-3000:]
-        assert ("neighbour rank" in errs[0] + errs[1]) == bool(restarts)  # a restart only after a failure
+        # a restart only after a failure
+        assert ("neighbour rank" in errs[0] + errs[1]) == bool(restarts), errs[0][-3000:] + errs[1][-3000:]
     got, ref = params_of(out), _reference(tmp_path, SETS)
     assert all(got[k].equal(ref[k]) for k in ref)
 
