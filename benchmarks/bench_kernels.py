@@ -229,21 +229,23 @@ def main():
     ap.add_argument("--peers", nargs="*", default=["bmm", "coo"])
     ap.add_argument("--device", default="cpu", help="cpu, or cuda (one GPU, one rank)")
     ap.add_argument("--no-landed", action="store_true", help="skip the landed commit (no git checkout at hand)")
+    ap.add_argument("--landed", default="1824fcf", help="the commit compared against (the fused kernel's baseline)")
     ap.add_argument("--child")
     ap.add_argument("--case")
     args = ap.parse_args()
     if args.child:
         return child(args)
     rows = []
-    with landed_worktree(not args.no_landed) as wt:
+    with landed_worktree(not args.no_landed, args.landed) as wt:
         for case in args.cases:
             topo, _, table, _ = network(case)
             fl = flops(table)
-            impls = [("dhdnn", k, None) for k in ("auto", "blocks", "diagonal")]
+            impls = [("dhdnn", k, None) for k in ("auto", "fused", "blocks", "diagonal")]
             impls += [("dhdnn (landed)", k, str(wt)) for k in ("auto", "blocks")]
             impls += [("peer", m, None) for m in args.peers]
             if case == "large":
-                impls = [("dhdnn", "auto", None), ("dhdnn", "blocks", None), ("dhdnn (landed)", "auto", str(wt))]
+                impls = [("dhdnn", "auto", None), ("dhdnn", "fused", None), ("dhdnn", "blocks", None),
+                         ("dhdnn (landed)", "auto", str(wt))]
             if args.no_landed:
                 impls = [i for i in impls if i[0] != "dhdnn (landed)"]
             for who, impl, path in impls:

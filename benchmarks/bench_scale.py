@@ -13,7 +13,7 @@ gradients, Adam state, one batch's activations, data, the process itself). Growt
 
     python benchmarks/bench_scale.py [--rows 32 64 128 256] [--workers 1 2]
     python benchmarks/bench_scale.py --against-landed [--rows 256] [--workers 2]   # step time and memory
-        side by side with the landed commit 616986c (a git worktree), 2 epochs each, interleaved
+        side by side with the landed commit (--landed, default 1824fcf; a git worktree), 2 epochs each, interleaved
 """
 from __future__ import annotations
 
@@ -39,11 +39,11 @@ def train(out: Path, rows: int, workers: int, epochs: int, resume: bool = False,
                      env=env, cwd=cwd)
 
 
-def against_landed(rows_list, workers_list, rounds: int = 2) -> list[dict]:
+def against_landed(rows_list, workers_list, rounds: int = 2, commit: str = "1824fcf") -> list[dict]:
     """This code and the landed commit on the same grids, interleaved: the step time (epoch 2)
     and each run's peak memory per rank against this code's estimate."""
     out = []
-    with tempfile.TemporaryDirectory() as tmp, landed_worktree() as wt:
+    with tempfile.TemporaryDirectory() as tmp, landed_worktree(True, commit) as wt:
         for rows in rows_list:
             for w in workers_list:
                 best = {}
@@ -105,9 +105,10 @@ def main():
     ap.add_argument("--rows", type=int, nargs="*", default=[32, 64, 128, 256])
     ap.add_argument("--workers", type=int, nargs="*", default=[1, 2])
     ap.add_argument("--against-landed", action="store_true")
+    ap.add_argument("--landed", default="1824fcf", help="the commit --against-landed compares with")
     args = ap.parse_args()
     if args.against_landed:
-        res = against_landed(args.rows, args.workers)
+        res = against_landed(args.rows, args.workers, commit=args.landed)
         print(f"wrote {write_result('scale_vs_landed', {'runs': res})}")
         return
     rows_out = []

@@ -211,9 +211,12 @@ class RunConfig:
         _choice("backend", self.backend, ("auto", "gloo", "nccl"))
         _pos("timeout_s", self.timeout_s)
         _choice("readout", self.readout, ("tree", "allreduce"))
-        from .integrator import CARRIERS, KERNELS
+        from .integrator import CARRIERS, KERNELS, fused
 
         _choice("local_kernel", self.local_kernel, ["auto", *KERNELS])
+        if self.local_kernel == "fused":
+            why = fused.available(self.device)
+            _expect(why is None, "local_kernel", f"a kernel that runs here ({why})", self.local_kernel)
         _expect(isinstance(self.trace, bool), "trace", "true or false", self.trace)
         _pos_int("threads", self.threads)
         _expect(self.replicas == "auto" or (isinstance(self.replicas, int) and not isinstance(self.replicas, bool)

@@ -22,6 +22,7 @@ from . import checkpoint as ckpt
 from .config import Config, ConfigError
 from .data import FILE_DATASETS, Dataset, load_dataset
 from .engine import Engine
+from .integrator import fused
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -76,8 +77,8 @@ class Trainer:
         self.cfg, self.engine, self.data = cfg, engine, data
         self.extra_summary = extra_summary or {}
         # what the run's own timing says (summary.json "timing"): first step, checkpoint saves and load
-        self.timing = {"first_step_start_unix": None, "first_step_unix": None, "checkpoint_save_seconds": [],
-                       "checkpoint_load_seconds": None}
+        self.timing = {"first_step_start_unix": None, "first_step_unix": None, "kernel_compile_seconds": None,
+                       "checkpoint_save_seconds": [], "checkpoint_load_seconds": None}
         self.out = Path(cfg.run.out_dir)
         self.fingerprint = fingerprint  # the topology's content hash (None: no topology)
         tc = cfg.train
@@ -178,6 +179,8 @@ class Trainer:
             self.opt.step()
             if self.timing["first_step_unix"] is None:
                 self.timing["first_step_unix"] = time.time()
+                # compiling (or loading from numba's cache) the fused kernel, in this process so far
+                self.timing["kernel_compile_seconds"] = fused.COMPILE["seconds"]
             acc += stats
             if record and out.grad_norms is not None and self.engine.is_main:
                 self._append("grad_norms.jsonl", {"step": self.step, "norms": out.grad_norms()})

@@ -4,6 +4,8 @@ Each spawn checks many things at once (exactness, locality, adjoint, training) t
 the number of process launches, and so CI time, small."""
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -13,6 +15,9 @@ from dhdnn.distributed.engine import build_sharded_engine
 from dhdnn.distributed.exchange import Exchanger, gather, scatter_add
 from dhdnn.distributed.mesh import ParallelDims, make_groups
 from dhdnn.topology import load_topology
+
+# the local kernel of the exactness tests: blocks, or (DHDNN_TEST_KERNEL=fused) the whole suite on another
+KERNEL = os.environ.get("DHDNN_TEST_KERNEL", "blocks")
 
 COLLECTIVES = ["all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce", "reduce_scatter",
                "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "barrier", "monitored_barrier", "gather",
@@ -54,7 +59,7 @@ def make_data(n_features: int, n_classes: int, batch: int, seed: int) -> Dataset
 
 
 def cfg_for(topo_path, arch: str, layers: int, out_dir: str, readout: str = "tree", trace: bool = True,
-            kernel: str = "blocks", backprop: str = "autograd", anchors: int = 0, replicas: int = 1, h: float = 0.3,
+            kernel: str = KERNEL, backprop: str = "autograd", anchors: int = 0, replicas: int = 1, h: float = 0.3,
             state: str = "fixed"):
     cfg = load_config(None, [f"run.reversible_state={state}", f"model.arch={arch}", f"model.layers={layers}", f"model.h={h}", f"run.local_kernel={kernel}",
                              "run.dtype=float64", f"run.out_dir={out_dir}", f"run.readout={readout}",
@@ -82,7 +87,7 @@ def held(engine, grads: bool = False) -> dict:
     return out
 
 
-def exactness_worker(rank, world, topo_path, arch, layers, packed, data, out_dir, readout, steps, kernel="blocks",
+def exactness_worker(rank, world, topo_path, arch, layers, packed, data, out_dir, readout, steps, kernel=KERNEL,
                      device="cpu", backprop="autograd", anchors=0, replicas=1, h=0.3, state="fixed"):
     """One forward/backward + checks, then ``steps`` Adam steps; returns what the parent compares."""
     cfg = cfg_for(topo_path, arch, layers, out_dir, readout, kernel=kernel, backprop=backprop, anchors=anchors,

@@ -21,7 +21,7 @@ from dhdnn.partition import partition
 from dhdnn.testing import check_locality as check_messages
 from dhdnn.topology import load_topology
 
-from ._workers import cfg_for, exact_reversible_worker, exactness_worker, make_data
+from ._workers import KERNEL, cfg_for, exact_reversible_worker, exactness_worker, make_data
 
 LAYERS, BATCH, STEPS = 3, 6, 5
 
@@ -98,7 +98,7 @@ def compare_held(results, full, what, rtol, table, all_ranks=True):
         assert (c == 1).all(), key
 
 
-def check_run(topo_path, arch, workers, tmp_path, readout="tree", kernel="blocks", device="cpu", backend="gloo",
+def check_run(topo_path, arch, workers, tmp_path, readout="tree", kernel=KERNEL, device="cpu", backend="gloo",
               backprop="autograd", anchors=0, replicas=1, layers=LAYERS, tol=1e-10, steps=STEPS, h=0.3,
               init_std=0.7, train_tol=1e-9, state="fixed"):
     """The sharded engine against the dense model's autograd: logits, loss, every gradient (``tol``)
@@ -185,8 +185,8 @@ def test_reversible_backprop_at_depth_1024(random_topology, tmp_path):
               steps=1, h=0.05, init_std=0.3, train_tol=1e-8)
 
 
-@pytest.mark.parametrize("workers", [1, 2, 3])
-def test_exact_reversible_rebuilds_every_state_bit_for_bit_at_depth_4096(workers, random_topology, tmp_path):
+@pytest.mark.parametrize("workers,kernel", [(1, "auto"), (2, "auto"), (3, "auto"), (2, "fused")])
+def test_exact_reversible_rebuilds_every_state_bit_for_bit_at_depth_4096(workers, kernel, random_topology, tmp_path):
     """Exact (fixed-point) reversible backprop on 1-3 workers, mixed agent dims, depth 4096, float64
     and float32: every state the backward rebuilds is ``torch.equal`` to the one the forward made
     (on every rank, the input included), and the gradients are those of the dense model's exact
@@ -206,7 +206,7 @@ def test_exact_reversible_rebuilds_every_state_bit_for_bit_at_depth_4096(workers
         model.body.set_backprop("reversible", state="fixed")
         torch.nn.functional.cross_entropy(model(data.x_train), data.y_train).backward()
         refs.append(dense_packed(table, model, grads=True))
-    results = run_local(exact_reversible_worker, workers, (random_topology, layers, h, runs, str(tmp_path)),
+    results = run_local(exact_reversible_worker, workers, (random_topology, layers, h, runs, str(tmp_path), kernel),
                         timeout_s=60, run_timeout_s=400)
     for i, (dtype, tol) in enumerate(((torch.float64, 1e-12), (torch.float32, 1e-5))):
         per_rank = [r[i] for r in results]
@@ -229,4 +229,16 @@ def test_diagonal_kernel_matches_dense_model(topo_name, arch, workers, random_to
     topo_path = random_topology if topo_name == "random" else topo_name
     topo, results, data = check_run(topo_path, arch, workers, tmp_path, kernel="diagonal")
     assert {r["kernel"] for r in results} == {"diagonal"}
+    check_locality(topo, results, workers, arch, BATCH, data.n_classes)
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+@pytest.mark.parametrize("topo_name,arch", [("topologies/ring8.yaml", "H2"), ("topologies/grid4x4_patches.yaml", "H2"),
+                                            ("topologies/grid4x4_patches.yaml", "H1"), ("random", "H2")])
+def test_fused_kernel_matches_dense_model(topo_name, arch, workers, random_topology, tmp_path):
+    """The compiled block kernel (fused per block row; the random graph's mixed dims give several
+    block classes, each compiled for its shape) is exact too, and talks only to neighbours."""
+    topo_path = random_topology if topo_name == "random" else topo_name
+    topo, results, data = check_run(topo_path, arch, workers, tmp_path, kernel="fused")
+    assert {r["kernel"] for r in results} == {"fused"}
     check_locality(topo, results, workers, arch, BATCH, data.n_classes)

@@ -30,7 +30,7 @@ class ShardedNet(nn.Module):
                  seed: int, init_std: float | None = None, dtype=torch.float32, readout: str = "tree", group=None,
                  tracer: Tracer | None = None, stage_cpu: bool = False, local_kernel: str = "auto",
                  backprop: str = "autograd", anchor_every: int = 0, logits_everywhere: bool = False,
-                 reversible_state: str = "fixed", fraction_bits: int | None = None):
+                 reversible_state: str = "fixed", fraction_bits: int | None = None, device="cpu"):
         super().__init__()
         self.logits_everywhere = logits_everywhere  # every rank gets the logits (a user's loop), not only the root
         self.table, self.layout, self.layers, self.h, self.rank = table, table.layout, table.layers, h, plan.rank
@@ -44,7 +44,7 @@ class ShardedNet(nn.Module):
         self._entries: list[Entry] = []
         self._init = (seed, init_std, dtype)
         mine = owner == plan.rank
-        self._build_stack(mine, plan, local_kernel)
+        self._build_stack(mine, plan, local_kernel, device)  # (auto's kernel choice depends on the device)
         self.plan.set_backprop(backprop == "reversible", anchor_every, reversible_state, fraction_bits)
         self._build_io(mine, n_features)
         self.extra_message = None  # test-only: (src, dst) of one message between non-neighbour ranks
@@ -90,7 +90,7 @@ class ShardedNet(nn.Module):
         return list(self.params[key]) if key in self.params else []
 
     # ---- the layers ---------------------------------------------------------------------
-    def _build_stack(self, mine, plan: HaloPlan, local_kernel: str) -> None:
+    def _build_stack(self, mine, plan: HaloPlan, local_kernel: str, device) -> None:
         """Matrices: one ``(layers, F, E)`` tensor (zero off the blocks) for the dense kernel, one
         tensor per block class for the block kernel. Biases: one ``(layers, F)`` tensor each."""
         lay, F, E, L, dtype = self.layout, self.rows.F, self.rows.E, self.layers, self._init[2]
@@ -102,7 +102,7 @@ class ShardedNet(nn.Module):
                                        self.rows.rows(c.cols[sel]).reshape(len(sel), -1), F)
                 mats[c.kind].append((c, sel[order], cr))
         self.local_kernel, kernels = build_kernels(local_kernel, {m: [cr for _, _, cr in v] for m, v in mats.items()},
-                                                   F, E, L)
+                                                   F, E, L, device, dtype)
         for m, parts in mats.items():
             if self.local_kernel == "dense":
                 p = self._param(m, torch.zeros(L, F, E, dtype=dtype))
@@ -317,7 +317,7 @@ def build_shard(spec, topo, groups, *, dtype=torch.float32, device: str = "cpu",
     stage = str(device).startswith("cuda") and dist.get_backend() == "gloo"
     net = ShardedNet(table, spec.h, plan, part.assignment, spec.n_features, spec.seed, spec.init_std, dtype, readout,
                      groups.agent, tracer, stage, local_kernel, backprop, anchor_every, logits_everywhere,
-                     reversible_state, fraction_bits)
+                     reversible_state, fraction_bits, device)
     net.assignment = part.assignment
     if FAULT == "message":  # test-only: the first pair of ranks that own no adjacent agents
         g = part.rank_graph(topo)

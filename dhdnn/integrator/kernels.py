@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import fused
+
 CHUNK_ELEMENTS = 1 << 18  # gathered inputs per bmm chunk (~1 MiB in float32: stays in cache)
 FAULT = os.environ.get("DHDNN_TEST_FAULT")  # test-only (dhdnn verify's tests): "mask" lets an off-block entry learn
 
@@ -257,6 +259,101 @@ class BlockKernel(_BlockProducts):
         return []  # only the blocks are stored
 
 
+class FusedKernel(_BlockProducts):
+    """The block products compiled per block shape (``fused.py``): per block row, every neighbour
+    block's product and the bias accumulate in one pass over a tile that stays in cache; the
+    transposed product per block column likewise; the weight gradient in one pass per block.
+    Same storage as :class:`BlockKernel` (one tensor per class); classes whose blocks are not
+    contiguous rows go through its gathers (``rest``)."""
+
+    name = "fused"
+
+    def __init__(self, classes: list[ClassRows], F: int, E: int, layers: int):
+        why = fused.available()
+        if why is not None:
+            raise RuntimeError(f"run.local_kernel: fused is unavailable: {why}; use auto, blocks or diagonal")
+        self.F, self.E, self.L = F, E, layers
+        self.plan = []  # per class: None (gather path), or its block starts and groups by part
+        for c in classes:
+            nb, r, cc = c.shape
+            rows, cols = c.rows.cpu().numpy(), c.cols.cpu().numpy()
+            r0, c0 = rows[:, 0].astype(np.int64), cols[:, 0].astype(np.int64)
+            if not (nb and (rows == r0[:, None] + np.arange(r)).all() and (cols == c0[:, None] + np.arange(cc)).all()):
+                self.plan.append(None)
+                continue
+            parts = {"local": np.arange(c.n_local), "halo": np.arange(c.n_local, nb)}
+            spans = {"local": (0, F), "halo": (F, E)}
+            self.plan.append({"shape": (r, cc), "row0": r0, "col0": c0,
+                              "rows": {p: fused.Groups(r0, b, r, 0, F) for p, b in parts.items()},
+                              "cols": {p: fused.Groups(c0, b, cc, *spans[p]) for p, b in parts.items()}})
+        self.rest = BlockKernel([c for c, p in zip(classes, self.plan) if p is None], F, E, layers)
+        self.alone = len(classes) == 1 and self.plan[0] is not None  # one class does every row's products
+
+    def move(self, fn) -> None:
+        if fn(torch.zeros(1)).device.type != "cpu":
+            raise RuntimeError(f"run.local_kernel: fused: {fused.available('cuda')}; use auto, blocks or diagonal")
+        self.rest.move(fn)
+
+    def _rest(self, ts):
+        return [t for t, p in zip(ts, self.plan) if p is None]
+
+    def _fused(self, ts):
+        return [(t, p) for t, p in zip(ts, self.plan) if p is not None]
+
+    def prepare(self, Ws):
+        """The class tensors, and per fused class its loop nests compiled for their dtype."""
+        return Ws, [fused._compiled(*p["shape"], _np(W).dtype) for W, p in self._fused(Ws)]
+
+    def grad_buffers(self, st):
+        return [torch.zeros_like(W) for W in st[0]]
+
+    def mv_local(self, st, j, X, out, bias=None, scale=1.0):
+        at_once = self.alone and self.plan[0]["rows"]["local"].covers
+        if not at_once:
+            out.copy_(bias.expand_as(out)) if bias is not None else out.zero_()
+        self._mv(st, j, X, out, "local", (2 if bias is not None else 1) if at_once else 0, bias)
+
+    def _mv(self, st, j, X, out, part, init=0, bias=None):
+        (Ws, fns), x, o = st, _np(X), _np(out)
+        b = _np(bias).reshape(-1) if bias is not None else o[:0, 0].copy()
+        for (W, p), fn in zip(self._fused(Ws), fns):
+            g = p["rows"][part]
+            fn[0](_np(W)[j], g.ptr, g.start, g.blk, p["col0"], x, o, b, init)
+        self.rest._mv(self._rest(Ws), j, X, out, part)
+
+    def _tmv(self, st, j, s, Z, part):
+        at_once = self.alone and self.plan[0]["cols"][part].covers
+        if not at_once:
+            (Z[:self.F] if part == "local" else Z[self.F:]).zero_()
+        self._tmv_add(st, j, s, Z, part, int(at_once))
+
+    def _tmv_add(self, st, j, s, Z, part, init=0):
+        (Ws, fns), sv, z = st, _np(s), _np(Z)
+        for (W, p), fn in zip(self._fused(Ws), fns):
+            g = p["cols"][part]
+            fn[1](_np(W)[j], g.ptr, g.start, g.blk, p["row0"], sv, z, init)
+        self.rest._tmv_add(self._rest(Ws), j, s, Z, part)
+
+    def grad(self, st, G, j, gu, X, s, GZ):
+        a, x, sv, z = _np(gu), _np(X), _np(s), _np(GZ)
+        for (gW, p), fn in zip(self._fused(G), st[1]):
+            fn[2](_np(gW)[j], p["row0"], p["col0"], a, x, sv, z)
+        self.rest.grad(self._rest(st[0]), self._rest(G), j, gu, X, s, GZ)
+
+    def end_grad(self, G):
+        return G
+
+    def outside(self, Ws):
+        return []  # only the blocks are stored
+
+
+def _np(t: Tensor) -> np.ndarray:
+    """A C-contiguous CPU tensor as a NumPy array on the same memory (the compiled loops write it)."""
+    if not t.is_contiguous() or t.device.type != "cpu":
+        raise RuntimeError("the fused kernel needs contiguous CPU tensors")
+    return t.detach().numpy()
+
+
 @dataclass
 class Band:
     """Blocks of one class along one diagonal: block ``i`` (``0 <= i < count``) couples output
@@ -443,26 +540,66 @@ def band_coverage(kernel: DiagonalKernel, classes: list[ClassRows]) -> float:
     return 1.0 - _entries(kernel.rest.classes) / total if total else 0.0
 
 
-def build_kernels(requested: str, classes: dict[str, list[ClassRows]], F: int, E: int, layers: int):
+FUSED_TRIAL_ENTRIES = 1 << 15  # block entries per matrix from which auto times the fused kernel against its choice
+TRIAL_BATCH = 64  # batch columns of that trial
+
+
+def build_kernels(requested: str, classes: dict[str, list[ClassRows]], F: int, E: int, layers: int,
+                  device="cpu", dtype=torch.float32):
     """The local kernel of every matrix, and its name: the one requested, or ``auto``'s choice —
     ``dense`` where the assembled local matrix is small or at least 1/4 full (one BLAS call beats
     any bookkeeping); else ``diagonal`` where bands hold most of every matrix's entries (a regular
     graph on contiguous agents: products on views, measured here 1.0-3.8x faster than ``blocks``,
     the most at the smallest blocks); else ``blocks``, whose cost follows the number of non-zero
-    blocks whatever the graph. ``classes``: each matrix's class rows. The diagonal kernels built
-    to measure the bands are the ones kept."""
+    blocks whatever the graph. Where that choice is not ``dense``, the matrices hold at least
+    :data:`FUSED_TRIAL_ENTRIES` block entries and the fused kernel can run (numba, CPU), both are
+    timed on this rank's blocks and the faster kept (compiling the fused loops is not timed; it
+    is reported apart). ``classes``: each matrix's class rows. The diagonal kernels built to
+    measure the bands are the ones kept."""
     name = requested
-    if requested == "auto":
-        nnz = min(_entries(v) for v in classes.values())
-        name = "dense" if F * E <= max(4096, 4 * nnz) else "blocks"
-        if name == "blocks":
-            diagonal = {m: DiagonalKernel(v, F, E, layers) for m, v in classes.items()}
-            if min(band_coverage(diagonal[m], v) for m, v in classes.items()) >= DIAGONAL_COVERAGE:
-                return "diagonal", diagonal
-    return name, {m: KERNELS[name](v, F, E, layers) for m, v in classes.items()}
+    if requested != "auto":
+        return name, {m: KERNELS[name](v, F, E, layers) for m, v in classes.items()}
+    nnz = min(_entries(v) for v in classes.values())
+    if F * E <= max(4096, 4 * nnz):
+        return "dense", {m: MatrixKernel(v, F, E, layers) for m, v in classes.items()}
+    name, kernels = "blocks", {m: DiagonalKernel(v, F, E, layers) for m, v in classes.items()}
+    if min(band_coverage(kernels[m], v) for m, v in classes.items()) >= DIAGONAL_COVERAGE:
+        name = "diagonal"
+    else:
+        kernels = {m: BlockKernel(v, F, E, layers) for m, v in classes.items()}
+    if nnz >= FUSED_TRIAL_ENTRIES and fused.available(device) is None:
+        rival = {m: FusedKernel(v, F, E, layers) for m, v in classes.items()}
+        m = next(iter(classes))
+        if trial_seconds(rival[m], classes[m], F, E, dtype) < trial_seconds(kernels[m], classes[m], F, E, dtype):
+            return "fused", rival
+    return name, kernels
 
 
-KERNELS = {"dense": MatrixKernel, "blocks": BlockKernel, "diagonal": DiagonalKernel}
+def trial_seconds(kern, classes: list[ClassRows], F: int, E: int, dtype, repeat: int = 3) -> float:
+    """The best of ``repeat`` timings of one layer's products (forward, transposed, weight
+    gradient) of ``kern`` on random blocks and fields (:data:`TRIAL_BATCH` columns)."""
+    import time
+
+    g = torch.Generator().manual_seed(0)
+    sizes = getattr(kern, "sizes", [c.shape[0] for c in classes])  # (the diagonal kernel stores padded bands)
+    Ws = [torch.randn(1, n, c.shape[1], c.shape[2], generator=g, dtype=dtype) for n, c in zip(sizes, classes)]
+    X, Z = torch.randn(E, TRIAL_BATCH, generator=g, dtype=dtype), torch.empty(E, TRIAL_BATCH, dtype=dtype)
+    out, bias = torch.empty(F, TRIAL_BATCH, dtype=dtype), torch.randn(F, 1, generator=g, dtype=dtype)
+    st = kern.prepare(Ws)
+    G = kern.grad_buffers(st)
+    best = float("inf")
+    for _ in range(repeat + 1):  # (the first run warms caches and workspaces)
+        t0 = time.perf_counter()
+        kern.mv_local(st, 0, X, out, bias)
+        kern.mv_halo(st, 0, X, out)
+        kern.tmv_halo(st, 0, out, Z)
+        kern.tmv_local(st, 0, out, Z)
+        kern.grad(st, G, 0, out, X, out, Z)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+KERNELS = {"dense": MatrixKernel, "blocks": BlockKernel, "diagonal": DiagonalKernel, "fused": FusedKernel}
 
 
 def class_rows(rows_ext: np.ndarray, cols_ext: np.ndarray, F: int, device=None) -> tuple[ClassRows, np.ndarray]:

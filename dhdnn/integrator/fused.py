@@ -1,0 +1,151 @@
+"""The fused block kernel: a rank's block-sparse products compiled with numba, one pass per block row.
+
+At small blocks (8x8: 8 + 8 state entries per agent) PyTorch's batched products cost more in
+calls and in separate sweeps (gather, product, scatter-add, bias) than in arithmetic. Here every
+product is one loop nest over the graph, compiled for the block shape:
+
+* ``K X + b``: per row agent, the bias and then each neighbour block's product accumulate into
+  the agent's rows of the output, which stay in cache (written to memory once);
+* ``K^T s``: per column agent likewise, from every block in its column;
+* the weight gradient ``gu X^T + s GZ^T``: per block, both terms in one pass over the batch.
+
+Blocks must be contiguous in the field (an agent's rows next to each other, as the engine lays
+them out); a class that is not goes through :class:`~.kernels.BlockKernel`'s gathers. Kernels
+are compiled per block shape and dtype on first use and cached on disk by numba
+(``NUMBA_CACHE_DIR``, else ``__pycache__`` beside this file): a second run loads them.
+:data:`COMPILE` says how long this process spent compiling or loading them. CPU only; where numba
+is missing, :func:`available` says why and ``auto`` keeps to the PyTorch kernels. Pure maths.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+try:  # numba is a dependency, but a broken LLVM install must not break the PyTorch kernels
+    import numba
+except ImportError as e:  # pragma: no cover (the one-command install brings numba)
+    numba, _MISSING = None, f"numba is not importable ({e})"
+else:
+    _MISSING = None
+
+COMPILE = {"seconds": 0.0, "kernels": 0}  # compiling (or loading from the cache) in this process
+
+
+def available(device: torch.device | str = "cpu") -> str | None:
+    """None where the fused kernel can run on ``device``, else why not."""
+    if torch.device(device).type != "cpu":
+        return f"the fused kernel runs on CPU only (device {device})"
+    return _MISSING
+
+
+def _specialise(R: int, C: int):
+    """The three loop nests for ``R x C`` blocks (numba folds ``R`` and ``C`` in as constants, so
+    the innermost loop over the batch is vectorised). Closures are cached per shape."""
+    jit = numba.njit(fastmath=True, cache=True, nogil=True)
+
+    @jit
+    def mv(W, ptr, row0, blk, col0, X, out, bias, init):
+        """``out[rows of group g] (=init or +=) sum over its blocks W[b] X[col0[b]:col0[b]+C]``;
+        ``init``: 0 add, 1 start from zero, 2 start from ``bias``."""
+        B = X.shape[1]
+        for g in range(len(ptr) - 1):
+            r0 = row0[g]
+            if init:
+                for a in range(R):
+                    v = bias[r0 + a] if init == 2 else 0.0
+                    for t in range(B):
+                        out[r0 + a, t] = v
+            for q in range(ptr[g], ptr[g + 1]):
+                b, c0 = blk[q], col0[blk[q]]
+                for a in range(R):
+                    for t in range(B):
+                        s = out[r0 + a, t]
+                        for c in range(C):
+                            s += W[b, a, c] * X[c0 + c, t]
+                        out[r0 + a, t] = s
+
+    @jit
+    def tmv(W, ptr, col0, blk, row0, S, Z, init):
+        """``Z[cols of group g] (= or +=) sum over its blocks W[b]^T S[row0[b]:row0[b]+R]``."""
+        B = S.shape[1]
+        for g in range(len(ptr) - 1):
+            c0 = col0[g]
+            if init:
+                for c in range(C):
+                    for t in range(B):
+                        Z[c0 + c, t] = 0.0
+            for q in range(ptr[g], ptr[g + 1]):
+                b, r0 = blk[q], row0[blk[q]]
+                for c in range(C):
+                    for t in range(B):
+                        z = Z[c0 + c, t]
+                        for a in range(R):
+                            z += W[b, a, c] * S[r0 + a, t]
+                        Z[c0 + c, t] = z
+
+    @jit
+    def grad(G, row0, col0, gu, X, s, GZ):
+        """``G[b] = gu[rows] X[cols]^T + s[rows] GZ[cols]^T`` for every block: four columns at a
+        time where ``C`` allows (each row of ``gu`` and ``s`` read once for four dot products)."""
+        B = X.shape[1]
+        step = 4 if C % 4 == 0 else 1
+        for b in range(len(row0)):
+            r0, c0 = row0[b], col0[b]
+            for a in range(R):
+                for c in range(0, C, step):
+                    if step == 4:
+                        a0 = a1 = a2 = a3 = G[b, a, c] * 0
+                        for t in range(B):
+                            g, q = gu[r0 + a, t], s[r0 + a, t]
+                            a0 += g * X[c0 + c, t] + q * GZ[c0 + c, t]
+                            a1 += g * X[c0 + c + 1, t] + q * GZ[c0 + c + 1, t]
+                            a2 += g * X[c0 + c + 2, t] + q * GZ[c0 + c + 2, t]
+                            a3 += g * X[c0 + c + 3, t] + q * GZ[c0 + c + 3, t]
+                        G[b, a, c], G[b, a, c + 1], G[b, a, c + 2], G[b, a, c + 3] = a0, a1, a2, a3
+                    else:
+                        acc = G[b, a, c] * 0
+                        for t in range(B):
+                            acc += gu[r0 + a, t] * X[c0 + c, t] + s[r0 + a, t] * GZ[c0 + c, t]
+                        G[b, a, c] = acc
+
+    return mv, tmv, grad
+
+
+_KERNELS: dict[tuple[int, int], tuple] = {}
+_READY: set = set()
+
+
+def _compiled(R: int, C: int, dtype: np.dtype) -> tuple:
+    """The loop nests for one block shape, compiled (or loaded) for ``dtype`` now, timed."""
+    key = (R, C, np.dtype(dtype).str)
+    if (R, C) not in _KERNELS:
+        _KERNELS[R, C] = _specialise(R, C)
+    fns = _KERNELS[R, C]
+    if key not in _READY:
+        t0 = time.perf_counter()
+        f, i = np.zeros((2, R, C), dtype), np.zeros(2, np.int64)
+        x, v = np.zeros((R + C, 1), dtype), np.zeros(R + C, dtype)
+        fns[0](f, i, i[:1], i, i, x, x, v, 2)
+        fns[1](f, i, i[:1], i, i, x, x, 1)
+        fns[2](f, i, i, x, x, x, x)
+        COMPILE["seconds"] += time.perf_counter() - t0
+        COMPILE["kernels"] += 3
+        _READY.add(key)
+    return fns
+
+
+class Groups:
+    """One class's blocks of one part (local or halo columns) grouped by an agent: ``ptr`` into
+    ``blk`` (block ids, grouped), ``start`` (the group agent's first row), and ``covers`` (the
+    groups hold every row of the part's output exactly once: the kernel may start it from
+    zero or the bias itself)."""
+
+    def __init__(self, starts: np.ndarray, blocks: np.ndarray, width: int, lo: int, hi: int):
+        order = blocks[np.argsort(starts[blocks], kind="stable")]
+        first, counts = np.unique(starts[order], return_counts=True)
+        self.blk, self.start = order, first.astype(np.int64)
+        self.ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        rows = (first[:, None] + np.arange(width)).ravel()
+        self.covers = len(rows) == hi - lo and bool(np.array_equal(np.sort(rows), np.arange(lo, hi)))

@@ -1,0 +1,122 @@
+"""The fused (compiled) block kernel against the PyTorch block kernel, its oracle: every product a
+rank's integrator asks for, on a rank with a halo, in float64 (1e-12 relative: the two sum the
+same terms in another order) and float32 (1e-5). Pure maths, one process."""
+import numpy as np
+import pytest
+import torch
+
+from dhdnn.integrator import class_rows
+from dhdnn.integrator.kernels import BlockKernel, FusedKernel, build_kernels
+
+
+def rank_classes(seed: int, contiguous: bool = True):
+    """A rank of 30 agents (dims 4 and 3: two block classes of 4x4 / 4x3 / 3x4 / 3x3) with 12
+    halo agents, random neighbourhoods (every agent's own block included); ``contiguous=False``
+    shuffles one class's rows inside its agents (that class takes the gather path)."""
+    rng = np.random.default_rng(seed)
+    n_own, n_halo = 30, 12
+    dims = rng.choice([3, 4], n_own + n_halo)
+    start = np.concatenate([[0], np.cumsum(dims)[:-1]])
+    F = int(dims[:n_own].sum())
+    E = int(dims.sum())
+    blocks = {}
+    for i in range(n_own):
+        for k in {i, *rng.choice(n_own + n_halo, 4, replace=False).tolist()}:
+            blocks.setdefault((int(dims[i]), int(dims[k])), []).append((i, k))
+    classes = []
+    for ci, ((r, c), pairs) in enumerate(sorted(blocks.items())):
+        rows = np.array([start[i] + np.arange(r) for i, _ in pairs])
+        cols = np.array([start[k] + np.arange(c) for _, k in pairs])
+        if not contiguous and ci == 0:
+            rows = rows[:, ::-1].copy()
+        classes.append(class_rows(rows, cols, F)[0])
+    return classes, F, E
+
+
+def products(kern, Ws, X, s, gu, GZ, bias):
+    """Everything the integrator asks of a kernel for layer 1: forward ``K X + b`` (local then halo
+    columns), the transposed product split as the exchange needs it, the weight gradient."""
+    F, E, B = bias.shape[0], X.shape[0], X.shape[1]
+    st = kern.prepare(Ws)
+    out, Z = torch.full((F, B), 7.0, dtype=X.dtype), torch.full((E, B), 7.0, dtype=X.dtype)  # stale values
+    kern.mv_local(st, 1, X, out, bias)
+    kern.mv_halo(st, 1, X, out)
+    kern.tmv_halo(st, 1, s, Z)
+    kern.tmv_local(st, 1, s, Z)
+    nobias = torch.full((F, B), 7.0, dtype=X.dtype)
+    kern.mv_local(st, 1, X, nobias)
+    G = [torch.full_like(W, 7.0) for W in Ws]
+    kern.grad(st, G, 1, gu, X, s, GZ)
+    return [out, Z, nobias, *[g[1] for g in G]]
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_fused_kernel_equals_the_pytorch_block_kernel(dtype, tol, contiguous):
+    classes, F, E = rank_classes(0, contiguous)
+    g = torch.Generator().manual_seed(1)
+    Ws = [torch.randn(3, *c.shape, generator=g, dtype=dtype) for c in classes]
+    X, GZ = (torch.randn(E, 37, generator=g, dtype=dtype) for _ in range(2))  # odd batch: loop remainders
+    s, gu = (torch.randn(F, 37, generator=g, dtype=dtype) for _ in range(2))
+    bias = torch.randn(F, 1, generator=g, dtype=dtype)
+    fused = FusedKernel(classes, F, E, 3)
+    assert sum(p is None for p in fused.plan) == (0 if contiguous else 1)
+    got = products(fused, Ws, X, s, gu, GZ, bias)
+    want = products(BlockKernel(classes, F, E, 3), Ws, X, s, gu, GZ, bias)
+    for a, b in zip(got, want):
+        assert float((a - b).norm() / b.norm()) <= tol
+
+
+def chain(n: int = 600, d: int = 4):
+    """One rank holding a chain of ``n`` agents of dim ``d`` (no halo): too sparse for the dense kernel."""
+    a = np.arange(n)
+    pairs = np.concatenate([np.stack([a, a], 1), np.stack([a[1:], a[:-1]], 1), np.stack([a[:-1], a[1:]], 1)])
+    rows, cols = pairs[:, :1] * d + np.arange(d), pairs[:, 1:] * d + np.arange(d)
+    return [class_rows(rows, cols, n * d)[0]], n * d
+
+
+@pytest.mark.parametrize("fused_faster", [True, False])
+def test_auto_times_the_fused_kernel_and_keeps_the_faster(monkeypatch, fused_faster):
+    """Above the trial size auto times the fused kernel against its structural choice (here the
+    bands of a chain) and keeps the faster; where the fused kernel cannot run it is not tried."""
+    import dhdnn.integrator.kernels as K
+
+    classes, F = chain()
+    mats = {"K_p": classes, "K_q": classes}
+    monkeypatch.setattr(K, "FUSED_TRIAL_ENTRIES", 1)
+    timed = []
+    monkeypatch.setattr(K, "trial_seconds", lambda kern, *a: timed.append(kern.name) or
+                        (1.0 if (kern.name == "fused") == fused_faster else 2.0))
+    name, kernels = build_kernels("auto", mats, F, F, 2)
+    assert sorted(timed) == ["diagonal", "fused"]
+    assert name == ("fused" if fused_faster else "diagonal") and {k.name for k in kernels.values()} == {name}
+    monkeypatch.setattr(K.fused, "available", lambda device="cpu": "no numba here")
+    timed.clear()
+    assert build_kernels("auto", mats, F, F, 2)[0] == "diagonal" and timed == []
+    assert build_kernels("auto", mats, F, F, 2, device="cuda")[0] == "diagonal"
+
+
+def test_the_trial_measures_real_products():
+    """``trial_seconds`` runs every product of a layer (a positive time for both kernels)."""
+    from dhdnn.integrator.kernels import trial_seconds
+
+    classes, F = chain(200)
+    for kern in (FusedKernel(classes, F, F, 1), BlockKernel(classes, F, F, 1)):
+        assert 0 < trial_seconds(kern, classes, F, F, torch.float32) < float("inf")
+
+
+def test_fused_kernel_says_why_it_cannot_run(monkeypatch):
+    import dhdnn.integrator.kernels as K
+
+    classes, F = chain(10)
+    monkeypatch.setattr(K.fused, "available", lambda device="cpu": "numba is not importable (test)")
+    with pytest.raises(RuntimeError, match="run.local_kernel: fused is unavailable: numba is not importable"):
+        FusedKernel(classes, F, F, 1)
+
+
+def test_config_refuses_the_fused_kernel_where_it_cannot_run():
+    from dhdnn.config import ConfigError, load_config
+
+    assert load_config(None, ["run.local_kernel=fused"]).run.local_kernel == "fused"
+    with pytest.raises(ConfigError, match=r"key 'run.local_kernel': expected a kernel that runs here \(the fused kernel runs on CPU only"):
+        load_config(None, ["run.local_kernel=fused", "run.device=cuda"])
