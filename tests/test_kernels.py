@@ -77,23 +77,32 @@ def chain(n: int = 600, d: int = 4):
 
 @pytest.mark.parametrize("fused_faster", [True, False])
 def test_auto_times_the_fused_kernel_and_keeps_the_faster(monkeypatch, fused_faster):
-    """Above the trial size auto times the fused kernel against its structural choice (here the
-    bands of a chain) and keeps the faster; where the fused kernel cannot run it is not tried."""
+    """Above the trial size auto times its candidates (here the bands of a chain, the block kernel
+    and the fused kernel) and keeps the fastest; where the fused kernel cannot run it is not tried."""
     import dhdnn.integrator.kernels as K
 
     classes, F = chain()
     mats = {"K_p": classes, "K_q": classes}
     monkeypatch.setattr(K, "FUSED_TRIAL_ENTRIES", 1)
-    timed = []
+    timed = []  # fused takes 1 s or 3 s, diagonal 2 s, blocks 4 s
     monkeypatch.setattr(K, "trial_seconds", lambda kern, *a: timed.append(kern.name) or
-                        (1.0 if (kern.name == "fused") == fused_faster else 2.0))
+                        {"fused": 1.0 if fused_faster else 3.0, "diagonal": 2.0, "blocks": 4.0}[kern.name])
     name, kernels = build_kernels("auto", mats, F, F, 2)
-    assert sorted(timed) == ["diagonal", "fused"]
+    assert sorted(timed) == ["blocks", "diagonal", "fused"]
     assert name == ("fused" if fused_faster else "diagonal") and {k.name for k in kernels.values()} == {name}
     monkeypatch.setattr(K.fused, "available", lambda device="cpu": "no numba here")
     timed.clear()
-    assert build_kernels("auto", mats, F, F, 2)[0] == "diagonal" and timed == []
-    assert build_kernels("auto", mats, F, F, 2, device="cuda")[0] == "diagonal"
+    assert build_kernels("auto", mats, F, F, 2)[0] == "diagonal" and sorted(timed) == ["blocks", "diagonal"]
+    timed.clear()
+    monkeypatch.undo()  # numba back: on a GPU, and with blocks of 4 made too large, it is not tried
+    monkeypatch.setattr(K, "FUSED_TRIAL_ENTRIES", 1)
+    monkeypatch.setattr(K, "trial_seconds", lambda kern, *a: timed.append(kern.name) or 1.0)
+    build_kernels("auto", mats, F, F, 2, device="cuda")
+    assert sorted(timed) == ["blocks", "diagonal"]  # (the fused kernel runs on CPU only)
+    timed.clear()
+    monkeypatch.setattr(K, "FUSED_MAX_BLOCK", 2)
+    build_kernels("auto", mats, F, F, 2)
+    assert sorted(timed) == ["blocks", "diagonal"]
 
 
 def test_the_trial_measures_real_products():

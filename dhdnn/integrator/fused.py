@@ -41,49 +41,35 @@ def available(device: torch.device | str = "cpu") -> str | None:
 
 
 def _specialise(R: int, C: int):
-    """The three loop nests for ``R x C`` blocks (numba folds ``R`` and ``C`` in as constants, so
-    the innermost loop over the batch is vectorised). Closures are cached per shape."""
+    """The loop nests for ``R x C`` blocks: the product, the transposed product and the weight
+    gradient (numba folds ``R``, ``C`` and the transpose in as constants, so the innermost loop
+    over the batch is vectorised). Closures are cached per shape."""
     jit = numba.njit(fastmath=True, cache=True, nogil=True)
 
-    @jit
-    def mv(W, ptr, row0, blk, col0, X, out, bias, init):
-        """``out[rows of group g] (=init or +=) sum over its blocks W[b] X[col0[b]:col0[b]+C]``;
-        ``init``: 0 add, 1 start from zero, 2 start from ``bias``."""
-        B = X.shape[1]
-        for g in range(len(ptr) - 1):
-            r0 = row0[g]
-            if init:
-                for a in range(R):
-                    v = bias[r0 + a] if init == 2 else 0.0
-                    for t in range(B):
-                        out[r0 + a, t] = v
-            for q in range(ptr[g], ptr[g + 1]):
-                b, c0 = blk[q], col0[blk[q]]
-                for a in range(R):
-                    for t in range(B):
-                        s = out[r0 + a, t]
-                        for c in range(C):
-                            s += W[b, a, c] * X[c0 + c, t]
-                        out[r0 + a, t] = s
+    def product(transpose: bool):
+        NO, NI = (C, R) if transpose else (R, C)  # a block's output rows and input rows
 
-    @jit
-    def tmv(W, ptr, col0, blk, row0, S, Z, init):
-        """``Z[cols of group g] (= or +=) sum over its blocks W[b]^T S[row0[b]:row0[b]+R]``."""
-        B = S.shape[1]
-        for g in range(len(ptr) - 1):
-            c0 = col0[g]
-            if init:
-                for c in range(C):
-                    for t in range(B):
-                        Z[c0 + c, t] = 0.0
-            for q in range(ptr[g], ptr[g + 1]):
-                b, r0 = blk[q], row0[blk[q]]
-                for c in range(C):
-                    for t in range(B):
-                        z = Z[c0 + c, t]
-                        for a in range(R):
-                            z += W[b, a, c] * S[r0 + a, t]
-                        Z[c0 + c, t] = z
+        @jit
+        def run(W, ptr, out0, blk, in0, X, out, bias, init):
+            """``out[the NO rows of group g] (=init or +=) sum over its blocks W[b] X[in0[b]:+NI]``
+            (``W[b]^T`` when transposed); ``init``: 0 add, 1 start from zero, 2 from ``bias``."""
+            B = X.shape[1]
+            for g in range(len(ptr) - 1):
+                o0 = out0[g]
+                if init:
+                    for i in range(NO):
+                        v = bias[o0 + i] if init == 2 else 0.0
+                        for t in range(B):
+                            out[o0 + i, t] = v
+                for q in range(ptr[g], ptr[g + 1]):
+                    b, x0 = blk[q], in0[blk[q]]
+                    for i in range(NO):
+                        for t in range(B):
+                            acc = out[o0 + i, t]
+                            for k in range(NI):
+                                acc += (W[b, k, i] if transpose else W[b, i, k]) * X[x0 + k, t]
+                            out[o0 + i, t] = acc
+        return run
 
     @jit
     def grad(G, row0, col0, gu, X, s, GZ):
@@ -110,7 +96,7 @@ def _specialise(R: int, C: int):
                             acc += gu[r0 + a, t] * X[c0 + c, t] + s[r0 + a, t] * GZ[c0 + c, t]
                         G[b, a, c] = acc
 
-    return mv, tmv, grad
+    return product(False), product(True), grad
 
 
 _KERNELS: dict[tuple[int, int], tuple] = {}
@@ -128,7 +114,7 @@ def _compiled(R: int, C: int, dtype: np.dtype) -> tuple:
         f, i = np.zeros((2, R, C), dtype), np.zeros(2, np.int64)
         x, v = np.zeros((R + C, 1), dtype), np.zeros(R + C, dtype)
         fns[0](f, i, i[:1], i, i, x, x, v, 2)
-        fns[1](f, i, i[:1], i, i, x, x, 1)
+        fns[1](f, i, i[:1], i, i, x, x, v, 1)
         fns[2](f, i, i, x, x, x, x)
         COMPILE["seconds"] += time.perf_counter() - t0
         COMPILE["kernels"] += 3

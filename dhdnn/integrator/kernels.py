@@ -315,7 +315,7 @@ class FusedKernel(_BlockProducts):
 
     def _mv(self, st, j, X, out, part, init=0, bias=None):
         (Ws, fns), x, o = st, _np(X), _np(out)
-        b = _np(bias).reshape(-1) if bias is not None else o[:0, 0].copy()
+        b = _np(bias).reshape(-1) if bias is not None else o[:0, 0].copy()  # (read only with init 2)
         for (W, p), fn in zip(self._fused(Ws), fns):
             g = p["rows"][part]
             fn[0](_np(W)[j], g.ptr, g.start, g.blk, p["col0"], x, o, b, init)
@@ -331,7 +331,7 @@ class FusedKernel(_BlockProducts):
         (Ws, fns), sv, z = st, _np(s), _np(Z)
         for (W, p), fn in zip(self._fused(Ws), fns):
             g = p["cols"][part]
-            fn[1](_np(W)[j], g.ptr, g.start, g.blk, p["row0"], sv, z, init)
+            fn[1](_np(W)[j], g.ptr, g.start, g.blk, p["row0"], sv, z, z[:0, 0].copy(), init)
         self.rest._tmv_add(self._rest(Ws), j, s, Z, part)
 
     def grad(self, st, G, j, gu, X, s, GZ):
@@ -540,7 +540,8 @@ def band_coverage(kernel: DiagonalKernel, classes: list[ClassRows]) -> float:
     return 1.0 - _entries(kernel.rest.classes) / total if total else 0.0
 
 
-FUSED_TRIAL_ENTRIES = 1 << 15  # block entries per matrix from which auto times the fused kernel against its choice
+FUSED_TRIAL_ENTRIES = 1 << 15  # block entries per matrix from which auto times its candidates on the rank's blocks
+FUSED_MAX_BLOCK = 32  # larger blocks: batched BLAS products win by far; the fused kernel is not tried
 TRIAL_BATCH = 64  # batch columns of that trial
 
 
@@ -549,30 +550,29 @@ def build_kernels(requested: str, classes: dict[str, list[ClassRows]], F: int, E
     """The local kernel of every matrix, and its name: the one requested, or ``auto``'s choice —
     ``dense`` where the assembled local matrix is small or at least 1/4 full (one BLAS call beats
     any bookkeeping); else ``diagonal`` where bands hold most of every matrix's entries (a regular
-    graph on contiguous agents: products on views, measured here 1.0-3.8x faster than ``blocks``,
-    the most at the smallest blocks); else ``blocks``, whose cost follows the number of non-zero
-    blocks whatever the graph. Where that choice is not ``dense``, the matrices hold at least
-    :data:`FUSED_TRIAL_ENTRIES` block entries and the fused kernel can run (numba, CPU), both are
-    timed on this rank's blocks and the faster kept (compiling the fused loops is not timed; it
-    is reported apart). ``classes``: each matrix's class rows. The diagonal kernels built to
-    measure the bands are the ones kept."""
-    name = requested
+    graph on contiguous agents: products on views), else ``blocks`` (cost follows the non-zero
+    blocks whatever the graph). From :data:`FUSED_TRIAL_ENTRIES` block entries per matrix the
+    candidates — that choice, ``blocks``, and ``fused`` where it can run (numba, CPU, blocks up to
+    :data:`FUSED_MAX_BLOCK`) — are timed on this rank's blocks and the fastest kept (compiling
+    the fused loops is not timed; it is reported apart). ``classes``: each matrix's class rows.
+    The diagonal kernels built to measure the bands are the ones kept."""
     if requested != "auto":
-        return name, {m: KERNELS[name](v, F, E, layers) for m, v in classes.items()}
+        return requested, {m: KERNELS[requested](v, F, E, layers) for m, v in classes.items()}
     nnz = min(_entries(v) for v in classes.values())
     if F * E <= max(4096, 4 * nnz):
         return "dense", {m: MatrixKernel(v, F, E, layers) for m, v in classes.items()}
-    name, kernels = "blocks", {m: DiagonalKernel(v, F, E, layers) for m, v in classes.items()}
-    if min(band_coverage(kernels[m], v) for m, v in classes.items()) >= DIAGONAL_COVERAGE:
-        name = "diagonal"
-    else:
-        kernels = {m: BlockKernel(v, F, E, layers) for m, v in classes.items()}
-    if nnz >= FUSED_TRIAL_ENTRIES and fused.available(device) is None:
-        rival = {m: FusedKernel(v, F, E, layers) for m, v in classes.items()}
-        m = next(iter(classes))
-        if trial_seconds(rival[m], classes[m], F, E, dtype) < trial_seconds(kernels[m], classes[m], F, E, dtype):
-            return "fused", rival
-    return name, kernels
+    candidates = {"diagonal": {m: DiagonalKernel(v, F, E, layers) for m, v in classes.items()}}
+    if min(band_coverage(candidates["diagonal"][m], v) for m, v in classes.items()) < DIAGONAL_COVERAGE:
+        candidates = {}
+    candidates["blocks"] = {m: BlockKernel(v, F, E, layers) for m, v in classes.items()}
+    if nnz < FUSED_TRIAL_ENTRIES:
+        return next(iter(candidates.items()))
+    small = all(max(c.shape[1:]) <= FUSED_MAX_BLOCK for v in classes.values() for c in v)
+    if small and fused.available(device) is None:
+        candidates["fused"] = {m: FusedKernel(v, F, E, layers) for m, v in classes.items()}
+    m = next(iter(classes))
+    name = min(candidates, key=lambda n: trial_seconds(candidates[n][m], classes[m], F, E, dtype))
+    return name, candidates[name]
 
 
 def trial_seconds(kern, classes: list[ClassRows], F: int, E: int, dtype, repeat: int = 3) -> float:
