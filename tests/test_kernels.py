@@ -129,3 +129,24 @@ def test_config_refuses_the_fused_kernel_where_it_cannot_run():
     assert load_config(None, ["run.local_kernel=fused"]).run.local_kernel == "fused"
     with pytest.raises(ConfigError, match=r"key 'run.local_kernel': expected a kernel that runs here \(the fused kernel runs on CPU only"):
         load_config(None, ["run.local_kernel=fused", "run.device=cuda"])
+
+
+def test_a_second_process_loads_the_compiled_loops_from_the_cache(tmp_path):
+    """The fused loops compile once per block shape and dtype; a later process loads them from
+    numba's on-disk cache (no recompilation), and says how long that took."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json, numpy as np; from dhdnn.integrator import fused; "
+            "fns = fused._compiled(3, 5, np.float32); "
+            "print(json.dumps({'hits': sum(sum(f.stats.cache_hits.values()) for f in fns), "
+            "'misses': sum(sum(f.stats.cache_misses.values()) for f in fns), 'seconds': fused.COMPILE['seconds']}))")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    runs = [json.loads(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                      timeout=300, check=True).stdout) for _ in range(2)]
+    assert runs[0]["misses"] == 3 and runs[0]["hits"] == 0  # compiled, and written to the cache
+    assert runs[1]["misses"] == 0 and runs[1]["hits"] == 3  # loaded
+    assert all(r["seconds"] > 0 for r in runs)
+    assert any(tmp_path.rglob("*.nbi"))
