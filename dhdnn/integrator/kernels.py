@@ -48,6 +48,13 @@ class ClassRows:
         return self.rows.shape[0], self.rows.shape[1], self.cols.shape[1]
 
 
+def contiguous(c: ClassRows) -> bool:
+    """Every block of ``c`` takes consecutive rows and consecutive columns of the extended field."""
+    rows, cols = c.rows.cpu().numpy(), c.cols.cpu().numpy()
+    return bool(len(rows)) and bool((rows == rows[:, :1] + np.arange(rows.shape[1])).all()) and \
+        bool((cols == cols[:, :1] + np.arange(cols.shape[1])).all())
+
+
 @dataclass
 class MatrixState:
     """One pass's operands of :class:`MatrixKernel`: per layer, ``loc``/``halo`` (the matrix ``mv``
@@ -275,19 +282,21 @@ class FusedKernel(_BlockProducts):
         self.F, self.E, self.L = F, E, layers
         self.plan = []  # per class: None (gather path), or its block starts and groups by part
         for c in classes:
-            nb, r, cc = c.shape
-            rows, cols = c.rows.cpu().numpy(), c.cols.cpu().numpy()
-            r0, c0 = rows[:, 0].astype(np.int64), cols[:, 0].astype(np.int64)
-            if not (nb and (rows == r0[:, None] + np.arange(r)).all() and (cols == c0[:, None] + np.arange(cc)).all()):
+            if not contiguous(c):
                 self.plan.append(None)
                 continue
+            nb, r, cc = c.shape
+            r0, c0 = c.rows[:, 0].cpu().numpy().astype(np.int64), c.cols[:, 0].cpu().numpy().astype(np.int64)
             parts = {"local": np.arange(c.n_local), "halo": np.arange(c.n_local, nb)}
             spans = {"local": (0, F), "halo": (F, E)}
             self.plan.append({"shape": (r, cc), "row0": r0, "col0": c0,
                               "rows": {p: fused.Groups(r0, b, r, 0, F) for p, b in parts.items()},
                               "cols": {p: fused.Groups(c0, b, cc, *spans[p]) for p, b in parts.items()}})
         self.rest = BlockKernel([c for c, p in zip(classes, self.plan) if p is None], F, E, layers)
-        self.alone = len(classes) == 1 and self.plan[0] is not None  # one class does every row's products
+        alone = len(classes) == 1 and self.plan[0] is not None  # one class does every row's products
+        # where that class covers a part's output rows, its loops start them (no separate zero or bias pass)
+        self.at_once = {(k, part): alone and self.plan[0][k][part].covers for k in ("rows", "cols")
+                        for part in ("local", "halo")}
 
     def move(self, fn) -> None:
         if fn(torch.zeros(1)).device.type != "cpu":
@@ -301,42 +310,46 @@ class FusedKernel(_BlockProducts):
         return [(t, p) for t, p in zip(ts, self.plan) if p is not None]
 
     def prepare(self, Ws):
-        """The class tensors, and per fused class its loop nests compiled for their dtype."""
-        return Ws, [fused._compiled(*p["shape"], _np(W).dtype) for W, p in self._fused(Ws)]
+        """One pass's operands: the class tensors; per fused class its blocks as NumPy arrays, its
+        loop nests compiled for their dtype; an empty bias (the loops read it only with init 2)."""
+        mine = self._fused(Ws)
+        arrays = [_np(W) for W, _ in mine]
+        fns = [fused._compiled(*p["shape"], a.dtype) for a, (_, p) in zip(arrays, mine)]
+        return Ws, list(zip(arrays, (p for _, p in mine), fns)), np.empty(0, arrays[0].dtype if arrays else np.float32)
 
     def grad_buffers(self, st):
         return [torch.zeros_like(W) for W in st[0]]
 
     def mv_local(self, st, j, X, out, bias=None, scale=1.0):
-        at_once = self.alone and self.plan[0]["rows"]["local"].covers
+        at_once = self.at_once["rows", "local"]
         if not at_once:
             out.copy_(bias.expand_as(out)) if bias is not None else out.zero_()
         self._mv(st, j, X, out, "local", (2 if bias is not None else 1) if at_once else 0, bias)
 
     def _mv(self, st, j, X, out, part, init=0, bias=None):
-        (Ws, fns), x, o = st, _np(X), _np(out)
-        b = _np(bias).reshape(-1) if bias is not None else o[:0, 0].copy()  # (read only with init 2)
-        for (W, p), fn in zip(self._fused(Ws), fns):
+        x, o = _np(X), _np(out)
+        b = _np(bias).reshape(-1) if bias is not None else st[2]
+        for W, p, fn in st[1]:
             g = p["rows"][part]
-            fn[0](_np(W)[j], g.ptr, g.start, g.blk, p["col0"], x, o, b, init)
-        self.rest._mv(self._rest(Ws), j, X, out, part)
+            fn[0](W[j], g.ptr, g.start, g.blk, p["col0"], x, o, b, init)
+        self.rest._mv(self._rest(st[0]), j, X, out, part)
 
     def _tmv(self, st, j, s, Z, part):
-        at_once = self.alone and self.plan[0]["cols"][part].covers
+        at_once = self.at_once["cols", part]
         if not at_once:
             (Z[:self.F] if part == "local" else Z[self.F:]).zero_()
         self._tmv_add(st, j, s, Z, part, int(at_once))
 
     def _tmv_add(self, st, j, s, Z, part, init=0):
-        (Ws, fns), sv, z = st, _np(s), _np(Z)
-        for (W, p), fn in zip(self._fused(Ws), fns):
+        sv, z = _np(s), _np(Z)
+        for W, p, fn in st[1]:
             g = p["cols"][part]
-            fn[1](_np(W)[j], g.ptr, g.start, g.blk, p["row0"], sv, z, z[:0, 0].copy(), init)
-        self.rest._tmv_add(self._rest(Ws), j, s, Z, part)
+            fn[1](W[j], g.ptr, g.start, g.blk, p["row0"], sv, z, st[2], init)
+        self.rest._tmv_add(self._rest(st[0]), j, s, Z, part)
 
     def grad(self, st, G, j, gu, X, s, GZ):
         a, x, sv, z = _np(gu), _np(X), _np(s), _np(GZ)
-        for (gW, p), fn in zip(self._fused(G), st[1]):
+        for (gW, _), (_, p, fn) in zip(self._fused(G), st[1]):
             fn[2](_np(gW)[j], p["row0"], p["col0"], a, x, sv, z)
         self.rest.grad(self._rest(st[0]), self._rest(G), j, gu, X, s, GZ)
 
@@ -410,9 +423,7 @@ class DiagonalKernel(_BlockProducts):
         C0 = c.cols[:, 0].cpu().numpy().astype(np.int64)
         pos = np.full(nb, -1, np.int64)
         pads, at = [], 0
-        contiguous = r == cc and nb and bool((c.rows.cpu().numpy() == R0[:, None] + np.arange(r)).all()) and \
-            bool((c.cols.cpu().numpy() == C0[:, None] + np.arange(cc)).all())
-        if contiguous:
+        if r == cc and contiguous(c):
             key = np.stack([C0 - R0, R0 % r], 1)
             order = np.lexsort((R0, key[:, 1], key[:, 0]))
             for group in np.split(order, np.flatnonzero(np.any(np.diff(key[order], axis=0) != 0, axis=1)) + 1):
