@@ -16,9 +16,12 @@ from pathlib import Path
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
 
 
+def _set_arg(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help=help)
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override any config key, e.g. --set train.lr=1e-3 (repeatable)")
+    _set_arg(p, "override any config key, e.g. --set train.lr=1e-3 (repeatable)")
     p.add_argument("--dtype", choices=["float32", "float64"], help="shorthand for --set run.dtype=...")
     p.add_argument("--workers", type=int, help="shorthand for --set run.workers=N (local gloo workers)")
     p.add_argument("--out", help="shorthand for --set run.out_dir=DIR")
@@ -297,8 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, nargs="+", help="worker counts (default: 2 3 4, where the agents allow)")
     p.add_argument("--steps", type=int, default=2, help="training steps in float64 (default 2)")
     p.add_argument("--replicas", type=int, default=1, help="data-parallel replicas on every worker count (default 1)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override keys of the run config")
+    _set_arg(p, "override keys of the run config")
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.set_defaults(func=cmd_verify)
 
@@ -310,8 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="accuracy and loss of a run directory or exported model on a data split")
     p.add_argument("model", help="run directory or exported .pt file")
     p.add_argument("--split", choices=["train", "test"], default="test")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="change the data section, e.g. --set data.name=double_moons")
+    _set_arg(p, "change the data section, e.g. --set data.name=double_moons")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 
@@ -333,8 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="architecture (default H2)")
     p.add_argument("--dtype", choices=["float32", "float64"])
     p.add_argument("--backprop", choices=["autograd", "reversible"])
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override keys of a run config")
+    _set_arg(p, "override keys of a run config")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--plot", metavar="OUT.png", help="agents coloured by worker, cut edges dashed")
     p.set_defaults(func=cmd_partition)

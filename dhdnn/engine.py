@@ -53,6 +53,7 @@ class Engine:
     world: int = 1
     task: Task = TASKS["classify"]
     spec = None  # the NetworkSpec (build.py) of the network, where known: saved with checkpoints
+    tracer = None  # the rank's message tracer (distributed engines with run.trace)
 
     @property
     def is_main(self) -> bool:
@@ -95,6 +96,15 @@ class Engine:
         regulariser's gradient in place (no parameter-sized graph per step) and, with replicas,
         averages gradients."""
 
+    def train_step(self, opt, x: Tensor, y: Tensor, alpha: float) -> StepOut:
+        """One plain optimiser step on ``(x, y)`` (the trainer's loop adds its checks around the same calls)."""
+        opt.zero_grad(set_to_none=True)
+        out = self.objective(x, y, alpha)
+        out.objective.backward()
+        self.after_backward()
+        opt.step()
+        return out
+
     def take_drift(self) -> float:
         """Reversible backprop: the largest relative drift of a rebuilt state since the last call
         (0 in exact mode, whose certificate raises on any difference)."""
@@ -104,10 +114,13 @@ class Engine:
         """Reversible backprop (float): store the state every ``k`` layers from the next step on."""
 
     def end_epoch(self) -> None:
-        """Called after every epoch (flush traces, ...)."""
+        """Called after every epoch: flushes the message trace."""
+        if self.tracer is not None:
+            self.tracer.flush()
 
     def close(self) -> None:
         """Release what the engine holds (trace files, ...)."""
+        self.end_epoch()
 
 
 def param_groups(params, readout, weight_decay: float) -> list[dict]:

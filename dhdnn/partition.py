@@ -367,25 +367,24 @@ class _MoveState:
             cb[r] = cb.get(r, 0) - 1
             cb[s] = cb.get(s, 0) + 1
             dv += before - self._agent_volume(b, int(self.parts[b]), cb)
-        pe = dict(self.pair_edges)
+        pe = self._shift_pairs(dict(self.pair_edges), a, r, s)
+        pairs_before = sum(1 for c in self.pair_edges.values() if c > 0)
+        pairs_after = sum(1 for c in pe.values() if c > 0)
+        return (dv, pairs_before - pairs_after)
+
+    def _shift_pairs(self, pe: dict, a: int, r: int, s: int) -> dict:
+        """``pe`` (rank pair -> cut edges) after agent ``a`` moves from rank ``r`` to ``s``."""
         for b in self.nbrs(a).tolist():
             t = int(self.parts[b])
             for x, d in ((r, -1), (s, +1)):
                 if t != x:
                     k = (min(t, x), max(t, x))
                     pe[k] = pe.get(k, 0) + d
-        pairs_before = sum(1 for c in self.pair_edges.values() if c > 0)
-        pairs_after = sum(1 for c in pe.values() if c > 0)
-        return (dv, pairs_before - pairs_after)
+        return pe
 
     def move(self, a: int, s: int) -> None:
         r = int(self.parts[a])
-        for b in self.nbrs(a).tolist():
-            t = int(self.parts[b])
-            for x, d in ((r, -1), (s, +1)):
-                if t != x:
-                    k = (min(t, x), max(t, x))
-                    self.pair_edges[k] = self.pair_edges.get(k, 0) + d
+        self._shift_pairs(self.pair_edges, a, r, s)
         self.parts[a] = s
         n = int(self.topo.dims[a])
         self.loads[r] -= n
@@ -493,16 +492,10 @@ def exact_parts(topo: Topology, workers: int, bound: float, incumbent: np.ndarra
 
 
 def _bfs_agents(topo: Topology) -> list[int]:
-    """Agents in BFS order from the highest-degree agent (tight bounds early)."""
+    """Agents in BFS order from the highest-degree agent (tight bounds early), then the rest."""
+    import networkx as nx
+
     start = int(np.argmax(topo.degree)) if topo.n_agents else 0
-    seen, order, frontier = {start}, [start], [start]
-    while frontier:
-        nxt = []
-        for a in frontier:
-            for b in topo.neighbors(a):
-                if b not in seen:
-                    seen.add(b)
-                    order.append(b)
-                    nxt.append(b)
-        frontier = nxt
+    order = [start] + [b for _, b in nx.bfs_edges(topo.graph, start, sort_neighbors=sorted)] if topo.n_agents else []
+    seen = set(order)
     return order + [a for a in range(topo.n_agents) if a not in seen]

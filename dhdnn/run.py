@@ -10,9 +10,7 @@ files removed, the last complete checkpoint intact.
 """
 from __future__ import annotations
 
-import signal
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,14 +204,14 @@ def resolve_resume(cfg: Config, resume: bool | str) -> bool:
 def train_from_config(cfg: Config, resume: bool | str = False) -> dict | None:
     """Entry point of ``dhdnn train``: the dense engine in this process, or the sharded engine on
     local workers / under torchrun. Returns the summary (None on ranks other than 0)."""
-    from .distributed.launch import torchrun_env
+    from .distributed.launch import Signals, torchrun_env
 
     env = torchrun_env()
     if env is not None:
         return _train_torchrun(cfg, resume, env)
     setup = validate(cfg)
     resume = resolve_resume(cfg, resume)
-    with RunDir(cfg, setup.topo, resume), _signals_raise():
+    with RunDir(cfg, setup.topo, resume), Signals(raising=True):
         if setup.engine != "dense":
             return _train_local_workers(cfg, setup, resume)
         return train_dense(cfg, setup, resume)
@@ -241,7 +239,7 @@ def _train_local_workers(cfg: Config, setup: Setup, resume: bool) -> dict:
 def _train_torchrun(cfg: Config, resume, env) -> dict | None:
     import torch.distributed as dist
 
-    from .distributed.launch import available_cores, fault_from_env, init_group, pick_backend, pin
+    from .distributed.launch import Signals, available_cores, fault_from_env, init_group, pick_backend, pin
 
     rank, world, local_rank = env
     if cfg.run.workers not in (1, world):
@@ -257,7 +255,7 @@ def _train_torchrun(cfg: Config, resume, env) -> dict | None:
     init_group(pick_backend(cfg.run.backend, cfg.run.device), rank, world, cfg.run.timeout_s)
     rundir = None
     try:
-        with _signals_raise():
+        with Signals(raising=True):
             # rank 0 owns the run directory; everyone learns whether it could and whether to resume
             ok = torch.zeros(2, dtype=torch.float64)
             error = None
@@ -388,24 +386,3 @@ def _dense_to_packed(cfg: Config, setup: Setup, data):
                 p.copy_(plain[n])
         return dense_packed(table, model)
     return convert
-
-
-class _signals_raise:
-    """SIGTERM and SIGHUP raise :class:`Interrupted` in this (main) thread, as SIGINT raises
-    KeyboardInterrupt; the run directory's cleanup then runs on the way out."""
-
-    def __enter__(self):
-        from .distributed.launch import Interrupted
-
-        def raise_(signum, frame):
-            raise Interrupted(signum)
-        self.old = {}
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-                self.old[s] = signal.signal(s, raise_)
-        return self
-
-    def __exit__(self, *exc):
-        for s, h in self.old.items():
-            signal.signal(s, h)
-        return False

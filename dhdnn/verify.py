@@ -110,10 +110,7 @@ def _train(engine, cfg, batches) -> None:
 
     opt = make_optimizer(engine.optimizer_groups(cfg.train.weight_decay), cfg.train)
     for x, y in batches:
-        opt.zero_grad(set_to_none=True)
-        engine.objective(x, y, cfg.train.alpha).objective.backward()
-        engine.after_backward()
-        opt.step()
+        engine.train_step(opt, x, y, cfg.train.alpha)
 
 
 def _dense(cfg, topo, steps: int) -> dict:

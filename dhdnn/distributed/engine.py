@@ -128,13 +128,6 @@ class ShardedEngine(Engine):
     def fault(self):
         return self.dnet.fault
 
-    def end_epoch(self):
-        if self.tracer is not None:
-            self.tracer.flush()
-
-    def close(self):
-        self.end_epoch()
-
 
 def build_sharded_engine(cfg, data, groups: Groups, topo: Topology, device: str = "cpu", fault=None,
                          partition_method: str = "auto", collectives: bool = True) -> ShardedEngine:

@@ -254,13 +254,16 @@ def _context():
 
 
 # ---- the launcher side --------------------------------------------------------------------------
-class _Signals:
-    """SIGINT/SIGTERM/SIGHUP set a flag the watch loop acts on (handlers restored on exit)."""
+class Signals:
+    """While inside, SIGINT/SIGTERM/SIGHUP (main thread only) are recorded in ``received`` for a
+    watch loop to act on, or with ``raising`` raised as :class:`Interrupted` (as SIGINT raises
+    KeyboardInterrupt), so cleanup runs on the way out. Handlers are restored on exit."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-    def __init__(self):
+    def __init__(self, raising: bool = False):
         self.received: int | None = None
+        self.raising = raising
 
     def __enter__(self):
         self.old = {}
@@ -271,6 +274,8 @@ class _Signals:
 
     def _on(self, signum, frame):
         self.received = signum
+        if self.raising:
+            raise Interrupted(signum)
 
     def __exit__(self, *exc):
         for s, h in self.old.items():
@@ -293,7 +298,7 @@ def run_local(target: Callable, world: int, args: tuple = (), backend: str = "gl
     procs = [ctx.Process(target=_child, args=(r, world, str(tmp / "store"), str(tmp), backend, timeout_s, target,
                                               args, os.getpid(), use, threads), daemon=False) for r in range(world)]
     try:
-        with _Signals() as sig:
+        with Signals() as sig:
             for p in procs:
                 p.start()
             killed = _watch(procs, timeout_s, run_timeout_s, sig)
@@ -346,7 +351,7 @@ def _kill_all(procs) -> set[int]:
     return alive
 
 
-def _watch(procs, timeout_s: float, run_timeout_s: float | None, sig: _Signals) -> set[int]:
+def _watch(procs, timeout_s: float, run_timeout_s: float | None, sig: Signals) -> set[int]:
     """Wait for every worker; returns the ranks that had to be killed."""
     start, first_fail = time.monotonic(), None
     while any(p.is_alive() for p in procs):

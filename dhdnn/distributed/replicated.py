@@ -84,11 +84,3 @@ class ReplicatedEngine(DenseEngine):
 
     def barrier(self):
         dist.barrier()
-
-    def end_epoch(self):
-        if self.tracer is not None:
-            self.tracer.flush()
-
-    def close(self):
-        self.end_epoch()
-

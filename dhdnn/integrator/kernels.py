@@ -209,6 +209,12 @@ class _BlockProducts:
     def grad_buffers(self, Ws):
         return [torch.zeros_like(W) for W in Ws]
 
+    def end_grad(self, G):
+        return G
+
+    def outside(self, Ws):
+        return []  # only the blocks are stored
+
 
 class BlockKernel(_BlockProducts):
     """Block-by-block products: per class ``W`` is ``(layers, nb, r, c)``; inputs are gathered
@@ -258,12 +264,6 @@ class BlockKernel(_BlockProducts):
                               X.index_select(0, cols).view(-1, cc, B).transpose(1, 2), out=g)
                     g.baddbmm_(s.index_select(0, rows).view(-1, r, B),
                                GZ.index_select(0, cols).view(-1, cc, B).transpose(1, 2))
-
-    def end_grad(self, G):
-        return G
-
-    def outside(self, Ws):
-        return []  # only the blocks are stored
 
 
 class FusedKernel(_BlockProducts):
@@ -352,12 +352,6 @@ class FusedKernel(_BlockProducts):
         for (gW, _), (_, p, fn) in zip(self._fused(G), st[1]):
             fn[2](_np(gW)[j], p["row0"], p["col0"], a, x, sv, z)
         self.rest.grad(self._rest(st[0]), self._rest(G), j, gu, X, s, GZ)
-
-    def end_grad(self, G):
-        return G
-
-    def outside(self, Ws):
-        return []  # only the blocks are stored
 
 
 def _np(t: Tensor) -> np.ndarray:
