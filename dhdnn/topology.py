@@ -375,6 +375,12 @@ class _Parser:
             raise self.err(key, f"expected a positive integer, got {v!r}")
         return v
 
+    def agent(self, key: str, index: "_Index", a) -> int:
+        """The index of agent id ``a``, named at ``key``."""
+        if a not in index:
+            raise self.err(key, f"unknown agent {a!r}; expected one of the ids in 'agents'")
+        return index[a]
+
     def parse(self) -> Topology:
         raw = self.raw
         if not isinstance(raw, dict):
@@ -470,10 +476,7 @@ class _Parser:
             key = f"edges[{k}]"
             if not isinstance(e, (list, tuple)) or len(e) != 2:
                 raise self.err(key, f"expected a pair [agent, agent], got {e!r}")
-            for a in e:
-                if a not in index:
-                    raise self.err(key, f"unknown agent {a!r}; expected one of the ids in 'agents'")
-            i, j = index[e[0]], index[e[1]]
+            i, j = (self.agent(key, index, a) for a in e)
             if i == j:
                 raise self.err(key, f"self-loop on agent {e[0]!r}; self-coupling is implicit, list only edges "
                                     "between distinct agents")
@@ -498,9 +501,7 @@ class _Parser:
                 raise self.err(f"{key}.feature", f"feature {feat} is already fed by inputs[{seen[feat]}]; "
                                                  "expected each feature at most once")
             seen[feat] = k
-            if f["agent"] not in index:
-                raise self.err(f"{key}.agent", f"unknown agent {f['agent']!r}; expected one of the ids in 'agents'")
-            i = index[f["agent"]]
+            i = self.agent(f"{key}.agent", index, f["agent"])
             part = f.get("part", "p")
             if part not in ("p", "q"):
                 raise self.err(f"{key}.part", f"expected 'p' or 'q', got {part!r}")
@@ -524,9 +525,7 @@ class _Parser:
             key = f"embeddings[{k}]"
             if not isinstance(e, dict) or set(e) != {"agent", "features"}:
                 raise self.err(key, "expected a mapping with exactly 'agent' and 'features'")
-            if e["agent"] not in index:
-                raise self.err(f"{key}.agent", f"unknown agent {e['agent']!r}; expected one of the ids in 'agents'")
-            i = index[e["agent"]]
+            i = self.agent(f"{key}.agent", index, e["agent"])
             if i in used:
                 raise self.err(f"{key}.agent", f"agent {e['agent']!r} already has an embedding")
             used.add(i)
@@ -574,11 +573,10 @@ class _Parser:
             raise self.err("readout", "expected a non-empty list of agent ids (omit it for all agents)")
         out = []
         for k, a in enumerate(raw):
-            if a not in index:
-                raise self.err(f"readout[{k}]", f"unknown agent {a!r}; expected one of the ids in 'agents'")
-            if index[a] in out:
+            i = self.agent(f"readout[{k}]", index, a)
+            if i in out:
                 raise self.err(f"readout[{k}]", f"agent {a!r} listed twice")
-            out.append(index[a])
+            out.append(i)
         return np.array(sorted(out), dtype=np.int64)
 
 

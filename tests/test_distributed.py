@@ -4,6 +4,8 @@ Tolerances: both sides compute the same sums in a different order (block product
 masked matrix product), so they agree to round-off: ~1e-15 relative per operation, grown
 by the depth of the network; 1e-10 leaves ample margin while still catching any wrong term.
 """
+import functools
+import os
 import random
 
 import networkx as nx
@@ -185,6 +187,25 @@ def test_reversible_backprop_at_depth_1024(random_topology, tmp_path):
               steps=1, h=0.05, init_std=0.3, train_tol=1e-8)
 
 
+@functools.lru_cache(maxsize=1)
+def _exact_reference(topo_path, layers, h):
+    """The dense model's exact reversible gradients, float64 and float32 (computed once for every
+    worker count and kernel below: ~5 s at depth 4096)."""
+    runs, refs = [], []
+    for dtype in (torch.float64, torch.float32):
+        topo, data, table, packed = setup_network(topo_path, "H2", layers=layers, init_std=0.5)
+        packed = {k: v.to(dtype) for k, v in packed.items()}
+        data = data.to(dtype)
+        runs.append((dtype, packed, data))
+        cfg = cfg_for(topo_path, "H2", layers, os.path.dirname(topo_path), h=h)  # (nothing is written)
+        model, _ = build_classifier(cfg, data.n_features, data.n_classes, topo, dtype)
+        load_dense(table, model, packed)
+        model.body.set_backprop("reversible", state="fixed")
+        torch.nn.functional.cross_entropy(model(data.x_train), data.y_train).backward()
+        refs.append(dense_packed(table, model, grads=True))
+    return table, runs, refs
+
+
 @pytest.mark.parametrize("workers,kernel", [(1, "auto"), (2, "auto"), (3, "auto"), (2, "fused")])
 def test_exact_reversible_rebuilds_every_state_bit_for_bit_at_depth_4096(workers, kernel, random_topology, tmp_path):
     """Exact (fixed-point) reversible backprop on 1-3 workers, mixed agent dims, depth 4096, float64
@@ -194,18 +215,7 @@ def test_exact_reversible_rebuilds_every_state_bit_for_bit_at_depth_4096(workers
     test_reversible_exact), 1e-12 / 1e-5 relative: the dense stack sums each increment in
     another order, so a grid unit can differ now and then."""
     layers, h = 4096, 0.0015625
-    runs, refs = [], []
-    for dtype in (torch.float64, torch.float32):
-        topo, data, table, packed = setup_network(random_topology, "H2", layers=layers, init_std=0.5)
-        packed = {k: v.to(dtype) for k, v in packed.items()}
-        data = data.to(dtype)
-        runs.append((dtype, packed, data))
-        cfg = cfg_for(random_topology, "H2", layers, str(tmp_path), h=h)
-        model, _ = build_classifier(cfg, data.n_features, data.n_classes, topo, dtype)
-        load_dense(table, model, packed)
-        model.body.set_backprop("reversible", state="fixed")
-        torch.nn.functional.cross_entropy(model(data.x_train), data.y_train).backward()
-        refs.append(dense_packed(table, model, grads=True))
+    table, runs, refs = _exact_reference(random_topology, layers, h)
     results = run_local(exact_reversible_worker, workers, (random_topology, layers, h, runs, str(tmp_path), kernel),
                         timeout_s=60, run_timeout_s=400)
     for i, (dtype, tol) in enumerate(((torch.float64, 1e-12), (torch.float32, 1e-5))):
