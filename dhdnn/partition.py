@@ -495,7 +495,9 @@ def _bfs_agents(topo: Topology) -> list[int]:
     """Agents in BFS order from the highest-degree agent (tight bounds early), then the rest."""
     import networkx as nx
 
-    start = int(np.argmax(topo.degree)) if topo.n_agents else 0
-    order = [start] + [b for _, b in nx.bfs_edges(topo.graph, start, sort_neighbors=sorted)] if topo.n_agents else []
+    if not topo.n_agents:
+        return []
+    start = int(np.argmax(topo.degree))
+    order = [start] + [b for _, b in nx.bfs_edges(topo.graph, start, sort_neighbors=sorted)]
     seen = set(order)
     return order + [a for a in range(topo.n_agents) if a not in seen]

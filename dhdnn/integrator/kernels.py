@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -309,16 +310,16 @@ class FusedKernel(_BlockProducts):
     def _fused(self, ts):
         return [(t, p) for t, p in zip(ts, self.plan) if p is not None]
 
-    def prepare(self, Ws):
-        """One pass's operands: the class tensors; per fused class its blocks as NumPy arrays, its
-        loop nests compiled for their dtype; an empty bias (the loops read it only with init 2)."""
+    def prepare(self, Ws) -> "_FusedState":
+        """One pass's operands, with each fused class's loop nests compiled for its dtype."""
         mine = self._fused(Ws)
         arrays = [_np(W) for W, _ in mine]
         fns = [fused._compiled(*p["shape"], a.dtype) for a, (_, p) in zip(arrays, mine)]
-        return Ws, list(zip(arrays, (p for _, p in mine), fns)), np.empty(0, arrays[0].dtype if arrays else np.float32)
+        return _FusedState(Ws, list(zip(arrays, (p for _, p in mine), fns)),
+                           np.empty(0, arrays[0].dtype if arrays else np.float32))
 
     def grad_buffers(self, st):
-        return [torch.zeros_like(W) for W in st[0]]
+        return [torch.zeros_like(W) for W in st.Ws]
 
     def mv_local(self, st, j, X, out, bias=None, scale=1.0):
         at_once = self.at_once["rows", "local"]
@@ -328,11 +329,11 @@ class FusedKernel(_BlockProducts):
 
     def _mv(self, st, j, X, out, part, init=0, bias=None):
         x, o = _np(X), _np(out)
-        b = _np(bias).reshape(-1) if bias is not None else st[2]
-        for W, p, fn in st[1]:
+        b = _np(bias).reshape(-1) if bias is not None else st.no_bias
+        for W, p, fn in st.fused:
             g = p["rows"][part]
             fn[0](W[j], g.ptr, g.start, g.blk, p["col0"], x, o, b, init)
-        self.rest._mv(self._rest(st[0]), j, X, out, part)
+        self.rest._mv(self._rest(st.Ws), j, X, out, part)
 
     def _tmv(self, st, j, s, Z, part):
         at_once = self.at_once["cols", part]
@@ -342,16 +343,24 @@ class FusedKernel(_BlockProducts):
 
     def _tmv_add(self, st, j, s, Z, part, init=0):
         sv, z = _np(s), _np(Z)
-        for W, p, fn in st[1]:
+        for W, p, fn in st.fused:
             g = p["cols"][part]
-            fn[1](W[j], g.ptr, g.start, g.blk, p["row0"], sv, z, st[2], init)
-        self.rest._tmv_add(self._rest(st[0]), j, s, Z, part)
+            fn[1](W[j], g.ptr, g.start, g.blk, p["row0"], sv, z, st.no_bias, init)
+        self.rest._tmv_add(self._rest(st.Ws), j, s, Z, part)
 
     def grad(self, st, G, j, gu, X, s, GZ):
         a, x, sv, z = _np(gu), _np(X), _np(s), _np(GZ)
-        for (gW, _), (_, p, fn) in zip(self._fused(G), st[1]):
+        for (gW, _), (_, p, fn) in zip(self._fused(G), st.fused):
             fn[2](_np(gW)[j], p["row0"], p["col0"], a, x, sv, z)
-        self.rest.grad(self._rest(st[0]), self._rest(G), j, gu, X, s, GZ)
+        self.rest.grad(self._rest(st.Ws), self._rest(G), j, gu, X, s, GZ)
+
+
+class _FusedState(NamedTuple):
+    """One pass's operands of :class:`FusedKernel`."""
+
+    Ws: list  # the class tensors (the gather path takes its classes from these)
+    fused: list  # per compiled class: (its blocks as a NumPy array, its plan, its loop nests)
+    no_bias: np.ndarray  # an empty bias (the loops read the bias only with init 2)
 
 
 def _np(t: Tensor) -> np.ndarray:
@@ -570,11 +579,11 @@ def build_kernels(requested: str, classes: dict[str, list[ClassRows]], F: int, E
     if min(band_coverage(candidates["diagonal"][m], v) for m, v in classes.items()) < DIAGONAL_COVERAGE:
         candidates = {}
     candidates["blocks"] = {m: BlockKernel(v, F, E, layers) for m, v in classes.items()}
-    if nnz < FUSED_TRIAL_ENTRIES:
-        return next(iter(candidates.items()))
     small = all(max(c.shape[1:]) <= FUSED_MAX_BLOCK for v in classes.values() for c in v)
-    if small and fused.available(device) is None:
+    if nnz >= FUSED_TRIAL_ENTRIES and small and fused.available(device) is None:
         candidates["fused"] = {m: FusedKernel(v, F, E, layers) for m, v in classes.items()}
+    if nnz < FUSED_TRIAL_ENTRIES or len(candidates) == 1:  # nothing worth timing
+        return next(iter(candidates.items()))
     m = next(iter(classes))
     name = min(candidates, key=lambda n: trial_seconds(candidates[n][m], classes[m], F, E, dtype))
     return name, candidates[name]
