@@ -29,7 +29,7 @@ from dhdnn.config import load_config
 from dhdnn.data import Dataset
 from dhdnn.distributed.launch import run_local
 from dhdnn.halo import predicted_bytes
-from dhdnn.partition import partition
+from dhdnn.partitioner import partition
 from dhdnn.topology import load_topology
 
 

@@ -88,7 +88,7 @@ def one(rows: int, workers: int, tmp: Path) -> dict:
 def partition_million() -> dict:
     code = ("import time, resource, json\n"
             "t0 = time.time()\n"
-            "from dhdnn.topology import topology_from_dict\nfrom dhdnn.partition import partition\n"
+            "from dhdnn.topology import topology_from_dict\nfrom dhdnn.partitioner import partition\n"
             "t = topology_from_dict({'generator': {'kind': 'grid', 'rows': 1000, 'cols': 1000}, 'defaults': {'dim': 8}})\n"
             "t1 = time.time()\np = partition(t, 64)\nt2 = time.time()\n"
             "print(json.dumps({'topology_s': t1 - t0, 'partition_s': t2 - t1, 'method': p.method,"

@@ -12,6 +12,7 @@ Public API::
     partition, load_dataset, load_config, Trainer, train_from_config
     sensitivity_norms, symplecticity_error                   # gradient analysis
 """
+import importlib
 import os
 
 # PyTorch backs CPU tensors of 2 MiB and more with transparent huge pages when this is set. It is
@@ -21,20 +22,34 @@ import os
 # huge pages it is about 6x cheaper. Set THP_MEM_ALLOC_ENABLE=0 in the environment to opt out.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-from .analysis import sensitivity_matrices, sensitivity_norms, symplecticity_error
-from .build import NetworkSpec, build_network
-from .config import Config, ConfigError, load_config
-from .data import Dataset, load_dataset
-from .export import export_model, load_exported
-from .models import ARCHITECTURES, Classifier, ODENet, build_model
-from .partition import partition
-from .run import train_from_config
-from .topology import Topology, load_topology
-from .train import Trainer
+# public name -> the module defining it, imported on first use (PEP 562): ``import dhdnn`` costs
+# nothing, so ``dhdnn train`` can start its workers' forkserver before it imports torch itself
+_EXPORTS = {"sensitivity_matrices": "analysis", "sensitivity_norms": "analysis", "symplecticity_error": "analysis",
+            "NetworkSpec": "build", "build_network": "build", "Config": "config", "ConfigError": "config",
+            "load_config": "config", "Dataset": "data", "load_dataset": "data", "export_model": "export",
+            "load_exported": "export", "ARCHITECTURES": "models", "Classifier": "models", "ODENet": "models",
+            "build_model": "models", "partition": "partitioner", "train_from_config": "run", "Topology": "topology",
+            "load_topology": "topology", "Trainer": "train"}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    else:  # a submodule (dhdnn.distributed, dhdnn.testing), as if the package had imported it
+        try:
+            value = importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __version__ = "0.2.0"
 
-__all__ = ["ARCHITECTURES", "Classifier", "Config", "ConfigError", "Dataset", "NetworkSpec", "ODENet", "Topology",
-           "Trainer", "build_model", "build_network", "export_model", "load_config", "load_dataset",
-           "load_exported", "load_topology", "partition", "sensitivity_matrices", "sensitivity_norms",
-           "symplecticity_error", "train_from_config"]
+__all__ = sorted(_EXPORTS)

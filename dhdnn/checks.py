@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .halo import build_plans, predicted_bytes
-from .partition import Partition
+from .partitioner import Partition
 
 
 class CheckFailed(AssertionError):

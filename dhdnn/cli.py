@@ -155,7 +155,7 @@ def _partition_inputs(args):
 def cmd_partition(args) -> int:
     from .halo import build_plans, predicted_bytes
     from .models import ARCHITECTURES
-    from .partition import partition
+    from .partitioner import partition
 
     topo, workers, batch, layers, arch, dtype, backprop = _partition_inputs(args)
     layout = ARCHITECTURES[arch].agent_layout()
@@ -376,8 +376,31 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _start_workers_early(argv: list[str]) -> None:
+    """``dhdnn train`` on local workers: start their forkserver before this process imports torch,
+    so that the two imports overlap (a one-epoch run on 2 workers: 8.5 s -> 4.7 s on 2 cores).
+    A guess from the file and the flags alone; ``main`` validates and reports as ever."""
+    if argv[:1] != ["train"] or "TORCHELASTIC_RUN_ID" in os.environ:
+        return
+    p = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    p.add_argument("config", nargs="?")
+    _config_args(p)
+    try:
+        from .config import apply_overrides, read_yaml
+
+        args, _ = p.parse_known_args(argv[1:])
+        workers = apply_overrides(read_yaml(args.config), _overrides(args))["run"]["workers"]
+    except Exception:  # no file, no run.workers, bad YAML or flags: main's to report
+        return
+    if isinstance(workers, int) and workers > 1:
+        from .forkserver import start
+
+        start()
+
+
 def run() -> None:
     """The console entry point: ``main()``'s exit code as the process's."""
+    _start_workers_early(sys.argv[1:])
     code = main()
     # leave without interpreter finalisation: by now every file is written and closed, and the
     # workers are gone. Tearing down torch's modules would take another ~1 s for nothing, and in

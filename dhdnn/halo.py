@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .partition import Partition, cut_pairs, rank_edges
+from .partitioner import Partition, cut_pairs, rank_edges
 from .topology import Topology
 
 ITEMSIZE = {"float32": 4, "float64": 8}

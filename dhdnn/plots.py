@@ -223,7 +223,7 @@ def plot_run(run: Path) -> list[Path]:
         written.append(topology_plot(topo, None, run / "topology.png"))
         partitions = _partitions(run, cfg, topo)
         if partitions > 1:
-            from .partition import partition
+            from .partitioner import partition
 
             written.append(topology_plot(topo, partition(topo, partitions), run / "partition.png"))
     return written

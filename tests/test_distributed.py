@@ -19,7 +19,7 @@ from dhdnn.distributed.launch import run_local
 from dhdnn.build import build_classifier
 from dhdnn.engine import DenseEngine
 from dhdnn.models import ARCHITECTURES
-from dhdnn.partition import partition
+from dhdnn.partitioner import partition
 from dhdnn.testing import check_locality as check_messages
 from dhdnn.topology import load_topology
 

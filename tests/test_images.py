@@ -205,7 +205,7 @@ def test_fashion_patch_grid_on_4_workers_equals_one_process(tmp_path):
     """The 28x28 patch grid (49 agents, generated 4x4 patches) on 4 workers: float64, two epochs,
     the parameters of one process (1e-9: the same sums, boundary rows added in another order) and
     every traced halo message between ranks adjacent in the rank graph."""
-    from dhdnn.partition import partition
+    from dhdnn.partitioner import partition
     from dhdnn.topology import load_topology
 
     runs = _same_parameters_on_workers(tmp_path, "launch/fashion_patches_H2.yaml", 4, "model.layers=2")

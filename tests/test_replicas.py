@@ -13,7 +13,7 @@ import torch
 from dhdnn import checkpoint as ckpt
 from dhdnn.config import load_config
 from dhdnn.models import ARCHITECTURES
-from dhdnn.partition import partition
+from dhdnn.partitioner import partition
 from dhdnn.run import train_from_config
 from dhdnn.testing import check_locality, check_reductions, read_trace
 from dhdnn.topology import load_topology

@@ -11,7 +11,7 @@ from dhdnn import build_model
 from dhdnn.halo import build_plans, predicted_bytes
 from dhdnn.models import ARCHITECTURES
 from dhdnn.models.hamiltonian import NotDistributable
-from dhdnn.partition import partition
+from dhdnn.partitioner import partition
 from dhdnn.topology import TopologyError, dense_masks, load_topology, topology_from_dict
 
 FILES = sorted(glob.glob("topologies/*.yaml"))

@@ -53,7 +53,7 @@ def test_two_nodes_train_the_one_process_network_and_the_link_carries_the_plan(n
     records, P = read_trace(tmp_path / "e3"), 2 * nproc // replicas
     topo = load_topology(tmp_path / "mixed9.yaml")
     meta = ckpt.read_meta(ckpt.latest(tmp_path / "e3"))
-    from dhdnn.partition import partition
+    from dhdnn.partitioner import partition
 
     got = check_locality(records, topo, partition(topo, P).assignment, batch=40 // replicas, replicas=replicas,
                          layout=ARCHITECTURES["H2"].agent_layout(), layers=3, classes=2)

@@ -148,7 +148,7 @@ def _halo_bytes(cfg, topo, P: int, batch: int) -> float:
     """The most bytes one rank sends in one exchange (the halo plan of the default partition)."""
     from ..halo import predicted_bytes
     from ..models import ARCHITECTURES
-    from ..partition import partition
+    from ..partitioner import partition
 
     lay = ARCHITECTURES[cfg.model.arch].agent_layout(J=cfg.model.J)
     pairs = predicted_bytes(topo, partition(topo, P), batch, cfg.run.dtype, lay.parts_per_agent)["per_pair"]

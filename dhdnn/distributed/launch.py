@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from .. import forkserver
 
 FAILED_KEY = "dhdnn/failed_rank"
 GRACE_S = 5.0  # after a worker fails, how long the others get to fail on their own before being killed
@@ -239,20 +240,6 @@ def _child(rank: int, world: int, store_path: str, out_dir: str, backend: str, t
         os._exit(1)
 
 
-_CTX = None
-
-
-def _context():
-    global _CTX
-    if _CTX is None:
-        _CTX = mp.get_context("forkserver")
-        # the lifeline first: the forkserver dies with the launcher, and its workers with it;
-        # torch._dynamo: the first optimizer imports it (0.9 s), better once here than in every worker
-        _CTX.set_forkserver_preload(["dhdnn.distributed.lifeline", "torch", "torch.distributed", "torch._dynamo",
-                                     "dhdnn.distributed.engine", "dhdnn.run"])
-    return _CTX
-
-
 # ---- the launcher side --------------------------------------------------------------------------
 class Signals:
     """While inside, SIGINT/SIGTERM/SIGHUP (main thread only) are recorded in ``received`` for a
@@ -290,7 +277,7 @@ def run_local(target: Callable, world: int, args: tuple = (), backend: str = "gl
     Raises :class:`WorkerFailure` (the first failure) if any worker fails, :class:`Interrupted`
     on SIGINT/SIGTERM/SIGHUP; either way no worker is left running and the temp directory is
     removed."""
-    ctx = _context()
+    ctx = forkserver.context()
     reap_stale_scratch()
     tmp = Path(tempfile.mkdtemp(prefix=f"{SCRATCH}{os.getpid()}-"))
     cores = available_cores()

@@ -99,7 +99,7 @@ def check_layout(world: int, replicas: int | str = 1, topo=None, batch: int | No
         replicas = cands[0][1]
     dims = ParallelDims(world, replicas, "spread" if placement == "spread" else "packed")
     if topo is not None:
-        from ..partition import check_workers
+        from ..partitioner import check_workers
 
         check_workers(topo, dims.agents)
     elif dims.agents != 1:

@@ -304,7 +304,7 @@ def build_shard(spec, topo, groups, *, dtype=torch.float32, device: str = "cpu",
     import torch.distributed as dist
 
     from ..models import ARCHITECTURES
-    from ..partition import Partition, partition
+    from ..partitioner import Partition, partition
 
     layout = ARCHITECTURES[spec.arch].agent_layout(J=spec.J)
     P = groups.dims.agents
