@@ -142,6 +142,7 @@ def test_import_dhdnn_imports_no_torch_and_every_public_name_resolves():
                                           (["train", "CFG", "--set", "run.workers=3"], True),
                                           (["train", "CFG"], False),  # the file says 1 worker
                                           (["plot", "CFG", "--workers", "2"], False),
+                                          (["verify", "CFG"], True),  # always on workers
                                           (["train", "missing.yaml", "--workers", "2"], False)])
 def test_train_on_workers_starts_their_forkserver_before_torch(tmp_path, argv, started):
     """While the launcher imports torch, the forkserver imports its preload (8.5 s -> 4.7 s for a
