@@ -3,6 +3,7 @@ each node its own network stack, ``launch/torchrun_multi_node.sh`` on each (c10d
 node 0's link address, each node's own address, gloo on the veth). Skipped with the reason where
 namespaces cannot be made (not root, no iproute2); nothing is left behind either way."""
 import importlib.util
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -106,7 +107,9 @@ def test_a_cut_link_stops_every_process_and_a_restart_finishes_bit_identical(tmp
         errs = [p.communicate(timeout=30)[1] for p in procs]
         assert stopped < 8 + 5 + 10, stopped
         assert all(p.returncode == 1 for p in procs), [p.returncode for p in procs]
-        assert "exchange with neighbour rank 1 failed" in errs[0] or "exchange with neighbour rank 0 failed" in errs[1]
+        # the peer is named, whichever exchange the cut caught (a layer's halo or the readout's)
+        assert re.search(r"exchange with (neighbour )?rank 1 failed", errs[0]) or \
+            re.search(r"exchange with (neighbour )?rank 0 failed", errs[1]), errs[0][-3000:] + errs[1][-3000:]
         assert ckpt.load_newest_readable(out, report=lambda m: None) is not None
         nodes.link(True)
         res = nodes.train(RING, 1, args)
@@ -133,8 +136,11 @@ def test_the_run_rides_out_a_cut_by_elastic_restart_or_a_flap_without_one(down_s
         nodes.link(True)
         errs = [p.communicate(timeout=300)[1] for p in procs]
         assert all(p.returncode == 0 for p in procs), errs[0][-3000:] + errs[1][-3000:]
-        # a restart only after a failure
-        assert ("neighbour rank" in errs[0] + errs[1]) == bool(restarts), errs[0][-3000:] + errs[1][-3000:]
+        # a restart (the workers resume from the checkpoint) only after a worker failed (whichever
+        # exchange the cut caught: a layer's halo, the readout, a logging reduction)
+        both = errs[0] + errs[1]
+        failed = "dhdnn: error: rank" in both or "Traceback" in both
+        assert ("resumed from" in both) == failed == bool(restarts), both[-6000:]
     got, ref = params_of(out), _reference(tmp_path, SETS)
     assert all(got[k].equal(ref[k]) for k in ref)
 
