@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import multiprocessing as mp
 
-# the lifeline first: the forkserver dies with the launcher, and its workers with it;
+# the lifeline first (light: its parent-death signal is set ~50 ms after start, so a launcher that
+# exits at once, on a bad config, takes the forkserver with it): it dies with the launcher, and
+# its workers with it;
 # torch._dynamo: the first optimizer imports it (0.9 s), better once here than in every worker
-PRELOAD = ["dhdnn.distributed.lifeline", "torch", "torch.distributed", "torch._dynamo", "dhdnn.distributed.engine",
+PRELOAD = ["dhdnn.lifeline", "torch", "torch.distributed", "torch._dynamo", "dhdnn.distributed.engine",
            "dhdnn.run"]
 _CTX = None
 

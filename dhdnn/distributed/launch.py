@@ -201,7 +201,7 @@ def classify(rank: int, e: BaseException) -> dict:
 def guard_worker(launcher_pid: int) -> None:
     """This process dies with its launcher: SIGKILL from the kernel when its parent (the
     forkserver, itself tied to the launcher) dies, and a watchdog thread on the launcher's pid."""
-    from .lifeline import alive, die_with_parent
+    from ..lifeline import alive, die_with_parent
 
     die_with_parent()
 
@@ -315,7 +315,7 @@ SCRATCH = "dhdnn-workers-"  # + launcher pid: the rendezvous file and the worker
 def reap_stale_scratch() -> list[Path]:
     """Remove the scratch directories of launchers that are gone (killed by SIGKILL, which
     leaves no chance to clean up)."""
-    from .lifeline import alive
+    from ..lifeline import alive
 
     removed = []
     for d in Path(tempfile.gettempdir()).glob(f"{SCRATCH}*"):
