@@ -2,7 +2,7 @@
 
 :func:`start` starts it as soon as the launcher knows it will run local workers: ``dhdnn train``
 does so before it imports torch itself, so that the two imports overlap (a one-epoch run on 2
-workers: 8.5 s -> 4.7 s on 2 cores). This module imports nothing heavy."""
+workers: 8.1-9.7 s -> 5.5-6.2 s on 2 cores). This module imports nothing heavy."""
 from __future__ import annotations
 
 import multiprocessing as mp
