@@ -67,16 +67,19 @@ def test_two_nodes_train_the_one_process_network_and_the_link_carries_the_plan(n
     assert payload > 0 and payload <= wire <= 1.25 * payload + 64 * 1024, (wire, payload)
 
 
-def _reference(tmp_path, sets) -> dict:
-    """The uninterrupted run: the same layout (2 agent partitions) on 2 local workers; float64 and
-    the same summation order, so bit for bit what the two nodes compute."""
-    cfg = load_config(RING, [f"run.out_dir={tmp_path / 'ref'}", "run.workers=2", "run.progress=false",
-                             *[s for s in sets if s != "--set"]])
-    train_from_config(cfg)
-    return params_of(tmp_path / "ref")
-
-
 SETS = ["--set", "train.epochs=6", "--set", "run.dtype=float64", "--set", "data.n_samples=2000"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    """The uninterrupted run of SETS: the same layout (2 agent partitions) on 2 local workers;
+    float64 and the same summation order, so bit for bit what the two nodes compute. Trained
+    once for the three cut tests below (each compares its own run with it)."""
+    out = tmp_path_factory.mktemp("ref")
+    cfg = load_config(RING, [f"run.out_dir={out}", "run.workers=2", "run.progress=false",
+                             *[s for s in SETS if s != "--set"]])
+    train_from_config(cfg)
+    return params_of(out)
 
 
 def _after_first_checkpoint(out: Path, procs, limit: float = 180) -> None:
@@ -86,7 +89,7 @@ def _after_first_checkpoint(out: Path, procs, limit: float = 180) -> None:
         time.sleep(0.1)
 
 
-def test_a_cut_link_stops_every_process_and_a_restart_finishes_bit_identical(tmp_path):
+def test_a_cut_link_stops_every_process_and_a_restart_finishes_bit_identical(tmp_path, reference):
     """The link down mid-epoch for longer than run.timeout_s (8 s): each worker names its failed
     neighbour and exits (code 1); an agent cut off from the rendezvous store is stopped after
     AGENT_IDLE_S (5 s) without workers, so every process of both nodes ends within 8 + 5 + 10 s
@@ -114,12 +117,12 @@ def test_a_cut_link_stops_every_process_and_a_restart_finishes_bit_identical(tmp
         nodes.link(True)
         res = nodes.train(RING, 1, args)
         assert all(r.returncode == 0 for r in res), res[0].stderr[-3000:]
-    got, ref = params_of(out), _reference(tmp_path, SETS)
-    assert all(got[k].equal(ref[k]) for k in ref)
+    got = params_of(out)
+    assert set(got) == set(reference) and all(got[k].equal(reference[k]) for k in reference)
 
 
 @pytest.mark.parametrize("down_s,restarts", [(14, 2), (3, 0)])
-def test_the_run_rides_out_a_cut_by_elastic_restart_or_a_flap_without_one(down_s, restarts, tmp_path):
+def test_the_run_rides_out_a_cut_by_elastic_restart_or_a_flap_without_one(down_s, restarts, tmp_path, reference):
     """A cut longer than run.timeout_s (8 s) with torchrun's ``--max-restarts``: the workers fail,
     the agents restart them once the link is back, and they resume from the checkpoint; a flap of
     3 s (shorter than a 30 s timeout) is ridden out by TCP with no restart. Either way the run
@@ -141,8 +144,8 @@ def test_the_run_rides_out_a_cut_by_elastic_restart_or_a_flap_without_one(down_s
         both = errs[0] + errs[1]
         failed = "dhdnn: error: rank" in both or "Traceback" in both
         assert ("resumed from" in both) == failed == bool(restarts), both[-6000:]
-    got, ref = params_of(out), _reference(tmp_path, SETS)
-    assert all(got[k].equal(ref[k]) for k in ref)
+    got = params_of(out)
+    assert set(got) == set(reference) and all(got[k].equal(reference[k]) for k in reference)
 
 
 def test_the_mesh_is_placed_by_the_link(tmp_path):
