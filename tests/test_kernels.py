@@ -9,13 +9,13 @@ from dhdnn.integrator import class_rows
 from dhdnn.integrator.kernels import BlockKernel, FusedKernel, build_kernels
 
 
-def rank_classes(seed: int, contiguous: bool = True):
+def rank_classes(seed: int, contiguous: bool = True, dims=(3, 4)):
     """A rank of 30 agents (dims 4 and 3: two block classes of 4x4 / 4x3 / 3x4 / 3x3) with 12
     halo agents, random neighbourhoods (every agent's own block included); ``contiguous=False``
     shuffles one class's rows inside its agents (that class takes the gather path)."""
     rng = np.random.default_rng(seed)
     n_own, n_halo = 30, 12
-    dims = rng.choice([3, 4], n_own + n_halo)
+    dims = rng.choice(list(dims), n_own + n_halo)
     start = np.concatenate([[0], np.cumsum(dims)[:-1]])
     F = int(dims[:n_own].sum())
     E = int(dims.sum())
@@ -50,9 +50,15 @@ def products(kern, Ws, X, s, gu, GZ, bias):
     return [out, Z, nobias, *[g[1] for g in G]]
 
 
+@pytest.mark.parametrize("own_loops", [True, False])
 @pytest.mark.parametrize("contiguous", [True, False])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-def test_fused_kernel_equals_the_pytorch_block_kernel(dtype, tol, contiguous):
+def test_fused_kernel_equals_the_pytorch_block_kernel(dtype, tol, contiguous, own_loops, monkeypatch):
+    """Both kinds of loops, each made to take every class: compiled for each block shape, and
+    the one nest for every shape."""
+    import dhdnn.integrator.kernels as K
+
+    monkeypatch.setattr(K, "SPECIALISE_SHARE", 0.0 if own_loops else 2.0)
     classes, F, E = rank_classes(0, contiguous)
     g = torch.Generator().manual_seed(1)
     Ws = [torch.randn(3, *c.shape, generator=g, dtype=dtype) for c in classes]
@@ -61,10 +67,27 @@ def test_fused_kernel_equals_the_pytorch_block_kernel(dtype, tol, contiguous):
     bias = torch.randn(F, 1, generator=g, dtype=dtype)
     fused = FusedKernel(classes, F, E, 3)
     assert sum(p is None for p in fused.plan) == (0 if contiguous else 1)
+    shapes = {p["shape"] for p in fused.plan if p is not None}
+    assert shapes == ({(4, 4), (4, 3), (3, 4), (3, 3)} - ({(3, 3)} if not contiguous else set())
+                      if own_loops else {(K.fused.ANY, K.fused.ANY)})
     got = products(fused, Ws, X, s, gu, GZ, bias)
     want = products(BlockKernel(classes, F, E, 3), Ws, X, s, gu, GZ, bias)
     for a, b in zip(got, want):
         assert float((a - b).norm() / b.norm()) <= tol
+
+
+def test_many_agent_dims_compile_a_few_loop_sets():
+    """Dims 1-8 make dozens of block shapes: those with 1/8 of the entries or more get loops of
+    their own (at most 8), the rest share the one nest for every shape (a first run on a
+    3,000-agent graph of dims 1-8 compiled 192 loops in 75 s before, one loop set now)."""
+    from dhdnn.integrator.fused import ANY
+
+    classes, F, E = rank_classes(0, dims=range(1, 9))
+    plan = FusedKernel(classes, F, E, 1).plan
+    entries = np.array([c.shape[0] * c.shape[1] * c.shape[2] for c in classes])
+    own = entries >= entries.sum() / 8
+    assert len(classes) > 40 and 0 < own.sum() <= 8  # (seed 0: one shape has its own)
+    assert [p["shape"] for p in plan] == [c.shape[1:] if o else (ANY, ANY) for c, o in zip(classes, own)]
 
 
 def chain(n: int = 600, d: int = 4):

@@ -11,8 +11,10 @@ product is one loop nest over the graph, compiled for the block shape:
 
 Blocks must be contiguous in the field (an agent's rows next to each other, as the engine lays
 them out); a class that is not goes through :class:`~.kernels.BlockKernel`'s gathers. Kernels
-are compiled per block shape and dtype on first use and cached on disk by numba
-(``NUMBA_CACHE_DIR``, else ``__pycache__`` beside this file): a second run loads them.
+are compiled per block shape and dtype on first use (shapes that carry little of the work share
+one nest whose shape is read when it runs: a graph of many agent dims compiles a few loop sets,
+not one per pair of dims) and cached on disk by numba (``NUMBA_CACHE_DIR``, else ``__pycache__``
+beside this file): a second run loads them.
 :data:`COMPILE` says how long this process spent compiling or loading them. CPU only; where numba
 is missing, :func:`available` says why and ``auto`` keeps to the PyTorch kernels. Pure maths.
 """
@@ -40,10 +42,14 @@ def available(device: torch.device | str = "cpu") -> str | None:
     return _MISSING
 
 
+ANY = 0  # the block shape ``(ANY, ANY)``: one nest for every shape, read from the blocks when it runs
+
+
 def _specialise(R: int, C: int):
     """The loop nests for ``R x C`` blocks: the product, the transposed product and the weight
     gradient (numba folds ``R``, ``C`` and the transpose in as constants, so the innermost loop
-    over the batch is vectorised). Closures are cached per shape."""
+    over the batch is vectorised). ``R = C = ANY``: the same nests with the shape read from the
+    blocks at run time (one compilation per dtype serves every shape). Closures are cached per shape."""
     jit = numba.njit(fastmath=True, cache=True, nogil=True)
 
     def product(transpose: bool):
@@ -53,20 +59,29 @@ def _specialise(R: int, C: int):
         def run(W, ptr, out0, blk, in0, X, out, bias, init):
             """``out[the NO rows of group g] (=init or +=) sum over its blocks W[b] X[in0[b]:+NI]``
             (``W[b]^T`` when transposed); ``init``: 0 add, 1 start from zero, 2 from ``bias``."""
-            B = X.shape[1]
+            B, no, ni = X.shape[1], NO, NI
+            if NO == ANY:  # (folded away where the shape is a constant)
+                no, ni = (W.shape[2], W.shape[1]) if transpose else (W.shape[1], W.shape[2])
             for g in range(len(ptr) - 1):
                 o0 = out0[g]
                 if init:
-                    for i in range(NO):
+                    for i in range(no):
                         v = bias[o0 + i] if init == 2 else 0.0
                         for t in range(B):
                             out[o0 + i, t] = v
                 for q in range(ptr[g], ptr[g + 1]):
                     b, x0 = blk[q], in0[blk[q]]
-                    for i in range(NO):
+                    if NO == ANY:  # a run-time inner bound: the batch loop innermost, to vectorise it
+                        for i in range(no):
+                            for k in range(ni):
+                                w = W[b, k, i] if transpose else W[b, i, k]
+                                for t in range(B):
+                                    out[o0 + i, t] += w * X[x0 + k, t]
+                        continue
+                    for i in range(no):
                         for t in range(B):
                             acc = out[o0 + i, t]
-                            for k in range(NI):
+                            for k in range(ni):
                                 acc += (W[b, k, i] if transpose else W[b, i, k]) * X[x0 + k, t]
                             out[o0 + i, t] = acc
         return run
@@ -75,12 +90,14 @@ def _specialise(R: int, C: int):
     def grad(G, row0, col0, gu, X, s, GZ):
         """``G[b] = gu[rows] X[cols]^T + s[rows] GZ[cols]^T`` for every block: four columns at a
         time where ``C`` allows (each row of ``gu`` and ``s`` read once for four dot products)."""
-        B = X.shape[1]
-        step = 4 if C % 4 == 0 else 1
+        B, nr, nc = X.shape[1], R, C
+        if R == ANY:  # (folded away where the shape is a constant)
+            nr, nc = G.shape[1], G.shape[2]
+        step = 4 if nc % 4 == 0 else 1
         for b in range(len(row0)):
             r0, c0 = row0[b], col0[b]
-            for a in range(R):
-                for c in range(0, C, step):
+            for a in range(nr):
+                for c in range(0, nc, step):
                     if step == 4:
                         a0 = a1 = a2 = a3 = G[b, a, c] * 0
                         for t in range(B):

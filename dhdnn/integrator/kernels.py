@@ -282,15 +282,19 @@ class FusedKernel(_BlockProducts):
             raise RuntimeError(f"run.local_kernel: fused is unavailable: {why}; use auto, blocks or diagonal")
         self.F, self.E, self.L = F, E, layers
         self.plan = []  # per class: None (gather path), or its block starts and groups by part
+        total = sum(c.shape[0] * c.shape[1] * c.shape[2] for c in classes)
         for c in classes:
             if not contiguous(c):
                 self.plan.append(None)
                 continue
             nb, r, cc = c.shape
+            # compiled for its shape where it carries a good share of the products (each shape costs
+            # a compilation of 1-3 s on a first run); the rest share one nest for every shape
+            shape = (r, cc) if nb * r * cc >= SPECIALISE_SHARE * total else (fused.ANY, fused.ANY)
             r0, c0 = c.rows[:, 0].cpu().numpy().astype(np.int64), c.cols[:, 0].cpu().numpy().astype(np.int64)
             parts = {"local": np.arange(c.n_local), "halo": np.arange(c.n_local, nb)}
             spans = {"local": (0, F), "halo": (F, E)}
-            self.plan.append({"shape": (r, cc), "row0": r0, "col0": c0,
+            self.plan.append({"shape": shape, "row0": r0, "col0": c0,
                               "rows": {p: fused.Groups(r0, b, r, 0, F) for p, b in parts.items()},
                               "cols": {p: fused.Groups(c0, b, cc, *spans[p]) for p, b in parts.items()}})
         self.rest = BlockKernel([c for c, p in zip(classes, self.plan) if p is None], F, E, layers)
@@ -555,6 +559,7 @@ def band_coverage(kernel: DiagonalKernel, classes: list[ClassRows]) -> float:
 
 
 FUSED_TRIAL_ENTRIES = 1 << 15  # block entries per matrix from which auto times its candidates on the rank's blocks
+SPECIALISE_SHARE = 1 / 8  # a block shape with this share of a matrix's entries gets loops of its own (at most 8)
 FUSED_MAX_BLOCK = 32  # larger blocks: batched BLAS products win by far; the fused kernel is not tried
 TRIAL_BATCH = 64  # batch columns of that trial
 
