@@ -183,7 +183,7 @@ def _check_resources(cfg: Config, topo, data, dims, sharded: bool, here: int, wa
     avail = available_memory()
     if avail is not None and est.total * here > avail:
         keys = "model.layers, model.dim or the topology's dims, train.batch_size" + (
-            ", run.workers" if sharded else " (or run the sharded engine)")
+            ", run.workers" if sharded else _sharded_hint(cfg, topo, data, n_samples, avail))
         raise ConfigError(f"{cfg.source}: key 'model': the run needs an estimated {est.describe()}"
                           f"{f' x {here} ranks' if here > 1 else ''}, more than this machine's {human(avail)} "
                           f"available; lower {keys}")
@@ -192,6 +192,18 @@ def _check_resources(cfg: Config, topo, data, dims, sharded: bool, here: int, wa
         print(f"dhdnn: warning: {here} worker(s) x {threads} thread(s) on {cores()} cores: workers will wait "
               "for each other's CPU time (every exchange then costs a scheduling delay); use at most "
               f"{max(1, cores() // threads)} workers here", file=sys.stderr)
+
+
+def _sharded_hint(cfg: Config, topo, data, n_samples: int, avail: int) -> str:
+    """Where the sharded engine would fit in one process (it stores the graph's blocks, not the
+    dense matrices), the key that selects it; else nothing."""
+    from .models import ARCHITECTURES
+    from .resources import estimate
+
+    if topo is None or not getattr(ARCHITECTURES.get(cfg.model.arch), "distributable", False):
+        return ""
+    est = estimate(cfg, topo, data.n_features, data.n_outputs, n_samples, 1, True)
+    return f" (or set run.engine: sharded, an estimated {est.describe()})" if est.total <= avail else ""
 
 
 def resolve_resume(cfg: Config, resume: bool | str) -> bool:

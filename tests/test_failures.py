@@ -277,3 +277,21 @@ def test_pinned_worker_out_of_range_is_reported_before_spawning(tmp_path, capsys
     assert main(["train", str(cfg), "--workers", "2", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "key 'agents[0].worker'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_graph_too_large_for_the_dense_engine_is_pointed_to_the_sharded_one(tmp_path, capsys, monkeypatch):
+    """One process takes the dense engine, whose matrices grow with the square of the state; where
+    it does not fit but the sharded engine (the graph's blocks only) would, the error names the key
+    that selects it, with its estimate; where neither fits, it does not (memory fixed at 1 GiB)."""
+    from dhdnn import resources
+
+    monkeypatch.setattr(resources, "available_memory", lambda: 1 << 30)
+    (tmp_path / "ring.yaml").write_text("generator: {kind: ring, agents: 3000}\n")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("topology: ring.yaml\nmodel: {arch: H2, layers: 4}\ndata: {n_samples: 200}\n")
+    for layers, hint in ((4, True), (10**7, False)):
+        args = ["train", str(cfg), "--no-progress", "--out", str(tmp_path / "r"), "--set", f"model.layers={layers}"]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "key 'model': the run needs an estimated" in err and len(err.strip().splitlines()) == 1, err
+        assert ("(or set run.engine: sharded, an estimated" in err) == hint, err
