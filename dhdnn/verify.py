@@ -82,6 +82,7 @@ def verify(config, workers=(2, 3, 4), steps: int = 2, replicas: int = 1, log=Non
         cfg.run.workers = w
         setups[w] = validate(cfg, warn=False)  # (more workers than cores: slower, still exact)
     setup = setups[workers[0]]
+    _check_reference_fits(cfg, setup.topo)
     report = Report(str(cfg.source), f"{cfg.model.arch}, {cfg.model.layers} layers, {setup.topo.name} "
                                      f"({setup.topo.n_agents} agents), {cfg.run.backprop}, {steps} steps")
     dense = _dense(cfg, setup.topo, steps)
@@ -95,6 +96,24 @@ def verify(config, workers=(2, 3, 4), steps: int = 2, replicas: int = 1, log=Non
             report.failure = run.pop("failure")
         run.pop("failure", None)
     return report
+
+
+def _check_reference_fits(cfg, topo) -> None:
+    """The reference is the one-process dense network in float64, and the shards are loaded back
+    as one more dense model: refuse, before anything runs, a network whose dense form does not
+    fit here (rather than be killed by the kernel while building it)."""
+    from .config import ConfigError
+    from .resources import available_memory, estimate, human
+    from .train import load_data
+
+    data = load_data(cfg)
+    est = estimate(cfg, topo, data.n_features, data.n_outputs, len(data.x_train) + len(data.x_test), 1, False)
+    need, avail = est.total + est.params, available_memory()
+    if avail is not None and need > avail:
+        raise ConfigError(f"{cfg.source}: key 'topology': verify compares the sharded network with the one-process "
+                          f"dense network in float64 (twice: trained, and the shards loaded back), an estimated "
+                          f"{human(need)}, more than this machine's {human(avail)} available; verify a smaller "
+                          "network of the same kind (fewer agents, lower model.layers or the agents' dims)")
 
 
 def _batches(cfg, data, steps: int):

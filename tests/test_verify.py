@@ -63,3 +63,25 @@ def test_the_users_pytest_example_runs():
     spec.loader.exec_module(mod)
     mod.test_my_network_is_local_and_exact(1, [2, 3])
     mod.test_my_network_is_local_and_exact(2, [4])
+
+
+def test_a_network_whose_dense_reference_does_not_fit_is_refused_before_anything_runs(tmp_path, monkeypatch):
+    """verify's reference is the dense one-process network (float64, held twice): a 3,000-agent
+    ring's dense form needs far more than the sharded ranks; with memory fixed at 2 GiB the
+    sharded layout passes its own check and verify refuses, naming why, before any worker starts."""
+    from dhdnn import resources
+    from dhdnn.config import ConfigError
+    from dhdnn.distributed import launch
+    from dhdnn.testing import verify
+
+    def boom(*a, **k):
+        raise AssertionError("a worker was started")
+
+    monkeypatch.setattr(resources, "available_memory", lambda: 2 << 30)
+    monkeypatch.setattr(launch, "run_local", boom)
+    (tmp_path / "ring.yaml").write_text("generator: {kind: ring, agents: 3000}\n")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("topology: ring.yaml\nmodel: {arch: H2, layers: 4}\ndata: {n_samples: 200}\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: key 'topology': verify compares the sharded network with the "
+                                          r"one-process dense network in float64 .* an estimated [0-9.]+ GiB"):
+        verify(str(cfg), workers=(2,))
