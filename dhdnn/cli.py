@@ -56,7 +56,7 @@ def cmd_train(args) -> int:
 def cmd_plot(args) -> int:
     from .plots import plot_run
 
-    for path in plot_run(Path(args.run_dir)):
+    for path in plot_run(Path(args.run_dir), say=lambda m: print(m, file=sys.stderr)):
         print(path)
     return 0
 

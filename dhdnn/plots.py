@@ -94,10 +94,21 @@ def heatmap_values(norms: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
     return logn, (lo, hi if hi > lo else lo + 1.0)
 
 
-def decision_boundary(model, data, out: Path, resolution: int = 200) -> Path:
+GRID_FLOPS = 2e11  # the decision boundary's grid through the dense model costs at most this (seconds)
+
+
+def grid_resolution(model, most: int = 200, least: int = 20) -> int:
+    """Points per side of the decision boundary's grid: ``most``, or fewer where one sample through
+    the (dense) model costs so much that the full grid would take minutes (a large graph's run)."""
+    per_sample = 2 * sum(p.numel() for p in model.parameters())
+    return int(max(least, min(most, (GRID_FLOPS / max(per_sample, 1)) ** 0.5)))
+
+
+def decision_boundary(model, data, out: Path, resolution: int | None = None) -> Path:
     """Colour the plane by predicted class and overlay the test points."""
     if data.n_features != 2:
         raise ValueError(f"decision boundary: needs 2-D data, {data.name} has {data.n_features} features")
+    resolution = resolution or grid_resolution(model)
     x0, x1, y0, y1 = data.domain or (-2, 2, -2, 2)
     gx, gy = np.meshgrid(np.linspace(x0, x1, resolution), np.linspace(y0, y1, resolution))
     grid = torch.as_tensor(np.stack([gx.ravel(), gy.ravel()], 1), dtype=data.x_test.dtype)
@@ -195,9 +206,12 @@ def vector_field(model, data, out: Path, most: int = 400) -> Path:
     return _save(fig, out)
 
 
-def plot_run(run: Path) -> list[Path]:
-    """Every picture a run directory supports; returns the files written."""
+def plot_run(run: Path, say=print) -> list[Path]:
+    """Every picture a run directory supports; returns the files written. ``say``: where a note on
+    a picture left out goes (the model's pictures where its dense form does not fit in memory)."""
     from .export import dense_model_of_run
+    from .rundir import run_config
+    from .topology import load_topology
     from .train import load_data
 
     run = Path(run)
@@ -207,8 +221,37 @@ def plot_run(run: Path) -> list[Path]:
     written.append(curves(run / "metrics.jsonl", run / "curves.png"))
     if (run / "grad_norms.jsonl").exists():
         written.append(grad_norm_heatmap(run, run / "grad_norms.png"))
-    cfg, model, topo = dense_model_of_run(run)
+    cfg = run_config(run)
+    topo = load_topology(cfg.topology) if cfg.topology is not None else None
     data = load_data(cfg)
+    why = _too_large(cfg, topo, data)
+    if why is None:
+        written += _model_pictures(run, dense_model_of_run(run)[1], data)
+    else:
+        say(f"dhdnn plot: {run}: no pictures of the model's predictions: {why}")
+    if topo is not None:
+        written.append(topology_plot(topo, None, run / "topology.png"))
+        partitions = _partitions(run, cfg, topo)
+        if partitions > 1:
+            from .partitioner import partition
+
+            written.append(topology_plot(topo, partition(topo, partitions), run / "partition.png"))
+    return written
+
+
+def _too_large(cfg, topo, data) -> str | None:
+    """Why the run's dense model (the pictures' predictor) cannot be built here, or None."""
+    from .resources import available_memory, estimate, human
+
+    est = estimate(cfg, topo, data.n_features, data.n_outputs, 0, 1, False)
+    need, avail = 2 * est.params, available_memory()  # the checkpoint's blocks and the dense model
+    if avail is not None and need > avail:
+        return f"its dense form needs an estimated {human(need)}, more than this machine's {human(avail)} available"
+    return None
+
+
+def _model_pictures(run: Path, model, data) -> list[Path]:
+    written = []
     if data.task == "regress":
         written.append(predictions(model, data, run / "predictions.png"))
         if data.n_features == 2 and data.n_outputs == 2:
@@ -219,13 +262,6 @@ def plot_run(run: Path) -> list[Path]:
         pred = _predict(model, data.x_test)  # once, for both pictures
         written.append(confusion(pred, data, run / "confusion.png"))
         written.append(misclassified(pred, data, run / "misclassified.png"))
-    if topo is not None:
-        written.append(topology_plot(topo, None, run / "topology.png"))
-        partitions = _partitions(run, cfg, topo)
-        if partitions > 1:
-            from .partitioner import partition
-
-            written.append(topology_plot(topo, partition(topo, partitions), run / "partition.png"))
     return written
 
 

@@ -85,6 +85,30 @@ def test_cli_train_plot_analyze(tmp_path, capsys):
     assert "key 'model.arch'" in capsys.readouterr().err
 
 
+def test_plot_bounds_what_a_large_network_costs(tmp_path, capsys, monkeypatch):
+    """A large graph's run: the decision boundary's grid shrinks with the dense model's cost per
+    sample (200 points a side for a small network, 20 at the least), and where the dense model
+    does not fit in memory the model's pictures are left out with the reason (memory fixed at
+    16 bytes here), the others drawn."""
+    from dhdnn import resources
+    from dhdnn.plots import grid_resolution
+
+    small, huge = torch.nn.Linear(16, 16), torch.nn.Linear(1, 1)
+    huge.weight = torch.nn.Parameter(torch.zeros(1, 1).expand(1 << 15, 1 << 15))  # 2^30 entries, no storage
+    assert grid_resolution(small) == 200 and grid_resolution(huge) == 20
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("topology: {generator: {kind: ring, agents: 8}}\nmodel: {arch: H2, layers: 2}\n"
+                   "data: {n_samples: 200}\ntrain: {epochs: 1}\n")
+    out = tmp_path / "r"
+    assert main(["train", str(cfg), "--out", str(out), "--no-progress"]) == 0
+    monkeypatch.setattr(resources, "available_memory", lambda: 16)
+    capsys.readouterr()
+    assert main(["plot", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert "no pictures of the model's predictions: its dense form needs an estimated" in printed.err
+    assert "decision_boundary.png" not in printed.out and "topology.png" in printed.out
+
+
 def test_auto_resume_starts_fresh_then_continues(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model: {arch: H2, dim: 4, layers: 2}\ndata: {n_samples: 200}\ntrain: {epochs: 2}\n")
