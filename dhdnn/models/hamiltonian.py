@@ -358,11 +358,14 @@ class H2(ODENet):
     def __init__(self, dim, layers, h, mask=None, X=None, **kw):
         super().__init__(dim, layers, h, mask=mask, **kw)
         m = self.half
-        X = torch.eye(m) if X is None else torch.as_tensor(X, dtype=torch.get_default_dtype())
-        if tuple(X.shape) != (m, m):
-            raise ValueError(f"X: expected a ({m}, {m}) matrix for dim={dim}, got shape {tuple(X.shape)}")
-        if torch.linalg.matrix_rank(X.double()) < m:
-            raise ValueError("X: expected an invertible matrix")
+        if X is None:  # the identity (invertible: no O(m^3) rank check, minutes for a large graph's state)
+            X = torch.eye(m)
+        else:
+            X = torch.as_tensor(X, dtype=torch.get_default_dtype())
+            if tuple(X.shape) != (m, m):
+                raise ValueError(f"X: expected a ({m}, {m}) matrix for dim={dim}, got shape {tuple(X.shape)}")
+            if torch.linalg.matrix_rank(X.double()) < m:
+                raise ValueError("X: expected an invertible matrix")
         self.register_buffer("X", X.clone())
         self.X_is_identity = bool(torch.equal(X, torch.eye(m, dtype=X.dtype)))
 
