@@ -102,22 +102,25 @@ def build_with_table(spec: NetworkSpec, topology=None, dtype=None):
     :class:`~dhdnn.blocks.BlockTable` (None otherwise)."""
     from .topology import dense_masks
 
+    from .blocks import BlockTable, init_packed, load_dense
+    from .models import NotDistributable
+
     dtype = dtype or torch.get_default_dtype()
     cls, options = NETWORKS[spec.network], spec.options()
-    arch = ARCHITECTURES[spec.arch]
+    arch, table = ARCHITECTURES[spec.arch], None
+    if topology is not None and arch.distributable:
+        try:
+            table = BlockTable(topology, arch.agent_layout(**options), spec.layers, spec.n_outputs)
+        except NotDistributable:  # (H1 with J2): masked, without a per-agent form
+            pass
+    if table is not None:  # every weight is drawn per agent block below: the dense draw would be overwritten
+        options = {**options, "init_std": 0.0}
     mask = dense_masks(topology, arch) if topology is not None else None
     body = build_model(spec.arch, cls.state_dim(spec, topology), spec.layers, spec.h, mask=mask,
                        generator=torch.Generator().manual_seed(spec.seed), **options)
-    model, table = cls.from_spec(spec, body, topology).to(dtype), None
-    if topology is not None and arch.distributable:
-        from .blocks import BlockTable, init_packed, load_dense
-        from .models import NotDistributable
-
-        try:
-            table = BlockTable(topology, arch.agent_layout(**options), spec.layers, spec.n_outputs)
-            load_dense(table, model, init_packed(table, spec.seed, spec.init_std, dtype))
-        except NotDistributable:  # (H1 with J2): masked, without a per-agent form
-            table = None
+    model = cls.from_spec(spec, body, topology).to(dtype)
+    if table is not None:
+        load_dense(table, model, init_packed(table, spec.seed, spec.init_std, dtype))
     model.spec, model.topology = spec, topology
     return model, table
 

@@ -92,6 +92,8 @@ class ODENet(nn.Module):
         return tuple({"n": self.dim, "m": self.half}[s] for s in shape)
 
     def _init(self, shape, std, generator) -> Tensor:
+        if std == 0:  # (weights set right after, per agent block: no draw of a large graph's dense matrices)
+            return torch.zeros(shape)
         if std is None:  # nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
             bound = 1.0 / math.sqrt(shape[-1] if len(shape) > 2 else self.dim)
             return (torch.rand(shape, generator=generator) * 2 - 1) * bound
