@@ -100,10 +100,9 @@ def build_network(topology=None, spec: NetworkSpec | None = None, dtype: torch.d
 def build_with_table(spec: NetworkSpec, topology=None, dtype=None):
     """``(model, table)``: the dense network and, for a topology network, its
     :class:`~dhdnn.blocks.BlockTable` (None otherwise)."""
-    from .topology import dense_masks
-
     from .blocks import BlockTable, init_packed, load_dense
     from .models import NotDistributable
+    from .topology import dense_masks
 
     dtype = dtype or torch.get_default_dtype()
     cls, options = NETWORKS[spec.network], spec.options()

@@ -24,8 +24,9 @@ def dense_model_of_run(run_dir: str | Path):
     directory (``dhdnn train``) or of a checkpoint directory a user's loop saved
     (:meth:`~dhdnn.distributed.DistributedNetwork.save`), from any working directory: both hold
     what defines their network."""
-    from .build import NetworkSpec, build_classifier, build_with_table
+    from .build import NetworkSpec, build_with_table
     from .engine import DenseEngine
+    from .resources import estimate, require
     from .rundir import run_config
     from .topology import load_topology, topology_from_dict
     from .train import DTYPES, load_data
@@ -50,10 +51,15 @@ def dense_model_of_run(run_dir: str | Path):
         raise ckpt.CheckpointError(f"{run_dir}: neither a run directory (config.yaml) nor a checkpoint saved with "
                                    "its network (meta.json key 'network')")
     if "network" in meta:
-        model, table = build_with_table(NetworkSpec.from_dict(meta["network"]), topo, dtype)
+        spec = NetworkSpec.from_dict(meta["network"])
     else:  # older checkpoints: the data says the network's input and output sizes
         data = load_data(cfg)
-        model, table = build_classifier(cfg, data.n_features, data.n_outputs, topo, dtype, data.image_shape)
+        spec = NetworkSpec.from_config(cfg, data.n_features, data.n_outputs, data.image_shape)
+    if cfg is not None:  # refused with the estimate, not killed by the kernel while building it (TooLarge)
+        est = estimate(cfg, topo, spec.n_features, spec.n_outputs, 0, 1, False)
+        require(2 * est.params, f"{cfg.source}: key 'model': the dense model of {run_dir}, built beside its "
+                                "checkpoint's blocks, needs an estimated")
+    model, table = build_with_table(spec, topo, dtype)
     if meta["version"] == 1:
         shards = ckpt.upgrade_v1(shards, table)
     ckpt.restore(d, shards, DenseEngine(model, table=table).entries(), lambda p: {}, ())

@@ -210,6 +210,7 @@ def plot_run(run: Path, say=print) -> list[Path]:
     """Every picture a run directory supports; returns the files written. ``say``: where a note on
     a picture left out goes (the model's pictures where its dense form does not fit in memory)."""
     from .export import dense_model_of_run
+    from .resources import TooLarge, human
     from .rundir import run_config
     from .topology import load_topology
     from .train import load_data
@@ -221,14 +222,15 @@ def plot_run(run: Path, say=print) -> list[Path]:
     written.append(curves(run / "metrics.jsonl", run / "curves.png"))
     if (run / "grad_norms.jsonl").exists():
         written.append(grad_norm_heatmap(run, run / "grad_norms.png"))
-    cfg = run_config(run)
-    topo = load_topology(cfg.topology) if cfg.topology is not None else None
-    data = load_data(cfg)
-    why = _too_large(cfg, topo, data)
-    if why is None:
-        written += _model_pictures(run, dense_model_of_run(run)[1], data)
-    else:
-        say(f"dhdnn plot: {run}: no pictures of the model's predictions: {why}")
+    try:
+        cfg, model, topo = dense_model_of_run(run)
+    except TooLarge as e:
+        say(f"dhdnn plot: {run}: no pictures of the model's predictions: its dense form needs an estimated "
+            f"{human(e.need)}, more than this machine's {human(e.avail)} available")
+        cfg, model = run_config(run), None
+        topo = load_topology(cfg.topology) if cfg.topology is not None else None
+    if model is not None:
+        written += _model_pictures(run, model, load_data(cfg))
     if topo is not None:
         written.append(topology_plot(topo, None, run / "topology.png"))
         partitions = _partitions(run, cfg, topo)
@@ -237,17 +239,6 @@ def plot_run(run: Path, say=print) -> list[Path]:
 
             written.append(topology_plot(topo, partition(topo, partitions), run / "partition.png"))
     return written
-
-
-def _too_large(cfg, topo, data) -> str | None:
-    """Why the run's dense model (the pictures' predictor) cannot be built here, or None."""
-    from .resources import available_memory, estimate, human
-
-    est = estimate(cfg, topo, data.n_features, data.n_outputs, 0, 1, False)
-    need, avail = 2 * est.params, available_memory()  # the checkpoint's blocks and the dense model
-    if avail is not None and need > avail:
-        return f"its dense form needs an estimated {human(need)}, more than this machine's {human(avail)} available"
-    return None
 
 
 def _model_pictures(run: Path, model, data) -> list[Path]:

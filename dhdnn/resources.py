@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .config import ConfigError
+
 
 ITEMSIZE = {"float32": 4, "float64": 8}
 
@@ -84,6 +86,22 @@ def estimate(cfg, topo, n_features: int, n_classes: int, n_samples: int, agents:
     if param_bytes is not None:
         params = param_bytes
     return Estimate(int(params), moments * int(params), int(acts), int(n_samples * (n_features + 1) * w))
+
+
+class TooLarge(ConfigError):
+    """What is about to be built needs more memory than this machine has available."""
+
+    def __init__(self, message: str, need: float, avail: int):
+        super().__init__(message)
+        self.need, self.avail = need, avail
+
+
+def require(need: float, what: str, then: str = "") -> None:
+    """Raise :class:`TooLarge` where ``need`` bytes exceed what this process may still allocate:
+    ``what`` (the file, the key, what needs it, ending in "an estimated"), the two sizes, ``then``."""
+    avail = available_memory()
+    if avail is not None and need > avail:
+        raise TooLarge(f"{what} {human(need)}, more than this machine's {human(avail)} available{then}", need, avail)
 
 
 def available_memory() -> int | None:

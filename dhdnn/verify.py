@@ -70,6 +70,7 @@ def verify(config, workers=(2, 3, 4), steps: int = 2, replicas: int = 1, log=Non
     raises :class:`~dhdnn.config.ConfigError` before any worker starts."""
     from .config import ConfigError, load_config
     from .run import validate
+    from .train import load_data
 
     cfg = load_config(config) if isinstance(config, (str, Path)) else copy.deepcopy(config)
     if cfg.topology is None:
@@ -82,10 +83,11 @@ def verify(config, workers=(2, 3, 4), steps: int = 2, replicas: int = 1, log=Non
         cfg.run.workers = w
         setups[w] = validate(cfg, warn=False)  # (more workers than cores: slower, still exact)
     setup = setups[workers[0]]
-    _check_reference_fits(cfg, setup.topo)
+    data = load_data(cfg)
+    _check_reference_fits(cfg, setup.topo, data)
     report = Report(str(cfg.source), f"{cfg.model.arch}, {cfg.model.layers} layers, {setup.topo.name} "
                                      f"({setup.topo.n_agents} agents), {cfg.run.backprop}, {steps} steps")
-    dense = _dense(cfg, setup.topo, steps)
+    dense = _dense(cfg, setup.topo, steps, data)
     for w in workers:
         cfg.run.workers = w
         run = _sharded(cfg, setup.topo, steps, replicas, dense)
@@ -98,22 +100,16 @@ def verify(config, workers=(2, 3, 4), steps: int = 2, replicas: int = 1, log=Non
     return report
 
 
-def _check_reference_fits(cfg, topo) -> None:
+def _check_reference_fits(cfg, topo, data) -> None:
     """The reference is the one-process dense network in float64, and the shards are loaded back
     as one more dense model: refuse, before anything runs, a network whose dense form does not
     fit here (rather than be killed by the kernel while building it)."""
-    from .config import ConfigError
-    from .resources import available_memory, estimate, human
-    from .train import load_data
+    from .resources import estimate, require
 
-    data = load_data(cfg)
     est = estimate(cfg, topo, data.n_features, data.n_outputs, len(data.x_train) + len(data.x_test), 1, False)
-    need, avail = est.total + est.params, available_memory()
-    if avail is not None and need > avail:
-        raise ConfigError(f"{cfg.source}: key 'topology': verify compares the sharded network with the one-process "
-                          f"dense network in float64 (twice: trained, and the shards loaded back), an estimated "
-                          f"{human(need)}, more than this machine's {human(avail)} available; verify a smaller "
-                          "network of the same kind (fewer agents, lower model.layers or the agents' dims)")
+    require(est.total + est.params, f"{cfg.source}: key 'topology': verify compares the sharded network with the "
+            "one-process dense network in float64 (twice: trained, and the shards loaded back), an estimated",
+            "; verify a smaller network of the same kind (fewer agents, lower model.layers or the agents' dims)")
 
 
 def _batches(cfg, data, steps: int):
@@ -132,14 +128,12 @@ def _train(engine, cfg, batches) -> None:
         engine.train_step(opt, x, y, cfg.train.alpha)
 
 
-def _dense(cfg, topo, steps: int) -> dict:
+def _dense(cfg, topo, steps: int, data) -> dict:
     """The one-process reference: parameters (per block class) after ``steps`` steps, logits."""
     from .blocks import dense_packed
     from .build import build_classifier
     from .engine import DenseEngine
-    from .train import load_data
 
-    data = load_data(cfg)
     model, table = build_classifier(cfg, data.n_features, data.n_outputs, topo, torch.float64)
     rc = cfg.run
     model.body.set_backprop(rc.backprop, rc.anchors, rc.reversible_state, rc.reversible_fraction_bits)

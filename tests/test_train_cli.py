@@ -88,8 +88,8 @@ def test_cli_train_plot_analyze(tmp_path, capsys):
 def test_plot_bounds_what_a_large_network_costs(tmp_path, capsys, monkeypatch):
     """A large graph's run: the decision boundary's grid shrinks with the dense model's cost per
     sample (200 points a side for a small network, 20 at the least), and where the dense model
-    does not fit in memory the model's pictures are left out with the reason (memory fixed at
-    16 bytes here), the others drawn."""
+    does not fit in memory the model's pictures are left out with the reason, the others drawn,
+    and export is refused (memory fixed at 16 bytes here)."""
     from dhdnn import resources
     from dhdnn.plots import grid_resolution
 
@@ -107,6 +107,9 @@ def test_plot_bounds_what_a_large_network_costs(tmp_path, capsys, monkeypatch):
     printed = capsys.readouterr()
     assert "no pictures of the model's predictions: its dense form needs an estimated" in printed.err
     assert "decision_boundary.png" not in printed.out and "topology.png" in printed.out
+    assert main(["export", str(out), "--out", str(tmp_path / "m.pt")]) == 2  # the same refusal, one line
+    err = capsys.readouterr().err
+    assert "key 'model': the dense model of" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_auto_resume_starts_fresh_then_continues(tmp_path, capsys):
