@@ -26,7 +26,9 @@ class StepOut:
 
     objective: Tensor  # call .backward() on this, then Engine.after_backward() (the regulariser's gradient)
     stats: Tensor  # [loss sum, score, count, regulariser] (local; summed over ranks; see tasks.py)
-    grad_norms: Callable[[], list[float]] | None = None  # after backward: ||dloss/dy_j|| per layer
+    # after backward: ||dloss/dy_j||^2 per state y_0..y_L on this rank's rows and samples (float64;
+    # the trainer sums it over the ranks)
+    grad_norms: Callable[[], Tensor] | None = None
 
 
 @dataclass
@@ -147,23 +149,25 @@ class DenseEngine(Engine):
     def optimizer_groups(self, weight_decay):
         return param_groups(self.model.parameters(), self.model.readout_parameters(), weight_decay)
 
-    def objective(self, x, y, alpha, record=False):
+    def outputs(self, x: Tensor, record: bool):
+        """The model's outputs and, with ``record``, what :attr:`StepOut.grad_norms` returns."""
         m = self.model
+        if not record:
+            return m(x), None
+        # the step-by-step path keeps every intermediate state for the gradient norms
+        y0 = m.initial_state(x)
+        states = m.body.trajectory(y0.requires_grad_() if not y0.requires_grad else y0)
+        for s in states:
+            s.retain_grad()
+        return m.readout(states[-1]), lambda: torch.stack([s.grad.double().square().sum() for s in states]).cpu()
+
+    def objective(self, x, y, alpha, record=False):
         x, y = x.to(self.device), y.to(self.device)
-        states = None
-        if record:  # the step-by-step path keeps every intermediate state for the gradient norms
-            y0 = m.initial_state(x)
-            states = m.body.trajectory(y0.requires_grad_() if not y0.requires_grad else y0)
-            for s in states:
-                s.retain_grad()
-            logits = m.readout(states[-1])
-        else:
-            logits = m(x)
+        logits, norms = self.outputs(x, record)
         loss = self.task.loss(logits, y)
         self._alpha = alpha  # the regulariser's gradient is added after backward (after_backward)
-        reg = m.body.regularizer_value(alpha) if alpha else loss.new_zeros(())
+        reg = self.model.body.regularizer_value(alpha) if alpha else loss.new_zeros(())
         stats = torch.cat([self.task.stats(logits, y), reg.reshape(1).cpu()])
-        norms = (lambda: [float(s.grad.norm()) for s in states]) if record else None
         return StepOut(loss, stats, norms)
 
     def after_backward(self):

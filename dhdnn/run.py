@@ -123,9 +123,6 @@ def _few(xs: list) -> str:
 def _check_replicated(cfg: Config, topo, world: int):
     """The dense network on every worker: as many replicas as workers, a sample for each."""
     _check_backprop(cfg)
-    if cfg.train.grad_norm_every:
-        raise ConfigError(f"{cfg.source}: key 'train.grad_norm_every': expected 0 on workers (per-layer gradient "
-                          "norms are recorded in one process)")
     return _layout(cfg, world, world if cfg.run.replicas in (1, "auto") else cfg.run.replicas)
 
 
@@ -141,9 +138,6 @@ def _check_sharded(cfg: Config, topo, world: int):
         layout = ARCHITECTURES[mc.arch].agent_layout(J=mc.J)
     except NotDistributable as e:
         raise ConfigError(f"{src}: key '{e.key}': {e.reason}") from None
-    if cfg.train.grad_norm_every:
-        raise ConfigError(f"{src}: key 'train.grad_norm_every': expected 0 with the sharded engine "
-                          "(per-layer gradient norms are recorded by the dense engine)")
     if rc.backprop == "reversible" and not layout.invertible:
         raise ConfigError(f"{src}: key 'run.backprop': {mc.arch} layers cannot be inverted exactly; expected autograd")
     return _layout(cfg, world, rc.replicas, topo)

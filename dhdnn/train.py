@@ -182,8 +182,10 @@ class Trainer:
                 # compiling (or loading from numba's cache) the fused kernel, in this process so far
                 self.timing["kernel_compile_seconds"] = fused.COMPILE["seconds"]
             acc += stats
-            if record and out.grad_norms is not None and self.engine.is_main:
-                self._append("grad_norms.jsonl", {"step": self.step, "norms": out.grad_norms()})
+            if record and out.grad_norms is not None:  # (every rank: a logging reduction)
+                norms = self.engine.reduce_sum(out.grad_norms()).sqrt().tolist()
+                if self.engine.is_main:
+                    self._append("grad_norms.jsonl", {"step": self.step, "norms": norms})
             self.step += 1
         seconds = time.perf_counter() - t0
         self.epoch += 1

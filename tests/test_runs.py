@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from dhdnn import checkpoint as ckpt
@@ -25,9 +26,9 @@ def mixed(tmp_path_factory):
     return write_mixed_run(tmp_path_factory.mktemp("mixed"), batch_size=50)
 
 
-def _run(cfg_path, out, workers, epochs, resume=False, engine="auto"):
+def _run(cfg_path, out, workers, epochs, resume=False, engine="auto", *extra):
     cfg = load_config(cfg_path, [f"run.out_dir={out}", f"run.workers={workers}", f"train.epochs={epochs}",
-                                 f"run.engine={engine}"])
+                                 f"run.engine={engine}", *extra])
     return train_from_config(cfg, resume=resume)
 
 
@@ -46,6 +47,29 @@ def test_one_network_for_every_worker_count_and_resume_both_ways(mixed, tmp_path
     _same(_params(tmp_path / "w1"), ref2)
     _same(_params(tmp_path / "w3"), ref2)
     assert json.loads((ckpt.latest(tmp_path / "w1") / "meta.json").read_text())["shards"] == 3
+
+
+def test_gradient_norms_per_layer_are_one_process_s_on_every_layout(mixed, tmp_path):
+    """``train.grad_norm_every`` on workers: each rank's share of ``||dloss/dy_j||^2`` (its agents'
+    rows, its replica's samples), summed over the ranks, is the dense engine's norm for every state
+    y_0..y_L at every step: agent partitions (autograd, and reversible on 3), replicas, and the
+    dense network on every worker. (Same sums in another order: 1e-9 as above.)"""
+    def norms(run):
+        return [json.loads(x) for x in (run / "grad_norms.jsonl").read_text().splitlines()]
+
+    every = "train.grad_norm_every=1"
+    _run(mixed, tmp_path / "dense", 1, 1, False, "auto", every)
+    ref = norms(tmp_path / "dense")
+    assert [r["step"] for r in ref] == [0, 1, 2, 3] and len(ref[0]["norms"]) == 4  # 3 layers: y_0..y_3
+    layouts = {"partitions": (2, "auto"), "reversible": (3, "auto", "run.backprop=reversible"),
+               "replicas": (2, "auto", "run.replicas=2"), "replicated": (2, "dense")}
+    for name, (workers, engine, *extra) in layouts.items():
+        _run(mixed, tmp_path / name, workers, 1, False, engine, every, *extra)
+        got = norms(tmp_path / name)
+        assert [r["step"] for r in got] == [r["step"] for r in ref], name
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(torch.tensor(a["norms"]), torch.tensor(b["norms"]), rtol=1e-9, atol=0,
+                                       msg=name)
 
 
 def test_an_edited_topology_is_refused_on_resume_with_what_changed(mixed, tmp_path):

@@ -55,6 +55,9 @@ class ShardedEngine(Engine):
         """The loss of this replica's slice, normalised by the global batch: summed over replicas
         (:meth:`after_backward`), the gradients are those of the whole batch in one process."""
         n_global = len(y)
+        plan = self.net.plan
+        plan.norms = [] if record else None  # the backward fills it (last layer first)
+        norms = (lambda: torch.tensor(plan.norms[::-1], dtype=torch.float64)) if record else None
         out = self.dnet(x.to(self.device))
         y = self.groups.local(y).to(self.device)
         self._alpha = alpha  # the regulariser's gradient is added after backward (after_backward)
@@ -64,8 +67,8 @@ class ShardedEngine(Engine):
         if self.net.has_logits:
             loss = self.task.loss(out, y) if self.replicas == 1 else self.task.loss(out, y, "sum") / n_global
             stats = self.task.stats(out, y) if self.groups.agent_rank == 0 else zeros
-            return StepOut(loss, torch.cat([stats.to(reg.dtype), reg]))
-        return StepOut(out, torch.cat([zeros, reg]))  # a placeholder whose backward receives the logits' gradient
+            return StepOut(loss, torch.cat([stats.to(reg.dtype), reg]), norms)
+        return StepOut(out, torch.cat([zeros, reg]), norms)  # a placeholder whose backward receives the logits' gradient
 
     def after_backward(self):
         if self.dnet.reducer is not None:

@@ -51,11 +51,11 @@ class ReplicatedEngine(DenseEngine):
         begin_step(self)
         n_global = len(y)
         x, y = self.groups.local(x).to(self.device), self.groups.local(y).to(self.device)
-        out = self.model(x)
+        out, norms = self.outputs(x, record)
         loss = self.task.loss(out, y, "sum") / n_global  # summed over the workers: the global batch's mean
         self._alpha = alpha
         reg = self.model.body.regularizer_value(alpha) if alpha and self.rank == 0 else loss.new_zeros(())
-        return StepOut(loss, torch.cat([self.task.stats(out, y), reg.detach().reshape(1).cpu()]))
+        return StepOut(loss, torch.cat([self.task.stats(out, y), reg.detach().reshape(1).cpu()]), norms)
 
     def after_backward(self):
         self.reducer.finish()

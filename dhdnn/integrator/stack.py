@@ -87,6 +87,7 @@ class Plan:
     cert: Certificate | None = None  # reversible: what the last backward's rebuild found
     where: str = ""  # in messages (" on rank 3")
     ws: Workspace = field(default_factory=Workspace)
+    norms: list | None = None  # a list: the next backward appends ||dL/dY_j||^2 on these rows, j = L..0
 
     def __post_init__(self):
         if self.keep not in KEEPS or self.carrier not in CARRIERS:
@@ -234,6 +235,7 @@ class Integrate(torch.autograd.Function):
         # a copy (the backward adds into it in place) whose fields are contiguous row blocks
         gin = (gY.T if ctx.transposed else gY).clone(memory_format=torch.contiguous_format)
         g = dict(zip(names, gin.split(plan.F, 0)))
+        _note(plan, g)
         if ctx.keep == "every":
             S, store = saved[n_p], dict(zip(names, saved[n_p + 1:]))
             G, gb = _adjoint(plan, ctx.ops, ctx.versions, S, store, g)
@@ -245,6 +247,12 @@ class Integrate(torch.autograd.Function):
             out += kern.end_grad(G[k])
             out.append(gb[k])
         return (None, None, gin.T if ctx.transposed else gin, *out)
+
+
+def _note(plan: Plan, g: dict) -> None:
+    """``train.grad_norm_every``: the squared norm of the state's gradient on this rank's rows."""
+    if plan.norms is not None:
+        plan.norms.append(sum(float(x.double().square().sum()) for x in g.values()))
 
 
 def _carrier(plan: Plan, dtype):
@@ -316,6 +324,7 @@ def _adjoint(plan: Plan, ops: _Operands, versions, S: Tensor, store: dict, g: di
                 sc.update(gz=GZv[k * L + j], gu=GUv[k * L + j], D=Dv[j * nhs + k])
             _adjoint_half(plan, ops, sc, g, None if defer else G[k], gb[k], store[steps[k].source][versions[j][k]],
                           S[j, k], k, j, squared=defer)
+        _note(plan, g)
     if not defer:
         ws.give(*sc.values())
         return G, gb
@@ -379,6 +388,7 @@ def _reverse(plan: Plan, ops: _Operands, outs, anchors: dict, carrier, g: dict):
     for j in reversed(range(L)):
         for k in reversed(range(len(plan.kernels))):
             _reverse_half(plan, ops, sc, cur, g, G[k], gb[k], carrier, k, j)
+        _note(plan, g)
         if j in anchors:  # drift stops here: continue from the stored state
             if plan.cert is not None:
                 plan.cert.compare(j, [cur[f][:F] for f in names], [anchors[j][f] for f in names], plan.where)
