@@ -3,7 +3,8 @@ what a run leaves; :mod:`dhdnn.verify` runs them all for a run config.
 
 Trace records are those of ``run.trace`` / ``distribute(trace=...)``: one dict per message sent
 (``step``, ``phase``, ``layer``, ``op``, ``src``, ``dst``, ``bytes``; gradient reductions as
-``op: allreduce_grad`` with their ``group``). Global ranks are ``replica * P + agent partition``.
+``op: allreduce_grad`` and the logits' all-reduce of ``run.readout: allreduce`` as
+``op: allreduce_readout``, with their ``group``). Global ranks are ``replica * P + agent partition``.
 """
 from __future__ import annotations
 
@@ -39,12 +40,14 @@ def _describe(m: dict) -> str:
 
 def check_locality(records, topology, assignment, *, batch, layout, layers: int, classes: int,
                    dtype: str = "float64", replicas: int = 1, backprop: str = "autograd",
-                   logits_everywhere: bool = False) -> dict:
+                   logits_everywhere: bool = False, readout: str = "tree") -> dict:
     """Every halo and readout message goes between ranks of one replica that own adjacent agents,
     one message per neighbour rank per exchange, and each training step of each replica moves
     exactly the halo plan's bytes (per exchange, per phase, per step). ``batch``: a replica's share
     of the global batch (a list: each replica's); ``layout``: the architecture's
-    :class:`~dhdnn.integrator.AgentLayout`."""
+    :class:`~dhdnn.integrator.AgentLayout`. ``readout="allreduce"`` (the run's choice): the logits
+    go through one all-reduce per rank and forward on its replica's agent ranks instead of the tree,
+    the one exchange that is not neighbour-only; with ``"tree"`` such a collective fails the check."""
     assignment = np.asarray(assignment)
     P = int(assignment.max()) + 1
     part = Partition(assignment, P, "given")
@@ -54,11 +57,14 @@ def check_locality(records, topology, assignment, *, batch, layout, layers: int,
     shares = list(batch) if isinstance(batch, (list, tuple)) else [batch] * replicas
     plans_b = [predicted_bytes(topology, part, b, dtype, layout.parts_per_agent, layout.exchanges_per_layer,
                                layers=layers, classes=classes, backward_factor=factor,
-                               logits_everywhere=logits_everywhere) for b in shares]
-    exchange, senders, step_bytes = defaultdict(int), defaultdict(int), defaultdict(int)
+                               logits_everywhere=logits_everywhere, readout=readout) for b in shares]
+    exchange, senders, step_bytes, collectives = defaultdict(int), defaultdict(int), defaultdict(int), defaultdict(int)
     n = 0
     for m in records:
         if m["op"] == "allreduce_grad":
+            continue
+        if m["op"] == "allreduce_readout":
+            _readout_collective(m, P, readout, plans_b, collectives)
             continue
         (rs, s), (rd, d) = divmod(m["src"], P), divmod(m["dst"], P)
         if rs != rd or tuple(sorted((s, d))) not in edges:
@@ -96,8 +102,32 @@ def check_locality(records, topology, assignment, *, batch, layout, layers: int,
                                        f"{step_bytes[(step, replica, 'backward')]})")
     if P > 1 and not totals:
         raise CheckFailed("locality", "no training messages were traced")
+    expected = {(step, rank) for step, replica in totals for rank in range(replica * P, replica * P + P)}
+    if readout == "allreduce" and totals and (set(collectives) != expected or set(collectives.values()) - {1}):
+        raise CheckFailed("locality", "readout allreduce: expected one all-reduce of the logits per rank and "
+                                      f"training step, traced {dict(collectives)} (step, rank) -> count")
     return {"messages": n, "bytes_per_step": sorted(set(totals.values())),
-            "planned_per_step": sorted({p["per_step"] for p in plans_b}) if totals else []}
+            "planned_per_step": sorted({p["per_step"] for p in plans_b}) if totals else [],
+            "readout_collectives": sum(collectives.values())}
+
+
+def _readout_collective(m: dict, P: int, readout: str, plans_b: list, counts: dict) -> None:
+    """One traced all-reduce of the logits: only where the run chose it, on the sender's replica's
+    agent ranks, of exactly the replica's ``batch x classes`` logits."""
+    replica = m["src"] // P
+    where = f"step {m['step']} {m['phase']} all-reduce of the logits by rank {m['src']} on ranks {m['group']}"
+    if readout != "allreduce":
+        raise CheckFailed("locality", f"{where}: a collective, but the run's readout is tree (neighbour messages "
+                                      "only)")
+    if sorted(m["group"]) != list(range(replica * P, replica * P + P)):
+        raise CheckFailed("locality", f"{where}: expected its replica's agent ranks "
+                                      f"{list(range(replica * P, replica * P + P))}")
+    if m["phase"] == "eval":
+        return
+    want = plans_b[replica]["readout_collective"]
+    if m["bytes"] != want:
+        raise CheckFailed("bytes", f"{where}: {m['bytes']} bytes, the replica's logits are {want}")
+    counts[(m["step"], m["src"])] += 1
 
 
 def check_reductions(records, partitions: int, replicas: int, shard_bytes: dict | None = None) -> dict:

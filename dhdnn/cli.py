@@ -145,11 +145,11 @@ def _partition_inputs(args):
             raise ConfigError(f"{args.file}: key '{e.key}': {e.reason}") from None
         return (topo, args.workers or dims.agents, args.batch or -(-cfg.train.batch_size // dims.replicas),
                 args.layers or cfg.model.layers, args.arch or cfg.model.arch, args.dtype or cfg.run.dtype,
-                args.backprop or cfg.run.backprop)
+                args.backprop or cfg.run.backprop, cfg.run.readout)
     if not args.workers:
         raise ConfigError(f"{args.file}: --workers is needed with a topology file")
     return (load_topology(args.file), args.workers, args.batch or 125, args.layers or 64, args.arch or "H2",
-            args.dtype or "float32", args.backprop or "autograd")
+            args.dtype or "float32", args.backprop or "autograd", "tree")
 
 
 def cmd_partition(args) -> int:
@@ -157,14 +157,14 @@ def cmd_partition(args) -> int:
     from .models import ARCHITECTURES
     from .partitioner import partition
 
-    topo, workers, batch, layers, arch, dtype, backprop = _partition_inputs(args)
+    topo, workers, batch, layers, arch, dtype, backprop, readout = _partition_inputs(args)
     layout = ARCHITECTURES[arch].agent_layout()
     part = partition(topo, workers, args.method)
     metis = partition(topo, workers, "metis") if workers > 1 and args.method != "metis" else part
     loads, cut = part.loads(topo), part.cut_edges(topo)
     rank_edges = sorted(part.rank_graph(topo).edges)
     kw = dict(parts_per_agent=layout.parts_per_agent, exchanges_per_layer=layout.exchanges_per_layer, layers=layers,
-              backward_factor=2 if backprop == "reversible" else 1)
+              backward_factor=2 if backprop == "reversible" else 1, readout=readout)
     b = predicted_bytes(topo, part, batch, dtype, **kw)
     bm = predicted_bytes(topo, metis, batch, dtype, **kw)
     volume, pairs = part.objective(topo)
@@ -174,7 +174,8 @@ def cmd_partition(args) -> int:
                           "rank_edges": [list(e) for e in rank_edges], "bytes_per_exchange": b["per_exchange"],
                           "bytes_per_step": b["per_step"], "metis_bytes_per_step": bm["per_step"],
                           "halo_volume": volume, "neighbour_pairs": pairs, "method": part.method,
-                          "imbalance": part.imbalance(topo), "backprop": backprop}))
+                          "imbalance": part.imbalance(topo), "backprop": backprop,
+                          "readout_collective_bytes": b["readout_collective"]}))
     else:
         plans = build_plans(topo, part)
         print(f"{topo.name}: {topo.n_agents} agents on {workers} workers ({part.method}); "
@@ -185,7 +186,9 @@ def cmd_partition(args) -> int:
         print(f"objective: halo volume {volume} state entries per exchange, {pairs} neighbour-rank pairs")
         print(f"halo bytes ({arch}, batch {batch}, {dtype}, {backprop}): {b['per_exchange']} per exchange, "
               f"{b['per_step']} per training step ({layers} layers, forward + backward + readout); "
-              f"plain METIS: {bm['per_step']}")
+              f"plain METIS: {bm['per_step']}" + (f"; run.readout allreduce: the logits by an all-reduce of "
+                                                   f"{b['readout_collective']} bytes per rank and step" if
+                                                   b["readout_collective"] else ""))
     if args.plot:
         from .plots import topology_plot
 

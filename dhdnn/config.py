@@ -186,7 +186,8 @@ class RunConfig:
     timeout_s: float = 120.0  # process-group timeout: a dead peer fails the run within this
     readout: str = "tree"  # tree (neighbour ranks only) or allreduce (explicit collective)
     local_kernel: str = "auto"  # sharded local compute: auto, blocks (gathered per-block products), diagonal
-    # (blocks along graph offsets, products on views: regular graphs) or dense (assembled matrices)
+    # (blocks along graph offsets, products on views: regular graphs), dense (assembled matrices) or fused
+    # (the block products compiled with numba; CPU)
     trace: bool = False
     threads: int = 1  # torch threads per worker
     progress: bool = True

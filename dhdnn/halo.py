@@ -126,7 +126,7 @@ class RankRows:
 
 def predicted_bytes(topo: Topology, part: Partition, batch: int, dtype: str = "float32", parts_per_agent: int = 1,
                     exchanges_per_layer: int = 4, layers: int = 1, classes: int = 2,
-                    backward_factor: int = 1, logits_everywhere: bool = False) -> dict:
+                    backward_factor: int = 1, logits_everywhere: bool = False, readout: str = "tree") -> dict:
     """Bytes the engine will send: per exchange (over all ranks), per layer and per training step.
 
     An exchange moves each boundary agent's slice once per neighbour rank that reads it
@@ -135,6 +135,8 @@ def predicted_bytes(topo: Topology, part: Partition, batch: int, dtype: str = "f
     rank gets the logits) the logits also come back down and the gradients go up first, twice
     the messages. ``backward_factor`` is 2 when the backward also
     rebuilds the forward (reversible backprop: the rebuilt values share the adjoint's messages).
+    With ``readout="allreduce"`` the logits go through one all-reduce of ``batch x classes``
+    values per rank and forward (``readout_collective``) instead of tree messages.
     """
     w = ITEMSIZE[dtype]
     owner = np.asarray(part.assignment, dtype=np.int64)
@@ -146,8 +148,10 @@ def predicted_bytes(topo: Topology, part: Partition, batch: int, dtype: str = "f
     per_exchange = int(vals.sum())  # a gather and a scatter-add move the same total
     parent, _ = _tree(part.workers, rank_edges(topo, owner))
     tree_edges = sum(1 for p in parent if p is not None)
-    readout = (4 if logits_everywhere else 2) * tree_edges * batch * classes * w
+    logits, collective = batch * classes * w, readout == "allreduce"
+    tree = 0 if collective else (4 if logits_everywhere else 2) * tree_edges * logits
     per_layer_fwd = exchanges_per_layer * per_exchange
     return {"per_exchange": per_exchange, "per_pair": per_pair, "per_layer_forward": per_layer_fwd,
-            "readout": readout, "exchanges_per_layer_forward": exchanges_per_layer,
-            "per_step": (1 + backward_factor) * layers * per_layer_fwd + readout}
+            "readout": tree, "readout_collective": logits if collective else 0,
+            "exchanges_per_layer_forward": exchanges_per_layer,
+            "per_step": (1 + backward_factor) * layers * per_layer_fwd + tree}

@@ -413,8 +413,11 @@ class _Parser:
         if n_comp > 1:
             sizes = np.bincount(labels)
             lonely = np.flatnonzero(labels == sizes.argmin())[:5]
-            raise self.err("edges", f"expected a connected graph; {n_comp} components, e.g. agents "
-                                    f"{[topo.ids[i] for i in lonely.tolist()]} are cut off from the rest")
+            gen = self.raw.get("generator")  # a random generator's draw: the key to change is its own
+            hint = "" if not gen or "edges" in self.raw else "; change its seed or raise its p/radius/k"
+            raise self.err("generator" if hint else "edges",
+                           f"expected a connected graph; {n_comp} components, e.g. agents "
+                           f"{[topo.ids[i] for i in lonely.tolist()]} are cut off from the rest{hint}")
 
     def _agents_and_edges(self, raw, default_dim):
         gen = raw.get("generator")

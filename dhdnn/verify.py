@@ -21,6 +21,8 @@ import torch
 
 from . import checks as T
 
+# the config's explicit choice, said in the report: the one exchange not between graph neighbours
+_READOUT = {"allreduce": "; run.readout allreduce: the logits by an all-reduce on each replica's agent ranks"}
 TOL = 1e-9  # float64, a few steps: the same sums in another order (~1e-15), amplified by Adam's first steps
 
 
@@ -86,7 +88,8 @@ def verify(config, workers=(2, 3, 4), steps: int = 2, replicas: int = 1, log=Non
     data = load_data(cfg)
     _check_reference_fits(cfg, setup.topo, data)
     report = Report(str(cfg.source), f"{cfg.model.arch}, {cfg.model.layers} layers, {setup.topo.name} "
-                                     f"({setup.topo.n_agents} agents), {cfg.run.backprop}, {steps} steps")
+                                     f"({setup.topo.n_agents} agents), {cfg.run.backprop}, {steps} steps"
+                                     + _READOUT.get(cfg.run.readout, ""))
     dense = _dense(cfg, setup.topo, steps, data)
     for w in workers:
         cfg.run.workers = w
@@ -165,7 +168,8 @@ def _sharded(cfg, topo, steps: int, replicas: int, dense: dict) -> dict:
             shares = [len(t) for t in torch.arange(cfg.train.batch_size).tensor_split(replicas)]
             checks["locality"] = T.check_locality(
                 records, topo, res[0]["assignment"], batch=shares, layout=dense["table"].layout,
-                layers=cfg.model.layers, classes=dense["logits"].shape[1], replicas=replicas, backprop=cfg.run.backprop)
+                layers=cfg.model.layers, classes=dense["logits"].shape[1], replicas=replicas, backprop=cfg.run.backprop,
+                readout=cfg.run.readout)
             checks["reductions"] = T.check_reductions(records, P, replicas, {r["agent"]: r["shard_bytes"] for r in res})
             loaded = load_exported(tmp)  # (a masked entry that learned changes the numbers too: masks first)
             checks["masks"] = {**T.check_outside([e for r in res for e in r["outside"]]), **T.check_masks(loaded)}

@@ -85,6 +85,7 @@ BAD = [
     ("agents: [1, 2]\nedges: [[1, 2]]\ninputs: [{feature: 0, agent: 1, part: r}]\n", "inputs[0].part", "'p' or 'q'"),
     ("agents: [1, 2]\nedges: [[1, 2]]\nreadout: [3]\n", "readout[0]", "unknown agent 3"),
     ("agents: [1, 2, 3]\nedges: [[1, 2]]\n", "edges", "connected graph"),
+    ("generator: {kind: erdos_renyi, agents: 6, p: 0.2, seed: 1}\n", "generator", "connected graph.*change its seed"),
     ("agents: [1, 2]\nedges: [[1, 2]]\ncolour: red\n", "colour", "unknown key"),
     ("agents: [{id: 1, worker: -2}, 2]\nedges: [[1, 2]]\n", "agents[0].worker", "worker index >= 0"),
     ("generator: {kind: hexagon, agents: 4}\n", "generator.kind", "expected one of"),

@@ -85,3 +85,45 @@ def test_a_network_whose_dense_reference_does_not_fit_is_refused_before_anything
     with pytest.raises(ConfigError, match=r"run.yaml: key 'topology': verify compares the sharded network with the "
                                           r"one-process dense network in float64 .* an estimated [0-9.]+ GiB"):
         verify(str(cfg), workers=(2,))
+
+
+STAR5 = """name: star5
+generator: {kind: star, agents: 5}
+defaults: {dim: 2}
+agents: [{id: 3, dim: 4}, {id: 2, dim: 1}]
+"""
+
+
+def test_the_allreduce_readout_is_exact_and_verified_as_the_one_collective(tmp_path):
+    """``run.readout: allreduce`` on a star of state dims 1-4: rank 0's partial logits come out of
+    the einsum transposed, rank 1's do not, and the collective must add them entry by entry (it
+    added memory orders once: logits 0.6 off). verify sees the collective in the trace: one per
+    rank and step, of the replica's logits, on its agent ranks; the halo bytes equal the plan."""
+    (tmp_path / "star5.yaml").write_text(STAR5)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("topology: star5.yaml\nmodel: {arch: H2, layers: 2, h: 0.45}\n"
+                   "data: {name: swiss_roll, n_samples: 400, seed: 9}\ntrain: {batch_size: 50, lr: 0.01}\n"
+                   "run: {readout: allreduce, progress: false}\n")
+    code, report, err = verify_cli(cfg, "--workers", 2)
+    assert code == 0, (report or {}).get("failure") or err[-3000:]
+    loc = report["runs"][0]["checks"]["locality"]
+    assert loc["readout_collectives"] == 2 * 2 and loc["bytes_per_step"] == loc["planned_per_step"]
+    assert max(report["runs"][0]["checks"]["exactness"].values()) <= 1e-9
+    assert "all-reduce" in report["network"]
+
+
+def test_a_readout_collective_fails_locality_unless_the_run_chose_it():
+    """The check can fail: a traced all-reduce of the logits where the run's readout is the tree,
+    or on ranks outside the sender's replica."""
+    from dhdnn import Topology
+    from dhdnn.models import ARCHITECTURES
+    from dhdnn.testing import CheckFailed, check_locality
+
+    topo = Topology.from_dict({"generator": {"kind": "ring", "agents": 4}})
+    rec = {"step": 0, "phase": "forward", "layer": -1, "op": "allreduce_readout", "src": 0, "dst": -1,
+           "bytes": 5 * 2 * 8, "group": [0, 1]}
+    kw = dict(batch=5, layout=ARCHITECTURES["H2"].agent_layout(), layers=1, classes=2)
+    with pytest.raises(CheckFailed, match="a collective, but the run's readout is tree"):
+        check_locality([rec], topo, [0, 0, 1, 1], **kw)
+    with pytest.raises(CheckFailed, match="expected its replica's agent ranks"):
+        check_locality([dict(rec, group=[0, 2])], topo, [0, 0, 1, 1], readout="allreduce", **kw)

@@ -239,6 +239,10 @@ class ShardedNet(nn.Module):
         Y = Integrate.apply(self.plan, False, self.initial_fields(x), *self.stack_params())
         partial = self.readout_partial(list(Y.split(self.rows.F, 0)))
         if self.readout_mode == "allreduce":
+            tracer = self.ex.tracer
+            if tracer is not None:  # the one message kind that is not neighbour-only: a collective, by choice
+                tracer.record("forward", -1, "allreduce_readout", -1, partial.numel() * partial.element_size(),
+                              group=[tracer.to_global(r) for r in range(self.tree.size)])
             return AllReduceSum.apply(partial, self.group)
         if self.tree.parent is None and not self.tree.children:  # a lone rank: the partial sum is the sum
             return partial

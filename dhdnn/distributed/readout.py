@@ -126,7 +126,9 @@ class AllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, partial, group):
-        out = partial.clone()
+        # contiguous on every rank: ranks' partials can differ in strides (an einsum's transposed
+        # result here, a sum with mu there), and the collective adds the buffers in memory order
+        out = partial.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(out, group=group)
         return out
 
