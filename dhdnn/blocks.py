@@ -219,7 +219,7 @@ class DenseBinding:
             cols = torch.as_tensor(start[where][:, None] + np.arange(c.shape[1])[None, :])
             self.params = [model.W]
             self.get = lambda ts: ts[0][:, cols].permute(1, 0, 2)
-            self.put = lambda ts, v: ts[0].__setitem__((slice(None), cols), v.permute(1, 0, 2))
+            self.put = lambda ts, v: ts[0].__setitem__((slice(None), cols), v.permute(1, 0, 2).to(ts[0].device))
         else:
             field = layout.matrix_field(_matrix_of(layout, c.kind))
             R = torch.as_tensor(dense_rows(topo, layout, field, c.rows))
@@ -227,7 +227,7 @@ class DenseBinding:
                 if c.cols is not None else (slice(None), R)
             self.params = [getattr(model.body, c.kind)]
             self.get = lambda ts: ts[0][idx]
-            self.put = lambda ts, v: ts[0].__setitem__(idx, v)
+            self.put = lambda ts, v: ts[0].__setitem__(idx, v.to(ts[0].device))  # (v: from a CPU checkpoint)
 
 
 def _matrix_of(layout: AgentLayout, kind: str) -> str:

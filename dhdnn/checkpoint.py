@@ -221,10 +221,13 @@ def resume(run_dir: Path, entries, optimizer, check: Callable[[Path, dict], None
     state_of = (lambda p: optimizer.state[p]) if optimizer is not None else (lambda p: {})
     restore(d, shards, entries, state_of, moments if optimizer is not None else ())
     if optimizer is not None:
+        step = float(meta.get("optimizer_step") or meta["step"])
+        # where Adam keeps its step count: on the parameter's device for the fused and capturable kernels
+        on_device = {id(p): g.get("fused") or g.get("capturable") for g in optimizer.param_groups for p in g["params"]}
         for e in entries:
             for p in e.params:
                 if "exp_avg" in optimizer.state[p]:
-                    optimizer.state[p]["step"] = torch.tensor(float(meta.get("optimizer_step") or meta["step"]))
+                    optimizer.state[p]["step"] = torch.tensor(step, device=p.device if on_device[id(p)] else "cpu")
     return meta
 
 
@@ -301,7 +304,7 @@ def _collect(ckpt_dir: Path, e, parts: list[dict], what: str, like: Tensor) -> T
         order = np.empty(len(ids), np.int64)
         order[hits[0][1]] = np.arange(len(ids))
         return blocks(hits[0][0]).index_select(axis, torch.from_numpy(order)).to(like.dtype)
-    out = torch.empty_like(like)
+    out = torch.empty(like.shape, dtype=like.dtype)  # on the CPU, as the shards: ``put`` moves it to the device
     filled = 0
     for part, dst in hits:
         keep = dst >= 0

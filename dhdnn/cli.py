@@ -148,7 +148,11 @@ def _partition_inputs(args):
                 args.backprop or cfg.run.backprop, cfg.run.readout)
     if not args.workers:
         raise ConfigError(f"{args.file}: --workers is needed with a topology file")
-    return (load_topology(args.file), args.workers, args.batch or 125, args.layers or 64, args.arch or "H2",
+    from .partitioner import check_workers
+
+    topo = load_topology(args.file)
+    check_workers(topo, args.workers, "--workers")
+    return (topo, args.workers, args.batch or 125, args.layers or 64, args.arch or "H2",
             args.dtype or "float32", args.backprop or "autograd", "tree")
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -23,7 +24,19 @@ class ConfigError(ValueError):
 
 
 class Loader(yaml.SafeLoader):
-    """``yaml.safe_load`` that also reads ``1e-3`` as a number (YAML 1.2; YAML 1.1 wants ``1.0e-3``)."""
+    """``yaml.safe_load`` that also reads ``1e-3`` as a number (YAML 1.2; YAML 1.1 wants ``1.0e-3``)
+    and refuses a key written twice in one mapping (plain YAML keeps the last, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        first = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = self.construct_object(key_node)
+                if key in first:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first at line {first[key] + 1})", key_node.start_mark)
+                first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
 
 
 Loader.add_implicit_resolver(
@@ -143,6 +156,25 @@ class DataConfig:
                 "train_fraction", "a number strictly between 0 and 1", self.train_fraction)
         _nonneg("noise", self.noise)
         _expect(isinstance(self.seed, int), "seed", "an integer", self.seed)
+        self._check_read()
+
+    def _check_read(self) -> None:
+        """A key set for a source that never reads it would be silently ignored: refused."""
+        reads = DATA_KEYS[self.name] + ("name", "class_names")
+        for f in dataclasses.fields(self):
+            if f.name not in reads and getattr(self, f.name) != f.default:
+                _expect(False, f.name, f"no {f.name} with data.name {self.name}, which reads only "
+                        f"{', '.join(k for k in reads if k != 'name')}", getattr(self, f.name))
+
+
+# the keys each data source reads (besides name and class_names): generated points, the 8x8 digits
+# (a seeded split), IDX directories (a fixed split), and a user's own arrays
+_POINTS = ("n_samples", "train_fraction", "noise", "seed")
+_OWN = ("path", "train_fraction", "seed", "n_classes")
+DATA_KEYS = {"swiss_roll": _POINTS, "double_circles": _POINTS, "double_moons": _POINTS,
+             "digits": ("train_fraction", "seed"), "mnist": ("path",), "fashion_mnist": ("path",),
+             "npz": _OWN + ("keys",), "csv": _OWN + ("test_path", "target", "features", "header", "delimiter"),
+             "factory": ("factory", "options", "train_fraction", "seed", "n_classes")}
 
 
 @dataclass
@@ -313,7 +345,10 @@ def config_from_dict(raw: Any, source: str = "<config>") -> Config:
     if isinstance(topo, str) and not Path(topo).is_absolute() and source not in ("<config>", "<overrides>"):
         # relative topology paths are relative to the config file, so configs travel with their graphs
         cand = Path(source).parent / topo
-        topo = str(cand) if cand.exists() or not Path(topo).exists() else topo
+        topo = os.path.normpath(cand) if cand.exists() or not Path(topo).exists() else topo
+    if isinstance(topo, str) and source != "<overrides>" and not Path(topo).is_file():
+        raise ConfigError(f"{source}: key 'topology': {topo}: file not found (a relative path is read beside the "
+                          "config file, else in the working directory)")
     _anchor_data_paths(parts["data"], source)
     return Config(topology=topo, source=source, **parts)
 

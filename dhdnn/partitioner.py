@@ -85,11 +85,11 @@ def rank_edges(topo: Topology, owner: np.ndarray) -> np.ndarray:
     return pairs[pairs[:, 0] < pairs[:, 1]]
 
 
-def check_workers(topo: Topology, workers: int) -> None:
+def check_workers(topo: Topology, workers: int, key: str = "run.workers") -> None:
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise TopologyError(f"run.workers: expected a positive integer, got {workers!r}")
+        raise TopologyError(f"{key}: expected a positive integer, got {workers!r}")
     if workers > topo.n_agents:
-        raise TopologyError(f"run.workers: {workers} workers but {topo.source} has only {topo.n_agents} agents; "
+        raise TopologyError(f"{key}: {workers} workers but {topo.source} has only {topo.n_agents} agents; "
                             "expected at most one worker per agent")
     for i, w in topo.pinned:
         if w >= workers:

@@ -71,7 +71,9 @@ def validate(cfg: Config, world: int | None = None, local_world: int | None = No
     _check_features(cfg, data, topo)
     check = {"sharded": _check_sharded, "replicated": _check_replicated}.get(kind)
     dims = check(cfg, topo, world) if check is not None else _check_dense(cfg)
-    _check_resources(cfg, topo, data, dims, kind == "sharded", local_world or (world if kind != "dense" else 1), warn)
+    here = local_world or (world if kind != "dense" else 1)  # ranks on this machine
+    _check_device(cfg, here)
+    _check_resources(cfg, topo, data, dims, kind == "sharded", here, warn)
     return Setup(topo, data.n_features, data.n_outputs, kind, world, dims.replicas)
 
 
@@ -168,6 +170,20 @@ def _check_dense(cfg: Config):
     return _layout(cfg, 1, 1)
 
 
+def _check_device(cfg: Config, here: int) -> None:
+    """A GPU run needs a GPU that torch can use, and nccl one per rank on this machine."""
+    rc = cfg.run
+    if not rc.device.startswith("cuda"):
+        return
+    gpus = torch.cuda.device_count()
+    if gpus == 0:
+        raise ConfigError(f"{cfg.source}: key 'run.device': {rc.device}, but torch {torch.__version__} sees no CUDA "
+                          "device here; expected cpu")
+    if rc.backend == "nccl" and here > gpus:
+        raise ConfigError(f"{cfg.source}: key 'run.backend': nccl needs a GPU per rank, but {here} ranks share {gpus} "
+                          "GPU(s) here; expected auto or gloo (exchanges staged through the CPU)")
+
+
 def _check_resources(cfg: Config, topo, data, dims, sharded: bool, here: int, warn: bool = True) -> None:
     """Refuse a run whose estimated memory exceeds the machine's; warn when workers outnumber cores."""
     from .resources import available_memory, cores, estimate, human
@@ -235,7 +251,7 @@ def _worker_config(cfg: Config, setup: Setup) -> dict:
 def _train_local_workers(cfg: Config, setup: Setup, resume: bool) -> dict:
     from .distributed.launch import fault_from_env, pick_backend, run_local
 
-    backend = pick_backend(cfg.run.backend, cfg.run.device)
+    backend = pick_backend(cfg.run.backend, cfg.run.device, cfg.run.workers)
     args = (_worker_config(cfg, setup), resume, cfg.source, None, fault_from_env(),
             setup.topo.source if setup.topo is not None else None)
     return run_local(worker_main, cfg.run.workers, args, backend, cfg.run.timeout_s, threads=cfg.run.threads,
@@ -258,7 +274,7 @@ def _train_torchrun(cfg: Config, resume, env) -> dict | None:
     cores = available_cores()
     if cfg.run.pin_workers and local_world * cfg.run.threads <= len(cores):
         pin(local_rank, cfg.run.threads, cores)
-    init_group(pick_backend(cfg.run.backend, cfg.run.device), rank, world, cfg.run.timeout_s)
+    init_group(pick_backend(cfg.run.backend, cfg.run.device, local_world), rank, world, cfg.run.timeout_s)
     rundir = None
     try:
         with Signals(raising=True):
@@ -299,6 +315,7 @@ def worker_main(rank: int, world: int, cfg_dict: dict, resume: bool, source: str
     device = cfg.run.device
     if device == "cuda":
         device = f"cuda:{(rank if local_rank is None else local_rank) % torch.cuda.device_count()}"
+        torch.cuda.set_device(device)  # before any group or DeviceMesh: nccl and the mesh take it as this rank's
     data = load_data(cfg)
     topo = topology_from_dict(cfg.topology, topo_source or "<topology>") if cfg.topology is not None else None
     if engine_kind(cfg, topo, torchrun=True) == "replicated":

@@ -83,7 +83,7 @@ def held(engine, grads: bool = False) -> dict:
     out = {}
     for e in engine.entries():
         ts = [(p.grad if p.grad is not None else torch.zeros_like(p)) if grads else p.detach() for p in e.params]
-        out[e.key] = (e.ids.clone(), e.get(ts).clone())
+        out[e.key] = (e.ids.clone(), e.get(ts).detach().cpu().clone())  # (compared with a CPU reference)
     return out
 
 

@@ -36,6 +36,11 @@ def test_defaults_and_overrides(tmp_path):
     ("", ["train.lr"], r"expected section.key=value"),
     ("", ["optim.lr=1"], r"unknown section 'optim'"),
     ("", ["train.epochs=-3"], r"key 'train.epochs': expected a positive integer, got -3"),
+    ("model:\n  arch: H2\n  layers: 4\n  layers: 5\n", [],
+     r"cfg.yaml: line 4, column 3: invalid YAML: duplicate key 'layers' \(first at line 3\)"),
+    ("data: {name: swiss_roll, path: x.npz}\n", [], r"key 'data.path': expected no path with data.name swiss_roll"),
+    ("data: {name: digits}\n", ["data.n_samples=100"], r"key 'data.n_samples': expected no n_samples with data.name "
+                                                       "digits, which reads only train_fraction, seed, class_names"),
 ])
 def test_bad_config_names_file_and_key(tmp_path, text, overrides, match):
     p = write_yaml(tmp_path, text)

@@ -269,6 +269,30 @@ def test_errors_found_before_spawning_are_one_line(tmp_path, capsys, monkeypatch
     assert message in err and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.parametrize("gpus,extra,message", [
+    (0, ["--set", "run.device=cuda"], "key 'run.device': cuda, but torch"),
+    (1, ["--workers", "2", "--set", "run.device=cuda", "--set", "run.backend=nccl"],
+     "key 'run.backend': nccl needs a GPU per rank, but 2 ranks share 1 GPU(s) here")])
+def test_gpu_settings_this_machine_cannot_run_are_refused_before_spawning(tmp_path, capsys, monkeypatch, gpus, extra,
+                                                                         message):
+    """(Seen on a one-GPU machine: two workers with nccl died in NCCL's 'Duplicate GPU detected'.)"""
+    from dhdnn.distributed import launch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(launch, "run_local", lambda *a, **k: pytest.fail("a worker was started"))
+    assert main(["train", RING, "--no-progress", "--out", str(tmp_path / "r"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_auto_backend_takes_nccl_only_with_a_gpu_per_worker(monkeypatch):
+    from dhdnn.distributed.launch import pick_backend
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert (pick_backend("auto", "cuda", 1), pick_backend("auto", "cuda", 2)) == ("nccl", "gloo")
+    assert (pick_backend("auto", "cpu", 1), pick_backend("gloo", "cuda", 1)) == ("gloo", "gloo")
+
+
 def test_pinned_worker_out_of_range_is_reported_before_spawning(tmp_path, capsys):
     topo = tmp_path / "t.yaml"
     topo.write_text("agents: [{id: 1, worker: 3}, 2, 3]\nedges: [[1, 2], [2, 3]]\n")

@@ -32,6 +32,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 import torch.distributed as dist
 
 from .. import forkserver
@@ -65,10 +66,13 @@ def torchrun_env() -> tuple[int, int, int] | None:
     return None
 
 
-def pick_backend(backend: str, device: str) -> str:
+def pick_backend(backend: str, device: str, local_workers: int = 1) -> str:
+    """``auto``: nccl where every worker on this machine has a GPU of its own (nccl refuses two
+    ranks on one GPU), else gloo (CUDA tensors then staged through the CPU)."""
     if backend != "auto":
         return backend
-    return "nccl" if device.startswith("cuda") else "gloo"
+    fits = device.startswith("cuda") and local_workers <= torch.cuda.device_count()
+    return "nccl" if fits else "gloo"
 
 
 def init_group(backend: str, rank: int, world: int, timeout_s: float, store=None) -> None:

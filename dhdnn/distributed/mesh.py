@@ -101,6 +101,10 @@ def check_layout(world: int, replicas: int | str = 1, topo=None, batch: int | No
     if topo is not None:
         from ..partitioner import check_workers
 
+        if dims.agents > n_agents:
+            what = f"{world} workers" + (f" as {dims.agents} agent partitions" if dims.replicas > 1 else "")
+            raise LayoutError("run.workers", f"{what} but {topo.source} has only {n_agents} agents; expected at "
+                                             "most one agent partition per agent")
         check_workers(topo, dims.agents)
     elif dims.agents != 1:
         raise LayoutError("run.replicas", f"a network without agents runs one copy per worker; expected {world} "

@@ -75,14 +75,23 @@ class ShardedNet(nn.Module):
         shape = (L, len(sel), *c.shape)
         with torch.no_grad():
             p.view(L, -1).index_copy_(1, flat, self._init_values(c, sel).reshape(L, -1))
+        # (the parameter may have moved to a GPU since; values to put may come from a CPU checkpoint)
+        at = lambda t: flat.to(t.device)  # noqa: E731
         self._entries.append(Entry(c.key, [p], torch.as_tensor(sel), c.block_axis,
-                                   get=lambda ts: ts[0].view(L, -1).index_select(1, flat).view(shape),
-                                   put=lambda ts, v: ts[0].view(L, -1).index_copy_(1, flat, v.reshape(L, -1))))
+                                   get=lambda ts: ts[0].view(L, -1).index_select(1, at(ts[0])).view(shape),
+                                   put=lambda ts, v: ts[0].view(L, -1).index_copy_(
+                                       1, at(ts[0]), v.reshape(L, -1).to(ts[0].device))))
 
     def _apply(self, fn, *args, **kwargs):
-        """``.to(device)`` and friends also move the stack plan's index tensors."""
+        """``.to(device)`` and friends also move the stack plan's and the inputs' and readout's index
+        tensors (kept beside their parameters, not as buffers)."""
         out = super()._apply(fn, *args, **kwargs)
         self.plan.move(fn)
+        if not hasattr(self, "_readout"):  # (still being built)
+            return out
+        self._embed = [(p, fn(feats), fn(rows)) for p, feats, rows in self._embed]
+        self._embed_bias = [(p, fn(rows)) for p, rows in self._embed_bias]
+        self._readout = [(p, fn(rows), runs) for p, rows, runs in self._readout]
         return out
 
     def kind(self, kind: str) -> list[nn.Parameter]:
