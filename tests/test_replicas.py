@@ -79,3 +79,20 @@ def _shard_gradient_bytes(topo, part, P):
         net = ShardedNet(table, 0.4, plan, part.assignment, 2, 0, 0.5, torch.float64)
         out[plan.rank] = sum(p.numel() * p.element_size() for p in net.parameters())
     return out
+
+
+@pytest.mark.parametrize("backprop", ["autograd", "reversible"])
+def test_a_last_batch_shorter_than_the_replicas_trains_the_one_process_network(tmp_path, backprop):
+    """200 training samples in batches of 199: the last batch's one sample leaves replica 1 an empty
+    slice; its ranks compute and send nothing and add zero gradients to the sum (the integrator's
+    backward once failed on a batch of 0 columns)."""
+    cfg_path = write_mixed_run(tmp_path, batch_size=199)
+
+    def run(out, P, R):
+        train_from_config(load_config(cfg_path, [f"run.out_dir={out}", f"run.workers={P * R}", f"run.replicas={R}",
+                                                 "train.epochs=1", f"run.backprop={backprop}"]))
+
+    run(tmp_path / "one", 1, 1)
+    for P, R in ((1, 2), (2, 2)):
+        run(tmp_path / f"p{P}r{R}", P, R)
+        _same(_params(tmp_path / f"p{P}r{R}"), _params(tmp_path / "one"))

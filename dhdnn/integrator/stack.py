@@ -195,6 +195,11 @@ class Integrate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, plan: Plan, transposed: bool, Y: Tensor, *params):
+        ctx.plan, ctx.transposed = plan, transposed
+        if Y.shape[0 if transposed else 1] == 0:  # a replica's empty share of a short last batch: every rank
+            ctx.keep = "empty"                    # of its agent group has it, so none computes or sends
+            ctx.save_for_backward(*params)
+            return Y.clone()
         names = plan.layout.field_names
         fields = dict(zip(names, (Y.T if transposed else Y).split(plan.F, 0)))
         grad = any(ctx.needs_input_grad)  # (forward itself runs with grad mode off)
@@ -214,7 +219,7 @@ class Integrate(torch.autograd.Function):
         out = torch.cat(list(st.now().values()), 0)
         outs = out.split(plan.F, 0)
         plan.ws.give(st.Z)
-        ctx.plan, ctx.keep, ctx.ops, ctx.transposed = plan, keep, ops, transposed
+        ctx.keep, ctx.ops = keep, ops
         if keep == "every":
             ctx.save_for_backward(*params, st.S, *st.buf.values())
             ctx.versions = st.versions
@@ -229,6 +234,10 @@ class Integrate(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, gY):
         plan = ctx.plan
+        if ctx.keep == "empty":  # zero gradients (they still join the replicas' sum)
+            for _ in range(plan.layers + 1):
+                _note(plan, {})
+            return (None, None, gY.clone(), *(torch.zeros_like(p) for p in ctx.saved_tensors))
         names = plan.layout.field_names
         saved = ctx.saved_tensors
         n_p = sum(plan.n_tensors) + len(plan.kernels)
@@ -252,7 +261,7 @@ class Integrate(torch.autograd.Function):
 def _note(plan: Plan, g: dict) -> None:
     """``train.grad_norm_every``: the squared norm of the state's gradient on this rank's rows."""
     if plan.norms is not None:
-        plan.norms.append(sum(float(x.double().square().sum()) for x in g.values()))
+        plan.norms.append(sum(float(x.double().square().sum()) for x in g.values()))  # (0 for {})
 
 
 def _carrier(plan: Plan, dtype):
@@ -313,7 +322,7 @@ def _adjoint(plan: Plan, ops: _Operands, versions, S: Tensor, store: dict, g: di
     G = [kern.grad_buffers(st) for kern, st in zip(plan.kernels, ops.st)]
     if defer:  # per half-step k, every layer's dL/du and dL/dz side by side (batched weight gradients)
         GU, GZ, D = S.new_empty(nhs, L, F, B), S.new_empty(nhs, L, F, B), S.square().neg_().add_(1)
-        GUv, GZv, Dv = (t.view(-1, F, B).unbind(0) for t in (GU, GZ, D))  # views, made once
+        GUv, GZv, Dv = (t.flatten(0, -3).unbind(0) for t in (GU, GZ, D))  # views, made once (B may be 0)
         sc, gb = {"GX": None}, [None] * nhs
     else:
         sc = {"gz": ws.take((E, B), S), "GX": ws.take((E, B), S), "gu": ws.take((F, B), S), "D": ws.take((F, B), S)}
