@@ -152,6 +152,6 @@ def predicted_bytes(topo: Topology, part: Partition, batch: int, dtype: str = "f
     tree = 0 if collective else (4 if logits_everywhere else 2) * tree_edges * logits
     per_layer_fwd = exchanges_per_layer * per_exchange
     return {"per_exchange": per_exchange, "per_pair": per_pair, "per_layer_forward": per_layer_fwd,
-            "readout": tree, "readout_collective": logits if collective else 0,
+            "readout": tree, "readout_collective": logits if collective and part.workers > 1 else 0,
             "exchanges_per_layer_forward": exchanges_per_layer,
             "per_step": (1 + backward_factor) * layers * per_layer_fwd + tree}

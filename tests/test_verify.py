@@ -98,7 +98,8 @@ def test_the_allreduce_readout_is_exact_and_verified_as_the_one_collective(tmp_p
     """``run.readout: allreduce`` on a star of state dims 1-4: rank 0's partial logits come out of
     the einsum transposed, rank 1's do not, and the collective must add them entry by entry (it
     added memory orders once: logits 0.6 off). verify sees the collective in the trace: one per
-    rank and step, of the replica's logits, on its agent ranks; the halo bytes equal the plan."""
+    rank and step, of the replica's logits, on its agent ranks; the halo bytes equal the plan; with one
+    agent partition there is none."""
     (tmp_path / "star5.yaml").write_text(STAR5)
     cfg = tmp_path / "run.yaml"
     cfg.write_text("topology: star5.yaml\nmodel: {arch: H2, layers: 2, h: 0.45}\n"
@@ -110,6 +111,11 @@ def test_the_allreduce_readout_is_exact_and_verified_as_the_one_collective(tmp_p
     assert loc["readout_collectives"] == 2 * 2 and loc["bytes_per_step"] == loc["planned_per_step"]
     assert max(report["runs"][0]["checks"]["exactness"].values()) <= 1e-9
     assert "all-reduce" in report["network"]
+    # one agent partition x 2 replicas: no collective at all (the agent group of one rank is torch's
+    # None, every rank: the replicas' logits were once summed with each other)
+    code, report, err = verify_cli(cfg, "--workers", 2, "--replicas", 2)
+    assert code == 0, (report or {}).get("failure") or err[-3000:]
+    assert report["runs"][0]["checks"]["locality"]["readout_collectives"] == 0
 
 
 def test_a_readout_collective_fails_locality_unless_the_run_chose_it():

@@ -247,14 +247,14 @@ class ShardedNet(nn.Module):
             self._send_extra(*self.extra_message)
         Y = Integrate.apply(self.plan, False, self.initial_fields(x), *self.stack_params())
         partial = self.readout_partial(list(Y.split(self.rows.F, 0)))
+        if self.tree.parent is None and not self.tree.children:  # a lone rank: the partial sum is the sum
+            return partial  # (with one agent partition its group is None, which torch reads as every rank)
         if self.readout_mode == "allreduce":
             tracer = self.ex.tracer
             if tracer is not None:  # the one message kind that is not neighbour-only: a collective, by choice
                 tracer.record("forward", -1, "allreduce_readout", -1, partial.numel() * partial.element_size(),
                               group=[tracer.to_global(r) for r in range(self.tree.size)])
             return AllReduceSum.apply(partial, self.group)
-        if self.tree.parent is None and not self.tree.children:  # a lone rank: the partial sum is the sum
-            return partial
         return (TreeAllReduce if self.logits_everywhere else TreeReduce).apply(partial, self.tree)
 
     def _send_extra(self, src: int, dst: int) -> None:
