@@ -143,17 +143,21 @@ def _partition_inputs(args):
             dims = check_layout(cfg.run.workers, cfg.run.replicas, topo, cfg.train.batch_size)
         except LayoutError as e:
             raise ConfigError(f"{args.file}: key '{e.key}': {e.reason}") from None
-        return (topo, args.workers or dims.agents, args.batch or -(-cfg.train.batch_size // dims.replicas),
-                args.layers or cfg.model.layers, args.arch or cfg.model.arch, args.dtype or cfg.run.dtype,
-                args.backprop or cfg.run.backprop, cfg.run.readout)
+        from .train import load_data
+
+        return topo, args.workers or dims.agents, dict(
+            batch=args.batch or -(-cfg.train.batch_size // dims.replicas), layers=args.layers or cfg.model.layers,
+            arch=args.arch or cfg.model.arch, dtype=args.dtype or cfg.run.dtype,
+            backprop=args.backprop or cfg.run.backprop, readout=cfg.run.readout, classes=load_data(cfg).n_outputs)
     if not args.workers:
         raise ConfigError(f"{args.file}: --workers is needed with a topology file")
     from .partitioner import check_workers
 
     topo = load_topology(args.file)
     check_workers(topo, args.workers, "--workers")
-    return (topo, args.workers, args.batch or 125, args.layers or 64, args.arch or "H2",
-            args.dtype or "float32", args.backprop or "autograd", "tree")
+    return topo, args.workers, dict(batch=args.batch or 125, layers=args.layers or 64, arch=args.arch or "H2",
+                                    dtype=args.dtype or "float32", backprop=args.backprop or "autograd",
+                                    readout="tree", classes=2)
 
 
 def cmd_partition(args) -> int:
@@ -161,14 +165,15 @@ def cmd_partition(args) -> int:
     from .models import ARCHITECTURES
     from .partitioner import partition
 
-    topo, workers, batch, layers, arch, dtype, backprop, readout = _partition_inputs(args)
+    topo, workers, s = _partition_inputs(args)
+    batch, layers, arch, dtype, backprop = s["batch"], s["layers"], s["arch"], s["dtype"], s["backprop"]
     layout = ARCHITECTURES[arch].agent_layout()
     part = partition(topo, workers, args.method)
     metis = partition(topo, workers, "metis") if workers > 1 and args.method != "metis" else part
     loads, cut = part.loads(topo), part.cut_edges(topo)
     rank_edges = sorted(part.rank_graph(topo).edges)
     kw = dict(parts_per_agent=layout.parts_per_agent, exchanges_per_layer=layout.exchanges_per_layer, layers=layers,
-              backward_factor=2 if backprop == "reversible" else 1, readout=readout)
+              backward_factor=2 if backprop == "reversible" else 1, readout=s["readout"], classes=s["classes"])
     b = predicted_bytes(topo, part, batch, dtype, **kw)
     bm = predicted_bytes(topo, metis, batch, dtype, **kw)
     volume, pairs = part.objective(topo)
@@ -188,7 +193,8 @@ def cmd_partition(args) -> int:
         for p in plans:
             print(f"{p.rank:>4} {len(p.local):>6} {loads[p.rank]:>6}  {p.neighbor_ranks}")
         print(f"objective: halo volume {volume} state entries per exchange, {pairs} neighbour-rank pairs")
-        print(f"halo bytes ({arch}, batch {batch}, {dtype}, {backprop}): {b['per_exchange']} per exchange, "
+        print(f"halo bytes ({arch}, batch {batch}, {s['classes']} outputs, {dtype}, {backprop}): {b['per_exchange']} "
+              "per exchange, "
               f"{b['per_step']} per training step ({layers} layers, forward + backward + readout); "
               f"plain METIS: {bm['per_step']}" + (f"; run.readout allreduce: the logits by an all-reduce of "
                                                    f"{b['readout_collective']} bytes per rank and step" if

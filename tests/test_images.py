@@ -131,6 +131,13 @@ def test_version_and_partition_of_a_run_config(capsys):
     cfg = load_config("launch/digits_patches_H2.yaml")
     assert sorted(set(res["assignment"].values())) == list(range(cfg.run.workers))
     assert res["halo_volume"] > 0 and res["bytes_per_step"] > 0
+    from dhdnn.halo import predicted_bytes
+    from dhdnn.partitioner import partition
+    from dhdnn.topology import load_topology
+
+    topo = load_topology(cfg.topology)  # the readout's partial logits counted with the data's 10 classes
+    want = predicted_bytes(topo, partition(topo, 4), cfg.train.batch_size, "float32", layers=cfg.model.layers, classes=10)
+    assert res["bytes_per_step"] == want["per_step"]
 
 
 def _fashion_files(d, n_train=40, n_test=20):
