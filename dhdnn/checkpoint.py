@@ -149,12 +149,23 @@ def load(ckpt_dir: Path) -> tuple[dict[str, Any], list[dict]]:
         try:
             payload = torch.load(s, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # truncated or foreign file
-            raise CheckpointError(f"{s}: cannot be read as a dhdnn checkpoint shard ({str(e).splitlines()[0]})") \
+            raise CheckpointError(f"{s}: cannot be read as a dhdnn checkpoint shard ({why_unreadable(s, e)})") \
                 from None
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise CheckpointError(f"{s}: not a dhdnn checkpoint shard")
         payloads.append(payload)
     return meta, payloads
+
+
+def why_unreadable(path: Path, e: Exception) -> str:
+    """torch.load's failure in a line, without its advice to load unsafely."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return "not a file torch.save wrote: truncated, or another format"
+    if "Weights only load failed" in str(e):
+        return "it holds objects other than tensors and plain data; refused, as loading them could run code"
+    return str(e).splitlines()[0]
 
 
 def load_newest_readable(run_dir: Path, report: Callable[[str], None] = print) -> tuple[Path, dict, list[dict]] | None:

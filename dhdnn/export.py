@@ -130,7 +130,7 @@ def read_export(path: str | Path) -> dict:
     try:
         d = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path}: cannot be read as a dhdnn export ({e})") from None
+        raise ValueError(f"{path}: cannot be read as a dhdnn export ({ckpt.why_unreadable(path, e)})") from None
     if not isinstance(d, dict) or d.get("format") != FORMAT or d.get("version") != VERSION:
         raise ValueError(f"{path}: key 'format': expected {FORMAT} v{VERSION}")
     return d

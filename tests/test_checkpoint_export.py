@@ -66,6 +66,15 @@ def test_bad_export_file_is_reported(tmp_path, capsys):
     torch.save({"format": "other"}, bad)
     assert main(["evaluate", str(bad)]) == 2
     assert "key 'format'" in capsys.readouterr().err
+    bad.write_bytes(b"not a torch file")
+    assert main(["evaluate", str(bad)]) == 2
+    assert "not a file torch.save wrote" in capsys.readouterr().err
+    import fractions
+
+    torch.save({"format": fractions.Fraction(1, 3)}, bad)  # loading it would run a constructor: refused
+    assert main(["evaluate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "objects other than tensors" in err and "weights_only" not in err and len(err.strip().splitlines()) == 1
 
 
 def _write_format1(run, table_of_names):
