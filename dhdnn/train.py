@@ -254,7 +254,9 @@ class Trainer:
         if main and cfg.run.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=cfg.train.epochs, initial=self.epoch, desc=f"{cfg.model.arch} train", unit="epoch")
+            # disable=None: no bar where stderr is not a terminal (a log file would get every redraw)
+            bar = tqdm(total=cfg.train.epochs, initial=self.epoch, desc=f"{cfg.model.arch} train", unit="epoch",
+                       disable=None)
         t_start, last = time.perf_counter(), None
         every = cfg.train.checkpoint_every
         while self.epoch < cfg.train.epochs:
