@@ -47,9 +47,12 @@ class RunLock:
     def acquire(self, workers_wait_s: float = 8.0) -> "RunLock":
         if self.out.exists() and not self.out.is_dir():
             raise RunDirError(f"run.out_dir: {self.out} is a file; expected a directory (or a path to create one)")
-        self.out.mkdir(parents=True, exist_ok=True)
-        path = self.out / LOCK
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.out / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise RunDirError(f"run.out_dir: cannot create {self.out} or write in it ({e.strerror}); expected a "
+                              "directory this user can write") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

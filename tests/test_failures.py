@@ -285,6 +285,13 @@ def test_gpu_settings_this_machine_cannot_run_are_refused_before_spawning(tmp_pa
     assert message in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_an_out_dir_that_cannot_be_created_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert main(["train", RING, "--no-progress", "--out", str(tmp_path / "file" / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "run.out_dir: cannot create" in err and "Not a directory" in err and len(err.strip().splitlines()) == 1
+
+
 def test_the_auto_backend_takes_nccl_only_with_a_gpu_per_worker(monkeypatch):
     from dhdnn.distributed.launch import pick_backend
 
