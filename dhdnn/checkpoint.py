@@ -66,6 +66,20 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
+def read_log(path: Path) -> list[dict]:
+    """The records of a JSON-lines log of a run. A torn last line (the run killed, or out of disk,
+    mid-append) is left out; the next resume rewrites the log without it."""
+    lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
+    out = []
+    for i, ln in enumerate(lines, 1):
+        try:
+            out.append(json.loads(ln))
+        except json.JSONDecodeError as e:
+            if i < len(lines):
+                raise ValueError(f"{path}: line {i} is not a JSON record ({e.msg}); expected one per line") from None
+    return out
+
+
 def step_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step-{step:08d}"
 

@@ -8,13 +8,13 @@ Trace records are those of ``run.trace`` / ``distribute(trace=...)``: one dict p
 """
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .checkpoint import read_log
 from .halo import build_plans, predicted_bytes
 from .partitioner import Partition
 
@@ -30,8 +30,7 @@ class CheckFailed(AssertionError):
 
 def read_trace(directory) -> list[dict]:
     """Every record of ``directory/trace-rank*.jsonl``."""
-    return [json.loads(line) for p in sorted(Path(directory).glob("trace-rank*.jsonl"))
-            for line in p.read_text().splitlines() if line.strip()]
+    return [r for p in sorted(Path(directory).glob("trace-rank*.jsonl")) for r in read_log(p)]
 
 
 def _describe(m: dict) -> str:

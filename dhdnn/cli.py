@@ -357,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .distributed.exchange import PeerFailure
-    from .distributed.launch import Interrupted, WorkerFailure
+    from .distributed.launch import DISK_ERRNOS, Interrupted, WorkerFailure
     from .rundir import RunDirError
     from .train import NonFiniteError
 
@@ -379,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
         if e.kind == "nonfinite":
             print(f"dhdnn: error: worker {e.rank}: {e.details}", file=sys.stderr)
             return 3
+        if e.kind == "disk":
+            print(f"dhdnn: error: worker {e.rank}: {_disk(e.details)}", file=sys.stderr)
+            return 1
         print(f"dhdnn: error: {e}", file=sys.stderr)
         return 1
     except PeerFailure as e:  # (a torchrun worker: local workers report through the launcher)
@@ -387,6 +390,16 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, RunDirError, *USER_ERRORS) as e:
         print(f"dhdnn: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS:
+            raise
+        print(f"dhdnn: error: {_disk(e.strerror)}", file=sys.stderr)
+        return 1
+
+
+def _disk(why: str) -> str:
+    return (f"{why} while writing the run directory; every file is written whole or not at all, so it keeps "
+            "its last complete checkpoint: make room, then continue with --resume")
 
 
 def _start_workers_early(argv: list[str]) -> None:

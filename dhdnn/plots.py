@@ -29,6 +29,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from .checkpoint import read_log  # noqa: E402
+
 
 def _save(fig, out: Path) -> Path:
     fig.tight_layout()
@@ -43,7 +45,7 @@ def _predict(model, x) -> np.ndarray:
 
 
 def curves(metrics_path: Path, out: Path) -> Path:
-    rows = [json.loads(x) for x in Path(metrics_path).read_text().splitlines() if x.strip()]
+    rows = read_log(metrics_path)
     epochs = [r["epoch"] for r in rows]
     regress = "test_mse" in rows[-1]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))
@@ -72,7 +74,7 @@ def grad_norm_heatmap(run_dir: Path, out: Path) -> Path:
     path = Path(run_dir) / "grad_norms.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path}: no gradient norms recorded; train with train.grad_norm_every > 0")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_log(path)
     steps = [r["step"] for r in rows]
     logn, (lo, hi) = heatmap_values(np.array([r["norms"] for r in rows], dtype=float).T)
     fig, ax = plt.subplots(figsize=(7.5, 4))

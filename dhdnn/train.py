@@ -122,8 +122,8 @@ class Trainer:
         for name, key, last in (("metrics.jsonl", "epoch", self.epoch), ("grad_norms.jsonl", "step", self.step - 1)):
             path = self.out / name
             if path.exists():
-                keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)[key] <= last]
-                ckpt.atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+                keep = [r for r in ckpt.read_log(path) if r[key] <= last]
+                ckpt.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def _check_compatible(self, d: Path, meta: dict) -> None:
         """The same model and topology (run directories check this earlier, with details)."""

@@ -285,6 +285,41 @@ def test_gpu_settings_this_machine_cannot_run_are_refused_before_spawning(tmp_pa
     assert message in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_a_log_line_torn_by_a_kill_or_a_full_disk_stops_neither_resume_nor_plot(tmp_path, capsys):
+    """A run killed (or out of disk) mid-append leaves half a JSON line at the end of metrics.jsonl:
+    plot leaves it out, resume rewrites the log without it (both once failed on it)."""
+    out = tmp_path / "r"
+    assert main(["train", RING, "--no-progress", "--out", str(out), "--set", "train.epochs=2"]) == 0
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 3, "lo')
+    assert main(["plot", str(out)]) == 0
+    assert main(["train", RING, "--no-progress", "--out", str(out), "--set", "train.epochs=3", "--resume"]) == 0
+    assert [json.loads(ln)["epoch"] for ln in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    (out / "metrics.jsonl").write_text('{"epoch": 1}\n{"ep\n{"epoch": 3}\n')  # torn inside: named
+    capsys.readouterr()
+    assert main(["plot", str(out)]) == 2
+    assert "metrics.jsonl: line 2 is not a JSON record" in capsys.readouterr().err
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
+    """(Seen on a 64 KiB tmpfs: a traceback.) The write after the first checkpoint fails with ENOSPC."""
+    import errno
+
+    out, real = tmp_path / "r", ckpt.atomic_write
+
+    def full(path, write, sync=True):
+        if "step-" in str(path) and ckpt.latest(out) is not None:  # the disk fills after the first checkpoint
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(path, write, sync)
+
+    monkeypatch.setattr(ckpt, "atomic_write", full)
+    assert main(["train", RING, "--no-progress", "--out", str(out), "--set", "train.epochs=3",
+                 "--set", "train.checkpoint_every=1"]) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device while writing the run directory" in err and len(err.strip().splitlines()) == 1
+    assert ckpt.latest(out).name == "step-00000032"  # the first epoch's, complete
+
+
 def test_an_out_dir_that_cannot_be_created_is_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     assert main(["train", RING, "--no-progress", "--out", str(tmp_path / "file" / "run")]) == 2

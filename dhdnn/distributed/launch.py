@@ -19,6 +19,7 @@ attempt's addresses.
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import os
 import pickle
@@ -38,6 +39,7 @@ import torch.distributed as dist
 from .. import forkserver
 
 FAILED_KEY = "dhdnn/failed_rank"
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)  # the run directory could not be written
 GRACE_S = 5.0  # after a worker fails, how long the others get to fail on their own before being killed
 USER_ERRORS = ("ConfigError", "TopologyError", "CheckpointError", "NotDistributable", "RunDirError")
 
@@ -198,6 +200,8 @@ def classify(rank: int, e: BaseException) -> dict:
         return {"primary": True, "kind": "user", "message": str(e).splitlines()[0]}
     if getattr(e, "exit_code", None) == 3:
         return {"primary": True, "kind": "nonfinite", "message": str(e).splitlines()[0]}
+    if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+        return {"primary": True, "kind": "disk", "message": e.strerror}
     return {"primary": True, "kind": "error"}
 
 
