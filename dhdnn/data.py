@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import math
 import struct
+import zlib
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,8 +144,11 @@ def read_idx(path: str | Path) -> np.ndarray:
     """Read one IDX file (plain or gzip-compressed) into a numpy array."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (EOFError, OSError, zlib.error) as e:  # a truncated or corrupt gzip stream, an unreadable file
+        raise ValueError(f"{path}: cannot be read ({e}); expected an IDX file, gzip-compressed or not") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
         raise ValueError(f"{path}: not an IDX file (bad magic number)")
     ndim = raw[3]

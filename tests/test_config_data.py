@@ -100,3 +100,9 @@ def test_mnist_missing_files_and_bad_magic(tmp_path):
     (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04")
     with pytest.raises(ValueError, match="bad magic"):
         read_idx(tmp_path / "bad")
+    import gzip
+
+    whole = gzip.compress(b"\x00\x00\x08\x01" + (4).to_bytes(4, "big") + bytes(4))
+    (tmp_path / "cut.gz").write_bytes(whole[:-6])  # a download cut short: once an EOFError traceback
+    with pytest.raises(ValueError, match=r"cut.gz: cannot be read \(Compressed file ended"):
+        read_idx(tmp_path / "cut.gz")
