@@ -139,6 +139,9 @@ def _bad_cases(d: Path):
     cases["csv target"] = ({"name": "csv", "path": str(d / "ok.csv"), "target": "klass"}, None,
                            ["ok.csv", "key 'data.target'"])
     cases["csv missing"] = ({"name": "csv", "path": str(d / "nope.csv")}, None, ["nope.csv"])
+    (d / "latin1.csv").write_bytes("a,b,c,label\n1,2,3,0\n1,2,3,1 # é\n".encode("latin-1"))  # once a traceback
+    cases["csv not utf-8"] = ({"name": "csv", "path": str(d / "latin1.csv")}, None,
+                              ["latin1.csv", "not UTF-8 text (line 3, byte 0xe9)"])
     # factories: not importable, raising, returning the wrong thing
     factory_module(d)
     cases["factory import"] = ({"factory": "no_such_module:make"}, None, ["key 'data.factory'", "no_such_module"])
