@@ -373,11 +373,24 @@ def _anchor_data_paths(dc: "DataConfig", source: str) -> None:
             dc.factory = f"{found.resolve()}:{func}"
 
 
+def not_text(path: Path, expected: str) -> ConfigError:
+    """Where a file stops being UTF-8 text, in its own coordinates (the line, as an editor counts)."""
+    raw, at = Path(path).read_bytes(), ""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        at = f" (line {line}, byte {raw[e.start]:#04x})"
+    return ConfigError(f"{path}: not UTF-8 text{at}; expected {expected}")
+
+
 def read_yaml(path: str | Path) -> Any:
     """``yaml.safe_load`` a file; syntax errors name the file and the line."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise not_text(path, "a YAML file") from None
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
     except OSError as e:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ConfigError
+from .config import ConfigError, not_text
 from .data import Dataset
 
 SPLITS = ("x_train", "y_train", "x_test", "y_test")
@@ -105,7 +105,7 @@ def read_csv(path: Path, dc, role: str = "data.path") -> tuple[np.ndarray, np.nd
         with open(path, newline="", encoding="utf-8") as f:
             first = f.readline()
     except UnicodeDecodeError:
-        raise _not_text(path, role) from None
+        raise not_text(path, f"a CSV file ({role})") from None
     if not first.strip():
         raise ConfigError(f"{path}: the file is empty ({role})")
     fields = [c.strip().strip('"') for c in first.rstrip("\r\n").split(dc.delimiter)]
@@ -127,7 +127,7 @@ def read_csv(path: Path, dc, role: str = "data.path") -> tuple[np.ndarray, np.nd
                            usecols=cols, encoding="utf-8")
         bad = np.argwhere(~np.isfinite(table))
     except UnicodeDecodeError:
-        raise _not_text(path, role) from None
+        raise not_text(path, f"a CSV file ({role})") from None
     except ValueError as e:
         raise ConfigError(_csv_cell(path, dc.delimiter, header, names, cols, keys) or f"{path}: {_first_line(e)} "
                           "(expected numbers in every used column)") from None
@@ -135,18 +135,6 @@ def read_csv(path: Path, dc, role: str = "data.path") -> tuple[np.ndarray, np.nd
         raise ConfigError(_csv_cell(path, dc.delimiter, header, names, cols, keys, tuple(bad[0])))
     x, y = table[:, :len(feats)], table[:, len(feats):]
     return x, (y[:, 0] if not isinstance(target, list) else y), str(path)
-
-
-def _not_text(path: Path, role: str) -> ConfigError:
-    """Where the file stops being UTF-8 text, in its own coordinates (line, as an editor counts)."""
-    raw = path.read_bytes()
-    try:
-        raw.decode("utf-8")
-        at = "somewhere"
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        at = f"line {line}, byte {raw[e.start]:#04x}"
-    return ConfigError(f"{path}: not UTF-8 text ({at}); expected a CSV file ({role})")
 
 
 def read_csv_splits(dc, source: str) -> tuple[dict[str, np.ndarray], str]:

@@ -48,6 +48,13 @@ def test_bad_config_names_file_and_key(tmp_path, text, overrides, match):
         load_config(p, overrides)
 
 
+def test_a_config_that_is_not_utf8_names_the_line(tmp_path):
+    p = tmp_path / "cfg.yaml"
+    p.write_bytes("model: {arch: H2}\n# café\n".encode("latin-1"))  # once a bare codec message
+    with pytest.raises(ConfigError, match=r"cfg.yaml: not UTF-8 text \(line 2, byte 0xe9\); expected a YAML file"):
+        load_config(p)
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="file not found"):
         load_config(tmp_path / "nope.yaml")
