@@ -435,12 +435,14 @@ class DiagonalKernel(_BlockProducts):
             order = np.lexsort((R0, key[:, 1], key[:, 0]))
             for group in np.split(order, np.flatnonzero(np.any(np.diff(key[order], axis=0) != 0, axis=1)) + 1):
                 for run in self._runs(R0[group] // r, group):
+                    # block rows are slot * r + ph: agents of other dims before them shift the phase
+                    ph = int(R0[run[0]] % r)
                     lo_slot, hi_slot = int(R0[run[0]] // r), int(R0[run[-1]] // r) + 1
                     delta = int(C0[run[0]] - R0[run[0]])
-                    local = lo_slot * r + delta >= 0 and hi_slot * r + delta <= self.F
-                    halo = lo_slot * r + delta >= self.F
+                    local = lo_slot * r + ph + delta >= 0 and hi_slot * r + ph + delta <= self.F
+                    halo = lo_slot * r + ph + delta >= self.F
                     if not (local or halo):  # straddles the local/halo boundary: split it there
-                        cut = (self.F - delta + r - 1) // r
+                        cut = (self.F - delta - ph + r - 1) // r
                         parts = [run[R0[run] // r < cut], run[R0[run] // r >= cut]]
                     else:
                         parts = [run]
@@ -448,8 +450,8 @@ class DiagonalKernel(_BlockProducts):
                         if len(part) < self.MIN_BLOCKS:
                             continue
                         lo_s, hi_s = int(R0[part[0]] // r), int(R0[part[-1]] // r) + 1
-                        band = Band(ci, lo_s * r, delta, r, at, hi_s - lo_s)
-                        self.bands["local" if lo_s * r + delta < self.F else "halo"].append(band)
+                        band = Band(ci, lo_s * r + ph, delta, r, at, hi_s - lo_s)
+                        self.bands["local" if band.lo + delta < self.F else "halo"].append(band)
                         pos[part] = at + (R0[part] // r - lo_s)
                         pads.append(np.setdiff1d(np.arange(at, at + band.count), pos[part]))
                         at += band.count
