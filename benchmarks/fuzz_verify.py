@@ -9,7 +9,7 @@ layout of 2-4 workers as agent partitions x replicas; then runs ``verify`` (2 st
 it. Configs the product refuses (e.g. H1-J2 on workers, a disconnected random graph) count as
 refused, with their one-line message.
 
-    python benchmarks/fuzz_verify.py --seeds 0 40      # ~6-10 min on 2 cores
+    python benchmarks/fuzz_verify.py --seeds 0 200     # 302 s on this 2-core machine (40 seeds: ~1 min)
 Writes benchmarks/results/fuzz_verify.json (one record per seed) and prints a line per seed.
 This found the allreduce readout's stride bug, its 1 x R bug and the short last batch's crash
 (2026-12-04).
