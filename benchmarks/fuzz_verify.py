@@ -11,8 +11,8 @@ refused, with their one-line message.
 
     python benchmarks/fuzz_verify.py --seeds 0 200     # 302 s on this 2-core machine (40 seeds: ~1 min)
 Writes benchmarks/results/fuzz_verify.json (one record per seed) and prints a line per seed.
-This found the allreduce readout's stride bug, its 1 x R bug and the short last batch's crash
-(2026-12-04).
+This found the allreduce readout's stride bug, its 1 x R bug, the short last batch's crash and the
+diagonal kernel's misplaced bands (2026-12-04).
 """
 from __future__ import annotations
 
