@@ -163,8 +163,8 @@ class DataConfig:
         reads = DATA_KEYS[self.name] + ("name", "class_names")
         for f in dataclasses.fields(self):
             if f.name not in reads and getattr(self, f.name) != f.default:
-                _expect(False, f.name, f"no {f.name} with data.name {self.name}, which reads only "
-                        f"{', '.join(k for k in reads if k != 'name')}", getattr(self, f.name))
+                raise ValueError(f"{f.name}: expected no {f.name} with data.name {self.name}, which reads only "
+                                 f"{', '.join(k for k in reads if k != 'name')}, got {getattr(self, f.name)!r}")
 
 
 # the keys each data source reads (besides name and class_names): generated points, the 8x8 digits

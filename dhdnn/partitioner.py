@@ -85,12 +85,20 @@ def rank_edges(topo: Topology, owner: np.ndarray) -> np.ndarray:
     return pairs[pairs[:, 0] < pairs[:, 1]]
 
 
+def too_few_agents(topo: Topology, partitions: int, what: str) -> str | None:
+    """Why ``partitions`` agent partitions (``what``: how the user asked for them) do not fit the
+    topology, or None."""
+    if partitions > topo.n_agents:
+        return f"{what} but {topo.source} has only {topo.n_agents} agents; expected at most one partition per agent"
+    return None
+
+
 def check_workers(topo: Topology, workers: int, key: str = "run.workers") -> None:
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise TopologyError(f"{key}: expected a positive integer, got {workers!r}")
-    if workers > topo.n_agents:
-        raise TopologyError(f"{key}: {workers} workers but {topo.source} has only {topo.n_agents} agents; "
-                            "expected at most one worker per agent")
+    why = too_few_agents(topo, workers, f"{workers} workers")
+    if why is not None:
+        raise TopologyError(f"{key}: {why}")
     for i, w in topo.pinned:
         if w >= workers:
             raise TopologyError(f"{topo.source}: key 'agents[{i}].worker': agent {topo.ids[i]!r} is pinned to "

@@ -192,7 +192,8 @@ class DistributedNetwork(nn.Module):
         slice; outside forward/backward). Without replicas: ``t``."""
         if self.replicas == 1:
             return t
-        out = t.detach().clone(memory_format=torch.contiguous_format).to("cpu" if dist.get_backend(self.groups.replica) == "gloo" else t.device)
+        on = "cpu" if dist.get_backend(self.groups.replica) == "gloo" else t.device
+        out = t.detach().clone(memory_format=torch.contiguous_format).to(on)  # (collectives add memory order)
         dist.all_reduce(out, group=self.groups.replica)
         return out.to(t.device)
 

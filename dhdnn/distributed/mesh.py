@@ -99,13 +99,13 @@ def check_layout(world: int, replicas: int | str = 1, topo=None, batch: int | No
         replicas = cands[0][1]
     dims = ParallelDims(world, replicas, "spread" if placement == "spread" else "packed")
     if topo is not None:
-        from ..partitioner import check_workers
+        from ..partitioner import check_workers, too_few_agents
 
-        if dims.agents > n_agents:
-            what = f"{world} workers" + (f" as {dims.agents} agent partitions" if dims.replicas > 1 else "")
-            raise LayoutError("run.workers", f"{what} but {topo.source} has only {n_agents} agents; expected at "
-                                             "most one agent partition per agent")
-        check_workers(topo, dims.agents)
+        why = too_few_agents(topo, dims.agents, f"{world} workers" + (
+            f" as {dims.agents} agent partitions" if dims.replicas > 1 else ""))
+        if why is not None:
+            raise LayoutError("run.workers", why)
+        check_workers(topo, dims.agents)  # (its pins)
     elif dims.agents != 1:
         raise LayoutError("run.replicas", f"a network without agents runs one copy per worker; expected {world} "
                                           f"replicas of {world} workers, got {replicas}")

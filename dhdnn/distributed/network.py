@@ -87,8 +87,6 @@ class ShardedNet(nn.Module):
         tensors (kept beside their parameters, not as buffers)."""
         out = super()._apply(fn, *args, **kwargs)
         self.plan.move(fn)
-        if not hasattr(self, "_readout"):  # (still being built)
-            return out
         self._embed = [(p, fn(feats), fn(rows)) for p, feats, rows in self._embed]
         self._embed_bias = [(p, fn(rows)) for p, rows in self._embed_bias]
         self._readout = [(p, fn(rows), runs) for p, rows, runs in self._readout]

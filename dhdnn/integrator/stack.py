@@ -322,7 +322,7 @@ def _adjoint(plan: Plan, ops: _Operands, versions, S: Tensor, store: dict, g: di
     G = [kern.grad_buffers(st) for kern, st in zip(plan.kernels, ops.st)]
     if defer:  # per half-step k, every layer's dL/du and dL/dz side by side (batched weight gradients)
         GU, GZ, D = S.new_empty(nhs, L, F, B), S.new_empty(nhs, L, F, B), S.square().neg_().add_(1)
-        GUv, GZv, Dv = (t.flatten(0, -3).unbind(0) for t in (GU, GZ, D))  # views, made once (B may be 0)
+        GUv, GZv, Dv = (t.view(-1, F, B).unbind(0) for t in (GU, GZ, D))  # views, made once
         sc, gb = {"GX": None}, [None] * nhs
     else:
         sc = {"gz": ws.take((E, B), S), "GX": ws.take((E, B), S), "gu": ws.take((F, B), S), "D": ws.take((F, B), S)}
