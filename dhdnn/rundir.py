@@ -131,6 +131,22 @@ def check_same_model(out: Path, cfg: Config, meta: dict) -> None:
                           f"({', '.join(f'model.{k}' for k in changed)}); resume with the same model")
 
 
+def report_resume(out: Path, cfg: Config, meta: dict, say) -> None:
+    """Say what a resume changes: data and train keys that differ from the checkpoint's config
+    (they apply from its epoch on; train.epochs is how a run is extended, not listed), and a
+    checkpoint already at train.epochs (nothing to train: the run re-evaluates it)."""
+    saved, now = meta.get("config", {}), cfg.to_dict()
+    changed = [f"{s}.{k} {saved[s].get(k)!r} -> {now[s].get(k)!r}" for s in ("data", "train") if s in saved
+               for k in sorted(set(saved[s]) | set(now[s])) if saved[s].get(k) != now[s].get(k) and k != "epochs"]
+    epoch = int(meta.get("epoch", 0))
+    if changed:
+        say(f"dhdnn: resuming {out} at epoch {epoch} with {', '.join(changed)}: changed since the checkpoint, "
+            "they apply from here on")
+    if epoch >= cfg.train.epochs:
+        say(f"dhdnn: {out} is at epoch {epoch} and train.epochs is {cfg.train.epochs}: nothing to train, "
+            f"evaluating the checkpoint (raise train.epochs to train on, e.g. --set train.epochs={epoch + 10})")
+
+
 def saved_topology(out: Path):
     """The topology a run directory was trained on (None without one)."""
     from .topology import topology_from_dict
@@ -212,6 +228,7 @@ class RunDir:
                 meta = found[1]
                 check_same_model(self.out, self.cfg, meta)
                 check_same_topology(self.out, self.topo, meta)
+                report_resume(self.out, self.cfg, meta, lambda m: print(m, file=sys.stderr, flush=True))
             write_run_files(self.cfg, self.topo)
         except BaseException:
             self.lock.release()

@@ -56,6 +56,20 @@ def test_refuses_to_overwrite_a_run_and_rejects_mismatched_resume(tmp_path):
         train_from_config(small_cfg(tmp_path, "model.layers=5", "train.epochs=5"), resume=True)
 
 
+def test_a_resume_says_which_train_and_data_keys_changed_and_when_nothing_is_left_to_train(tmp_path, capsys):
+    train_from_config(small_cfg(tmp_path, "train.epochs=2"))
+    capsys.readouterr()
+    train_from_config(small_cfg(tmp_path, "train.epochs=3"), resume=True)  # the same run, extended
+    assert "changed since the checkpoint" not in capsys.readouterr().err
+    train_from_config(small_cfg(tmp_path, "train.epochs=4", "train.lr=0.01", "data.noise=0.2"), resume=True)
+    err = capsys.readouterr().err
+    assert "at epoch 3 with data.noise 0.0 -> 0.2, train.lr 0.02 -> 0.01: changed since the checkpoint" in err
+    s = train_from_config(small_cfg(tmp_path, "train.epochs=4", "train.lr=0.01", "data.noise=0.2"), resume=True)
+    err = capsys.readouterr().err
+    assert "is at epoch 4 and train.epochs is 4: nothing to train" in err and "changed since" not in err
+    assert s["epochs"] == 4 and len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 4
+
+
 def test_corrupt_checkpoint_is_reported(tmp_path):
     train_from_config(small_cfg(tmp_path))
     d = ckpt.latest(tmp_path / "run")
