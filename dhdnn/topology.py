@@ -144,19 +144,20 @@ class Topology:
         ``inputs``, ``readout`` and ``embeddings`` take the YAML format's entries (mappings, agents
         named by node). Node labels other than integers and strings (a grid's ``(row, col)``
         tuples) become their ``str()``; refer to them by the original label. Validated as a
-        YAML file is (the source in messages is ``<networkx NAME>``)."""
+        YAML file is (the source in messages is ``<networkx NAME>``, or ``<networkx graph>`` for a
+        graph without a name)."""
         import networkx as nx
 
         if not isinstance(g, nx.Graph) or g.is_directed():
             raise TopologyError(f"<networkx>: expected an undirected networkx.Graph, got {type(g).__name__}")
         label = lambda n: n if isinstance(n, (int, str)) and not isinstance(n, bool) else str(n)  # noqa: E731
-        name = name or g.graph.get("name") or "networkx"
+        name = name or g.graph.get("name")
         agents = []
         for n, attrs in g.nodes(data=True):
             entry = {"id": label(n)}
             entry.update({k: attrs[k] for k in ("dim", "worker") if k in attrs})
             agents.append(entry)
-        raw: dict[str, Any] = {"name": name, "description": description, "defaults": {"dim": dim}, "agents": agents,
+        raw: dict[str, Any] = {"name": name or "networkx", "description": description, "defaults": {"dim": dim}, "agents": agents,
                                "edges": [[label(a), label(b)] for a, b in g.edges()]}
         if inputs:
             raw["inputs"] = [dict(f, agent=label(f["agent"])) if isinstance(f, dict) and "agent" in f else f
@@ -168,7 +169,7 @@ class Topology:
         elif embeddings:
             raw["embeddings"] = [dict(e, agent=label(e["agent"])) if isinstance(e, dict) and "agent" in e else e
                                  for e in embeddings]
-        return topology_from_dict(raw, f"<networkx {name}>")
+        return topology_from_dict(raw, f"<networkx {name}>" if name else "<networkx graph>")
 
     # ---- identity -------------------------------------------------------------------------
     def content(self) -> dict:

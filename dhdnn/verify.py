@@ -7,8 +7,10 @@ regulariser as ``dhdnn train``) in this process, then sharded on each worker cou
 message between ranks owning adjacent agents, one per neighbour rank per exchange), bytes (per
 exchange, phase and step, equal to the halo plan), exactness (every parameter block after the
 steps, the distributed logits and the shards loaded back as one dense model, against the
-one-process model), masks (no weight outside the graph's blocks, in the shards' storage and in
-the loaded model) and reductions (gradient sums only in the backward, on the replica groups).
+one-process model; before them, the first step's gradients, which a uniformly scaled gradient
+cannot pass as Adam's steps can), masks (no weight outside the graph's blocks, in the shards'
+storage and in the loaded model) and reductions (gradient sums only in the backward, on the
+replica groups).
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from . import checks as T
 # the config's explicit choice, said in the report: the one exchange not between graph neighbours
 _READOUT = {"allreduce": "; run.readout allreduce: the logits by an all-reduce on each replica's agent ranks"}
 TOL = 1e-9  # float64, a few steps: the same sums in another order (~1e-15), amplified by Adam's first steps
+# First-step gradients: relative to the network's largest gradient entry (a block class whose
+# gradient nearly cancels, such as a readout bias on a balanced batch, holds only rounding).
 # Parameters after Adam steps, relative to the larger of their largest entry and the learning rate:
 # Adam moves an entry by ~lr whatever its gradient, so a gradient that nearly cancels (a readout bias
 # on a balanced batch) carries its rounding into the step, bounded by Adam's eps at ~1e-16 / 1e-8 of
@@ -56,7 +60,7 @@ class Report:
     def table(self) -> str:
         lines = [f"dhdnn verify {self.config}: {self.describe}",
                  f"{'workers':>7} {'layout':>6} {'messages':>8} {'bytes/step':>11} {'plan':>11} {'reductions':>10} "
-                 f"{'params':>9} {'logits':>9} {'export':>9} {'masks':>7}  result"]
+                 f"{'grads':>9} {'params':>9} {'logits':>9} {'export':>9} {'masks':>7}  result"]
         for r in self.runs:
             c = r["checks"]
             loc, red = c.get("locality", {}), c.get("reductions", {})
@@ -65,10 +69,11 @@ class Report:
             lines.append(f"{r['workers']:>7} {r['layout']:>6} {num(loc, 'messages', 'd'):>8} "
                          f"{','.join(map(str, loc.get('bytes_per_step', []))) or '-':>11} "
                          f"{','.join(map(str, loc.get('planned_per_step', []))) or '-':>11} {num(red, 'reductions', 'd'):>10} "
-                         f"{num(ex, 'params', '.1e'):>9} {num(ex, 'logits', '.1e'):>9} {num(ex, 'export', '.1e'):>9} "
+                         f"{num(ex, 'grads', '.1e'):>9} {num(ex, 'params', '.1e'):>9} {num(ex, 'logits', '.1e'):>9} {num(ex, 'export', '.1e'):>9} "
                          f"{'zero' if 'masks' in c else '-':>7}  {r.get('failed') or 'ok'}")
         lines.append("all checks hold (relative differences against one process, float64; tolerance "
-                     f"{TOL:g}; parameters {PARAM_TOL:g} of the larger of their largest entry and the learning rate)"
+                     f"{TOL:g}, gradients of the largest gradient entry; parameters {PARAM_TOL:g} of the larger of "
+                     "their largest entry and the learning rate)"
                      if self.ok else f"FAILED {self.failure}")
         return "\n".join(lines)
 
@@ -129,12 +134,23 @@ def _batches(cfg, data, steps: int):
     return [(data.x_train[perm[i * bs:(i + 1) * bs]], data.y_train[perm[i * bs:(i + 1) * bs]]) for i in range(steps)]
 
 
-def _train(engine, cfg, batches) -> None:
+def _train(engine, cfg, batches) -> dict:
+    """The trainer's steps; returns the first step's gradients as the optimiser sees them (after
+    the replicas' reduction and the regulariser), per entry: ``{key: (block ids, values)}``."""
     from .train import make_optimizer
 
     opt = make_optimizer(engine.optimizer_groups(cfg.train.weight_decay), cfg.train)
+    first = {}
+
+    def keep_first(*_) -> None:
+        if not first:
+            first.update((e.key, (e.ids, e.get([torch.zeros_like(p) if p.grad is None else p.grad
+                                                for p in e.params]).clone())) for e in engine.entries())
+
+    opt.register_step_pre_hook(keep_first)
     for x, y in batches:
         engine.train_step(opt, x, y, cfg.train.alpha)
+    return first
 
 
 def _dense(cfg, topo, steps: int, data) -> dict:
@@ -147,11 +163,11 @@ def _dense(cfg, topo, steps: int, data) -> dict:
     rc = cfg.run
     model.body.set_backprop(rc.backprop, rc.anchors, rc.reversible_state, rc.reversible_fraction_bits)
     batches = _batches(cfg, data, steps)
-    _train(DenseEngine(model, table=table, task=cfg.model.task), cfg, batches)
+    grads = _train(DenseEngine(model, table=table, task=cfg.model.task), cfg, batches)
     with torch.no_grad():
         logits = model(batches[0][0])
     return {"model": model, "packed": dense_packed(table, model), "table": table, "probe": batches[0][0],
-            "logits": logits}
+            "logits": logits, "grads": {k: v for k, (_, v) in grads.items()}}
 
 
 def _sharded(cfg, topo, steps: int, replicas: int, dense: dict) -> dict:
@@ -180,7 +196,10 @@ def _sharded(cfg, topo, steps: int, replicas: int, dense: dict) -> dict:
             loaded = load_exported(tmp)  # (a masked entry that learned changes the numbers too: masks first)
             checks["masks"] = {**T.check_outside([e for r in res for e in r["outside"]]), **T.check_masks(loaded)}
             ref = dense["logits"].tensor_split(replicas)[0]
-            ex = {"logits": T.check_close({"logits": res[0]["logits"]}, {"logits": ref}, TOL, "logits")}
+            scale = max(float(g.abs().max()) for g in dense["grads"].values())
+            ex = {"grads": T.check_close(_assemble(res, dense["table"], "grads"), dense["grads"], TOL,
+                                         "first-step gradients", scale)}
+            ex["logits"] = T.check_close({"logits": res[0]["logits"]}, {"logits": ref}, TOL, "logits")
             lr = cfg.train.lr  # (an optimiser step's size: the scale of parameters that start at 0)
             ex["params"] = T.check_close(_assemble(res, dense["table"]), dense["packed"], PARAM_TOL, "parameters", lr)
             ex["export"] = T.check_same_network(loaded, dense["model"], dense["probe"], TOL, lr, PARAM_TOL)
@@ -190,11 +209,12 @@ def _sharded(cfg, topo, steps: int, replicas: int, dense: dict) -> dict:
     return run
 
 
-def _assemble(results: list[dict], table) -> dict:
-    """Every block class from the ranks that write checkpoints (replica 0), each block exactly once."""
+def _assemble(results: list[dict], table, what: str = "held") -> dict:
+    """Every block class (``what``: of the parameters, or of the first step's gradients) from the
+    ranks that write checkpoints (replica 0), each block exactly once."""
     out = {}
     for c in table:
-        parts = [r["held"][c.key] for r in results if r["writes"] and c.key in r["held"]]
+        parts = [r[what][c.key] for r in results if r["writes"] and c.key in r[what]]
         ids = torch.cat([i for i, _ in parts])
         if sorted(ids.tolist()) != list(range(len(c))):
             raise T.CheckFailed("exactness", f"{c.key}: the shards hold blocks {sorted(ids.tolist())}, expected each "
@@ -218,7 +238,7 @@ def _worker(rank, world, raw, source, topo_source, steps, replicas, save_dir):
     groups = make_groups(ParallelDims(world, replicas), rank)
     engine = build_sharded_engine(cfg, data, groups, topo)
     batches = _batches(cfg, data, steps)
-    _train(engine, cfg, batches)
+    grads = _train(engine, cfg, batches)
     with torch.no_grad():
         logits = engine.dnet(batches[0][0])
     engine.dnet.save(save_dir, step=steps)
@@ -227,7 +247,7 @@ def _worker(rank, world, raw, source, topo_source, steps, replicas, save_dir):
     held = {}
     for e in engine.entries():
         held[e.key] = (e.ids.clone(), e.get([p.detach() for p in e.params]).clone())
-    return {"held": held, "writes": engine.shard_rank is not None, "logits": logits if net.has_logits else None,
+    return {"held": held, "grads": grads, "writes": engine.shard_rank is not None, "logits": logits if net.has_logits else None,
             "assignment": net.assignment, "agent": groups.agent_rank,
             "shard_bytes": sum(p.numel() * p.element_size() for p in net.parameters()),
             "outside": [dict(e, rank=rank) for e in net.outside()]}

@@ -219,3 +219,26 @@ def test_the_diagonal_kernel_equals_the_block_kernel_where_other_dims_shift_the_
     got = got[:3] + [G[pos] for G, pos in zip(got[3:], diag.positions)]
     for a, b in zip(got, want):
         assert float((a - b).norm() / b.norm()) <= 1e-12
+
+
+@pytest.mark.parametrize("kind", ["blocks", "diagonal"])
+def test_products_in_many_chunks_equal_products_in_one(kind, monkeypatch):
+    """The CPU's chunks (cache-sized, here a few blocks each) and a GPU's (few and large, here one)
+    compute the same products: every product and the weight gradients, float64."""
+    from dhdnn.integrator import kernels as K
+
+    classes, F, E = chain_with_odd_agents() if kind == "diagonal" else rank_classes(3)[:3]
+    g = torch.Generator().manual_seed(4)
+    X, GZ = (torch.randn(E, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    s, gu = (torch.randn(F, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    bias = torch.randn(F, 1, generator=g, dtype=torch.float64)
+    make = {"blocks": K.BlockKernel, "diagonal": K.DiagonalKernel}[kind]
+    sizes = make(classes, F, E, 3).sizes if kind == "diagonal" else [len(c.rows) for c in classes]
+    Ws = [torch.randn(3, n, *c.shape[1:], generator=g, dtype=torch.float64) for n, c in zip(sizes, classes)]
+    got = {}
+    for chunk in (8, 1 << 30):
+        monkeypatch.setattr(K, "CHUNK_ELEMENTS", chunk)
+        got[chunk] = products(make(classes, F, E, 3), Ws, X, s, gu, GZ, bias)
+    for a, b in zip(got[8], got[1 << 30]):
+        assert float((a - b).norm() / b.norm()) <= 1e-12
+    assert K.chunk_elements(torch.empty(0, device="meta")) == K.DEVICE_CHUNK_ELEMENTS

@@ -46,7 +46,7 @@ def test_networkx_graphs_become_validated_topologies():
     # the YAML path's validation, with the networkx source in the message
     with pytest.raises(TopologyError, match=r"<networkx two>: key 'edges': expected a connected graph"):
         Topology.from_networkx(nx.Graph([(0, 1), (2, 3)]), name="two")
-    with pytest.raises(TopologyError, match=r"key 'inputs\[0\].agent': unknown agent 9"):
+    with pytest.raises(TopologyError, match=r"^<networkx graph>: key 'inputs\[0\].agent': unknown agent 9"):
         Topology.from_networkx(nx.path_graph(3), inputs=[{"feature": 0, "agent": 9}])
     with pytest.raises(TopologyError, match=r"key 'edges\[\d\]': self-loop"):
         Topology.from_networkx(nx.Graph([(0, 1), (1, 1)]))

@@ -1,7 +1,7 @@
 """``dhdnn verify`` and ``dhdnn.testing``: the checks hold on shipped configs (reversible,
 replicas, mixed agent dims), a user's pytest file runs them, and each injected fault — a message
-to a non-neighbour rank, a corrupted halo row, a masked weight that learns — is caught by the
-check that names it (exit code 1); bad input is exit code 2."""
+to a non-neighbour rank, a corrupted halo row, a masked weight that learns, gradients twice their
+size (which Adam's steps hide) — is caught by the check that names it (exit code 1); bad input is exit code 2."""
 import importlib.util
 import json
 import os
@@ -38,8 +38,9 @@ def test_verify_holds_on_the_mixed_dims_graph_reversible_with_replicas(tmp_path)
 
 @pytest.mark.parametrize("fault,workers,check,names", [
     ("message", 4, "locality", "from rank 0 to rank 2: ranks 0 and 2 own no adjacent agents"),
-    ("halo", 2, "exactness", "logits: logits["),
-    ("mask", 2, "masks", "lies outside the graph's blocks")])
+    ("halo", 2, "exactness", "first-step gradients: "),  # the first exactness check
+    ("mask", 2, "masks", "lies outside the graph's blocks"),
+    ("scale", 2, "exactness", "first-step gradients: ")])
 def test_each_injected_fault_is_caught_by_its_check(fault, workers, check, names):
     code, report, err = verify_cli("launch/ring8_swiss_roll.yaml", "--workers", workers,
                                    env={"DHDNN_TEST_FAULT": fault})

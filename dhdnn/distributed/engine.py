@@ -16,7 +16,7 @@ from ..engine import EVAL_BYTES, Engine, StepOut
 from ..tasks import TASKS
 from ..topology import Topology
 from .distribute import DistributedNetwork
-from .exchange import Tracer
+from .exchange import FAULT, Tracer
 from .mesh import Groups
 from .network import build_shard
 
@@ -73,6 +73,8 @@ class ShardedEngine(Engine):
     def after_backward(self):
         if self.dnet.reducer is not None:
             self.dnet.reducer.finish()  # the data term, summed over the replicas of this shard
+        if FAULT == "scale":  # test-only: the data term's gradient twice its size (Adam's steps hide it)
+            torch._foreach_mul_([p.grad for p in self.net.parameters() if p.grad is not None], 2.0)
         if self._alpha:
             self.net.add_regularizer_grad(self._alpha)  # identical on every replica: added after the sum
 
