@@ -157,8 +157,8 @@ class Topology:
             entry = {"id": label(n)}
             entry.update({k: attrs[k] for k in ("dim", "worker") if k in attrs})
             agents.append(entry)
-        raw: dict[str, Any] = {"name": name or "networkx", "description": description, "defaults": {"dim": dim}, "agents": agents,
-                               "edges": [[label(a), label(b)] for a, b in g.edges()]}
+        raw: dict[str, Any] = {"name": name or "networkx", "description": description, "defaults": {"dim": dim},
+                               "agents": agents, "edges": [[label(a), label(b)] for a, b in g.edges()]}
         if inputs:
             raw["inputs"] = [dict(f, agent=label(f["agent"])) if isinstance(f, dict) and "agent" in f else f
                              for f in inputs]

@@ -69,8 +69,8 @@ class Report:
             lines.append(f"{r['workers']:>7} {r['layout']:>6} {num(loc, 'messages', 'd'):>8} "
                          f"{','.join(map(str, loc.get('bytes_per_step', []))) or '-':>11} "
                          f"{','.join(map(str, loc.get('planned_per_step', []))) or '-':>11} {num(red, 'reductions', 'd'):>10} "
-                         f"{num(ex, 'grads', '.1e'):>9} {num(ex, 'params', '.1e'):>9} {num(ex, 'logits', '.1e'):>9} {num(ex, 'export', '.1e'):>9} "
-                         f"{'zero' if 'masks' in c else '-':>7}  {r.get('failed') or 'ok'}")
+                         + "".join(f"{num(ex, k, '.1e'):>9} " for k in ("grads", "params", "logits", "export"))
+                         + f"{'zero' if 'masks' in c else '-':>7}  {r.get('failed') or 'ok'}")
         lines.append("all checks hold (relative differences against one process, float64; tolerance "
                      f"{TOL:g}, gradients of the largest gradient entry; parameters {PARAM_TOL:g} of the larger of "
                      "their largest entry and the learning rate)"
