@@ -16,6 +16,17 @@ from pathlib import Path
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a count (workers, layers, batch, steps) of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _set_arg(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help=help)
 
@@ -295,24 +306,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("analyze", help="backward sensitivity norms and symplecticity of a random network")
     p.add_argument("--arch", default="H2", choices=sorted(ARCHITECTURES))
-    p.add_argument("--layers", type=int, default=512)
-    p.add_argument("--dim", type=int, default=8)
+    p.add_argument("--layers", type=positive_int, default=512)
+    p.add_argument("--dim", type=positive_int, default=8)
     p.add_argument("--h", type=float, default=0.1)
     p.add_argument("--J", default="J1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backprop", choices=["autograd", "reversible"], default="autograd",
                    help="reversible: the float and the exact (fixed-point) rebuild against float64 autograd")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="(--backprop reversible)")
-    p.add_argument("--batch", type=int, default=256, help="(--backprop reversible)")
+    p.add_argument("--batch", type=positive_int, default=256, help="(--backprop reversible)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("verify", help="prove a run config's locality and exactness: its network sharded on 2, 3, "
                                       "4 workers against one process, every message traced")
     p.add_argument("config", help="run config file (with a topology)")
-    p.add_argument("--workers", type=int, nargs="+", help="worker counts (default: 2 3 4, where the agents allow)")
-    p.add_argument("--steps", type=int, default=2, help="training steps in float64 (default 2)")
-    p.add_argument("--replicas", type=int, default=1, help="data-parallel replicas on every worker count (default 1)")
+    p.add_argument("--workers", type=positive_int, nargs="+", help="worker counts (default: 2 3 4, where the agents allow)")
+    p.add_argument("--steps", type=positive_int, default=2, help="training steps in float64 (default 2)")
+    p.add_argument("--replicas", type=positive_int, default=1, help="data-parallel replicas on every worker count (default 1)")
     _set_arg(p, "override keys of the run config")
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.set_defaults(func=cmd_verify)
@@ -339,10 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("partition", help="assign a topology's agents to workers and show the halo plan "
                                          "(FILE: a topology, or a run config)")
     p.add_argument("file")
-    p.add_argument("--workers", type=int, help="agent partitions (default with a run config: its workers / replicas)")
+    p.add_argument("--workers", type=positive_int, help="agent partitions (default with a run config: its workers / replicas)")
     p.add_argument("--method", choices=["auto", "metis", "bisection", "exact"], default="auto")
-    p.add_argument("--batch", type=int, help="batch size per replica for the byte figures (default 125)")
-    p.add_argument("--layers", type=int, help="layers (default 64)")
+    p.add_argument("--batch", type=positive_int, help="batch size per replica for the byte figures (default 125)")
+    p.add_argument("--layers", type=positive_int, help="layers (default 64)")
     p.add_argument("--arch", choices=[a for a, c in ARCHITECTURES.items() if c.distributable],
                    help="architecture (default H2)")
     p.add_argument("--dtype", choices=["float32", "float64"])

@@ -99,6 +99,21 @@ def test_cli_train_plot_analyze(tmp_path, capsys):
     assert "key 'model.arch'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [["partition", "topologies/ring8.yaml", "--workers", "0"],
+                                  ["partition", "topologies/ring8.yaml", "--workers", "2", "--batch", "0"],
+                                  ["partition", "topologies/ring8.yaml", "--workers", "2", "--layers", "-1"],
+                                  ["analyze", "--backprop", "reversible", "--batch", "0"],
+                                  ["verify", "launch/ring8_swiss_roll.yaml", "--workers", "2", "x"]])
+def test_a_count_flag_below_one_is_refused_not_read_as_its_default(argv, capsys):
+    """(``--workers 0`` was read as "not given", ``--batch 0`` as the default 125, ``--layers -1``
+    printed negative bytes, ``analyze --batch 0`` a nan gradient error.)"""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    flag = argv[-2] if argv[-2].startswith("--") else "--workers"
+    assert e.value.code == 2 and f"argument {flag}: expected a positive integer, got '{argv[-1]}'" in \
+        capsys.readouterr().err
+
+
 def test_plot_bounds_what_a_large_network_costs(tmp_path, capsys, monkeypatch):
     """A large graph's run: the decision boundary's grid shrinks with the dense model's cost per
     sample (200 points a side for a small network, 20 at the least), and where the dense model
