@@ -97,6 +97,7 @@ def verify(config, workers=(2, 3, 4), steps: int = 2, replicas: int = 1, log=Non
         setups[w] = validate(cfg, warn=False)  # (more workers than cores: slower, still exact)
     setup = setups[workers[0]]
     data = load_data(cfg)
+    _check_steps(cfg, data, steps)
     _check_reference_fits(cfg, setup.topo, data)
     report = Report(str(cfg.source), f"{cfg.model.arch}, {cfg.model.layers} layers, {setup.topo.name} "
                                      f"({setup.topo.n_agents} agents), {cfg.run.backprop}, {steps} steps"
@@ -112,6 +113,20 @@ def verify(config, workers=(2, 3, 4), steps: int = 2, replicas: int = 1, log=Non
             report.failure = run.pop("failure")
         run.pop("failure", None)
     return report
+
+
+def _check_steps(cfg, data, steps: int) -> None:
+    """The checks' byte plans are those of a full batch: the steps stay within epoch 0's full
+    batches (its last, shorter batch is tested by the test suite's replica tests)."""
+    from .config import ConfigError
+
+    n, bs = len(data.x_train), cfg.train.batch_size
+    if bs > n:
+        raise ConfigError(f"{cfg.source}: key 'train.batch_size': verify checks full batches; expected at most the "
+                          f"{n} training samples, got {bs}")
+    if steps > n // bs:
+        raise ConfigError(f"--steps: expected at most {n // bs} (the full batches of an epoch: {n} training samples "
+                          f"in batches of train.batch_size {bs}), got {steps}")
 
 
 def _check_reference_fits(cfg, topo, data) -> None:

@@ -55,6 +55,9 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
     assert code == 2 and "key 'topology'" in err and len(err.strip().splitlines()) == 1, err
     code, _, err = verify_cli("launch/ring8_swiss_roll.yaml", "--workers", 3, "--replicas", 2)
     assert code == 2 and "key 'run.replicas'" in err, err
+    # the byte plans are a full batch's: steps past an epoch's full batches are refused, not misjudged
+    code, _, err = verify_cli("launch/ring8_swiss_roll.yaml", "--steps", 1000)
+    assert code == 2 and "--steps: expected at most" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_the_users_pytest_example_runs():
