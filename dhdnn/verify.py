@@ -97,8 +97,8 @@ def verify(config, workers=(2, 3, 4), steps: int = 2, replicas: int = 1, log=Non
         setups[w] = validate(cfg, warn=False)  # (more workers than cores: slower, still exact)
     setup = setups[workers[0]]
     data = load_data(cfg)
-    _check_steps(cfg, data, steps)
     _check_reference_fits(cfg, setup.topo, data)
+    _check_steps(cfg, data, steps)
     report = Report(str(cfg.source), f"{cfg.model.arch}, {cfg.model.layers} layers, {setup.topo.name} "
                                      f"({setup.topo.n_agents} agents), {cfg.run.backprop}, {steps} steps"
                                      + _READOUT.get(cfg.run.readout, ""))
