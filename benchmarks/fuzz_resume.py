@@ -34,13 +34,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from fuzz_verify import case  # noqa: E402
+from fuzz_verify import case, write_regression  # noqa: E402
 
 from dhdnn.checks import CheckFailed, check_same_network  # noqa: E402
 from dhdnn.config import config_from_dict  # noqa: E402
@@ -108,11 +106,7 @@ def main() -> None:
     args = ap.parse_args()
     records = []
     with tempfile.TemporaryDirectory(prefix="dhdnn-fuzz-resume-") as tmp:
-        g = np.random.default_rng(0)  # regression targets, as fuzz_verify writes them
-        x = g.normal(size=(400, 2)).astype("float32")
-        y = np.stack([np.sin(x[:, 0]), x[:, 0] * x[:, 1], x[:, 1]], 1).astype("float32")
-        reg = str(Path(tmp) / "regress.npz")
-        np.savez(reg, x_train=x[:300], y_train=y[:300], x_test=x[300:], y_test=y[300:])
+        reg = write_regression(Path(tmp))
         for seed in range(*args.seeds):
             t0 = time.perf_counter()
             with tempfile.TemporaryDirectory(dir=tmp) as d:

@@ -100,6 +100,16 @@ def case(seed: int, regression_file: str) -> tuple[dict, list[int], int]:
     return {"topology": topo, "model": model, "data": data, "train": train, "run": run}, workers, replicas
 
 
+def write_regression(directory: Path) -> str:
+    """The regression configs' .npz file: a smooth map of 2 inputs to 3 outputs, 300 + 100 samples."""
+    g = np.random.default_rng(0)
+    x = g.normal(size=(400, 2)).astype("float32")
+    y = np.stack([np.sin(x[:, 0]), x[:, 0] * x[:, 1], x[:, 1]], 1).astype("float32")
+    path = str(directory / "regress.npz")
+    np.savez(path, x_train=x[:300], y_train=y[:300], x_test=x[300:], y_test=y[300:])
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs=2, default=[0, 40], metavar=("FIRST", "END"))
@@ -107,11 +117,7 @@ def main() -> None:
     args = ap.parse_args()
     records = []
     with tempfile.TemporaryDirectory(prefix="dhdnn-fuzz-") as tmp:
-        g = np.random.default_rng(0)  # regression targets: a smooth map of 2 inputs to 3 outputs
-        x = g.normal(size=(400, 2)).astype("float32")
-        y = np.stack([np.sin(x[:, 0]), x[:, 0] * x[:, 1], x[:, 1]], 1).astype("float32")
-        reg = str(Path(tmp) / "regress.npz")
-        np.savez(reg, x_train=x[:300], y_train=y[:300], x_test=x[300:], y_test=y[300:])
+        reg = write_regression(Path(tmp))
         for seed in range(*args.seeds):
             raw, workers, replicas = case(seed, reg)
             t0 = time.perf_counter()
