@@ -50,6 +50,6 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
 
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = sorted(_EXPORTS)

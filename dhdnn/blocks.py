@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 import torch
@@ -97,11 +96,6 @@ class BlockTable:
 
     def by_key(self) -> dict[str, BlockClass]:
         return {c.key: c for c in self.classes}
-
-    @cached_property
-    def name_index(self) -> dict[str, tuple[str, int]]:
-        """block name -> (class key, canonical index): reads checkpoints of the first format."""
-        return {n: (c.key, i) for c in self.classes for i, n in enumerate(c.names())}
 
     def full_shape(self, c: BlockClass, n_blocks: int | None = None) -> tuple[int, ...]:
         nb = len(c) if n_blocks is None else n_blocks

@@ -9,9 +9,6 @@ in the same layout. Loading maps canonical indices to whatever blocks the loadin
 holds, so a run saved on 4 workers resumes on 2, dense or sharded. Every file goes through
 a temp file + rename (a crash never leaves a torn file under a real name), files honour the
 umask, and loading uses ``torch.load(weights_only=True, mmap=True)``.
-
-Format 1 (one small tensor per named block) is still read: its names are mapped onto the
-block classes on load.
 """
 from __future__ import annotations
 
@@ -139,9 +136,11 @@ def read_meta(ckpt_dir: Path) -> dict:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{meta_path}: not valid JSON ({e})") from None
-    if meta.get("format") != FORMAT or meta.get("version") not in (1, VERSION):
-        raise CheckpointError(f"{meta_path}: expected format {FORMAT} v1 or v{VERSION}, got "
-                              f"{meta.get('format')} v{meta.get('version')}")
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        old = " (format 1, one tensor per named block, is read by dhdnn before 0.3 only)" if \
+            meta.get("version") == 1 else ""
+        raise CheckpointError(f"{meta_path}: expected format {FORMAT} v{VERSION}, got "
+                              f"{meta.get('format')} v{meta.get('version')}{old}")
     return meta
 
 
@@ -230,7 +229,7 @@ def save_all(run_dir: Path, step: int, entries, optimizer, shard: int | None, is
 
 
 def resume(run_dir: Path, entries, optimizer, check: Callable[[Path, dict], None], report=lambda m: None,
-           moments: tuple[str, ...] | None = None, upgrade: Callable[[list], list] | None = None) -> dict:
+           moments: tuple[str, ...] | None = None) -> dict:
     """Restore the newest readable checkpoint of ``run_dir`` (saved on any layout) into this rank's
     ``entries`` and ``optimizer``'s moments (Adam's step count too); ``check(dir, meta)`` refuses
     a checkpoint that does not fit. Returns its metadata."""
@@ -239,8 +238,6 @@ def resume(run_dir: Path, entries, optimizer, check: Callable[[Path, dict], None
         raise CheckpointError(f"{run_dir}: no complete checkpoint to resume from")
     d, meta, shards = found
     check(d, meta)
-    if meta["version"] == 1 and upgrade is not None:
-        shards = upgrade(shards)
     if moments is None:
         moments = tuple(sorted({k for s in shards for e in s["entries"].values() for k in e["moments"]}))
     state_of = (lambda p: optimizer.state[p]) if optimizer is not None else (lambda p: {})
@@ -358,40 +355,3 @@ def assemble(shards: list[dict]) -> dict[str, Tensor]:
         vals = torch.cat([p["values"] for p in ps], axis)
         out[k] = vals.index_select(axis, torch.argsort(ids))
     return out
-
-
-def upgrade_v1(shards: list[dict], table=None, dense_to_packed: Callable[[dict], dict] | None = None) -> list[dict]:
-    """Format-1 shards (one tensor per named block) as one format-2 payload. Per-agent names
-    (``agent3.K_p.5``) map onto ``table``'s classes; dense parameter names stay as they are, or,
-    for a topology run trained by the dense engine, become blocks through ``dense_to_packed``
-    (``{parameter name: tensor} -> {class key: blocks}``)."""
-    blocks, optim = {}, {}
-    for s in shards:
-        blocks.update(s["blocks"])
-        optim.update(s["optim"])
-    moment_names = set.intersection(*[set(optim.get(n, {})) for n in blocks]) if blocks else set()
-    entries: dict[str, dict] = {}
-    if table is not None and any(n.startswith("agent") or n == "mu" for n in blocks):
-        index, axes = table.name_index, {c.key: c.block_axis for c in table}
-        grouped: dict[str, list] = {}
-        for n, v in blocks.items():
-            if n not in index:
-                raise CheckpointError(f"format-1 block {n!r} does not exist in this model")
-            key, i = index[n]
-            grouped.setdefault(key, []).append((i, n))
-        for key, items in grouped.items():
-            items.sort()
-            ax = axes[key]
-            entries[key] = {"ids": torch.tensor([i for i, _ in items]), "axis": ax,
-                            "values": torch.stack([blocks[n] for _, n in items], ax),
-                            "moments": {k: torch.stack([optim[n][k] for _, n in items], ax) for k in moment_names}}
-    elif table is not None and dense_to_packed is not None:  # a topology run trained by the dense engine
-        values = dense_to_packed(blocks)
-        moments = {k: dense_to_packed({n: optim[n][k] for n in blocks}) for k in moment_names}
-        for c in table:
-            entries[c.key] = {"ids": torch.arange(len(c)), "axis": c.block_axis, "values": values[c.key],
-                              "moments": {k: m[c.key] for k, m in moments.items()}}
-    else:
-        for n, v in blocks.items():
-            entries[n] = {"ids": None, "axis": 0, "values": v, "moments": optim.get(n, {})}
-    return [{"format": FORMAT, "version": VERSION, "entries": entries}]

@@ -39,14 +39,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _overrides(args) -> list[str]:
-    extra = list(args.overrides)
-    if args.dtype:
-        extra.append(f"run.dtype={args.dtype}")
-    if args.workers is not None:
-        extra.append(f"run.workers={args.workers}")
-    if args.out:
-        extra.append(f"run.out_dir={args.out}")
-    return extra
+    flags = {"dtype": args.dtype, "workers": args.workers, "out_dir": args.out}
+    return list(args.overrides) + [f"run.{k}={v}" for k, v in flags.items() if v is not None and v != ""]
 
 
 def cmd_train(args) -> int:
@@ -58,7 +52,10 @@ def cmd_train(args) -> int:
         cfg.run.progress = False
     summary = train_from_config(cfg, resume="auto" if args.auto_resume else args.resume)
     if summary is not None:
-        m, f = ("acc", ".4f") if summary.get("task", "classify") == "classify" else ("mse", ".4g")
+        from .tasks import TASKS
+
+        task = TASKS[summary["task"]]
+        m, f = task.metric, task.fmt
         print(f"train_{m} {summary[f'train_{m}']:{f}}  test_{m} {summary[f'test_{m}']:{f}}  "
               f"epochs {summary['epochs']}  wall {summary['wall_seconds']:.1f}s  -> {cfg.run.out_dir}")
     return 0
@@ -272,7 +269,7 @@ def cmd_evaluate(args) -> int:
     model = model.to(DTYPES[cfg.run.dtype])
     x, y = (data.x_test, data.y_test) if args.split == "test" else (data.x_train, data.y_train)
     stats = DenseEngine(model, task=task.name).eval_stats(x, y)
-    name = "accuracy" if task.name == "classify" else task.metric
+    name = task.label
     result = {"split": args.split, "dataset": data.name, name: task.metric_of(stats),
               "loss": float(stats[0] / stats[2]), "samples": int(stats[2])}
     print(json.dumps(result) if args.json else

@@ -60,8 +60,6 @@ def dense_model_of_run(run_dir: str | Path):
         require(2 * est.params, f"{cfg.source}: key 'model': the dense model of {run_dir}, built beside its "
                                 "checkpoint's blocks, needs an estimated")
     model, table = build_with_table(spec, topo, dtype)
-    if meta["version"] == 1:
-        shards = ckpt.upgrade_v1(shards, table)
     ckpt.restore(d, shards, DenseEngine(model, table=table).entries(), lambda p: {}, ())
     return cfg, model, topo
 

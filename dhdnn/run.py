@@ -1,12 +1,10 @@
 """``dhdnn train``: validate, own the run directory, then train densely here or sharded on workers.
 
-Everything that can be checked from the config and the topology (architecture support,
-partition feasibility and pins, data paths, estimated memory) is checked in the launching
-process and reported in one line before any worker starts. The run directory is then locked
-and prepared (:class:`~dhdnn.rundir.RunDir`), and training runs in this process (the dense
-engine), on local workers, or in this process as one rank of a torchrun job. A signal ends
-the run cleanly (:class:`~dhdnn.distributed.launch.Interrupted`): workers stopped, temporary
-files removed, the last complete checkpoint intact.
+Everything that can be checked from the config and the topology (architecture support, the
+workers' layout and pins, data, estimated memory, the device) is checked in the launching process
+and reported in one line before any worker starts. The run directory is then locked and prepared
+(:class:`~dhdnn.rundir.RunDir`); training runs in this process, on local workers, or here as one
+rank of a torchrun job. A signal stops the run with its last complete checkpoint intact.
 """
 from __future__ import annotations
 
@@ -26,18 +24,11 @@ from .train import DTYPES, Trainer, load_data
 
 @dataclass
 class Setup:
-    """What validation found: the topology, the data's shape, and how the run is laid out."""
+    """What validation found: the topology and the engine (dense: one process; sharded: agents on
+    workers; replicated: the dense model on every worker)."""
 
     topo: object
-    n_features: int
-    n_outputs: int
-    engine: str  # dense (one process), sharded (agents on workers), replicated (the dense model on every worker)
-    world: int
-    replicas: int
-
-    @property
-    def sharded(self) -> bool:
-        return self.engine == "sharded"
+    engine: str
 
 
 def engine_kind(cfg: Config, topo, torchrun: bool) -> str:
@@ -74,7 +65,7 @@ def validate(cfg: Config, world: int | None = None, local_world: int | None = No
     here = local_world or (world if kind != "dense" else 1)  # ranks on this machine
     _check_device(cfg, here)
     _check_resources(cfg, topo, data, dims, kind == "sharded", here, warn)
-    return Setup(topo, data.n_features, data.n_outputs, kind, world, dims.replicas)
+    return Setup(topo, kind)
 
 
 def _check_network(cfg: Config, data, topo, kind: str) -> None:
@@ -137,11 +128,10 @@ def _check_sharded(cfg: Config, topo, world: int):
     if topo is None:
         raise ConfigError(f"{src}: key 'topology': the sharded engine needs a topology (a file or inline)")
     try:
-        layout = ARCHITECTURES[mc.arch].agent_layout(J=mc.J)
+        ARCHITECTURES[mc.arch].agent_layout(J=mc.J)
     except NotDistributable as e:
         raise ConfigError(f"{src}: key '{e.key}': {e.reason}") from None
-    if rc.backprop == "reversible" and not layout.invertible:
-        raise ConfigError(f"{src}: key 'run.backprop': {mc.arch} layers cannot be inverted exactly; expected autograd")
+    _check_backprop(cfg)
     return _layout(cfg, world, rc.replicas, topo)
 
 
@@ -239,21 +229,22 @@ def train_from_config(cfg: Config, resume: bool | str = False) -> dict | None:
         return train_dense(cfg, setup, resume)
 
 
-def _worker_config(cfg: Config, setup: Setup) -> dict:
-    """The config the workers get: the topology inline, as validated (a file edited meanwhile
-    cannot change what they train)."""
-    raw = cfg.to_dict()
-    if setup.topo is not None:
-        raw["topology"] = setup.topo.spec
-    return raw
+def _worker_args(cfg: Config, setup: Setup, resume: bool, local_rank: int | None = None) -> tuple:
+    """``worker_main``'s arguments after ``(rank, world)``: the config with the topology inline, as
+    validated (a file edited meanwhile cannot change what the workers train)."""
+    from .distributed.launch import fault_from_env
+
+    raw, topo = cfg.to_dict(), setup.topo
+    if topo is not None:
+        raw["topology"] = topo.spec
+    return raw, resume, cfg.source, local_rank, fault_from_env(), topo.source if topo is not None else None
 
 
 def _train_local_workers(cfg: Config, setup: Setup, resume: bool) -> dict:
-    from .distributed.launch import fault_from_env, pick_backend, run_local
+    from .distributed.launch import pick_backend, run_local
 
     backend = pick_backend(cfg.run.backend, cfg.run.device, cfg.run.workers)
-    args = (_worker_config(cfg, setup), resume, cfg.source, None, fault_from_env(),
-            setup.topo.source if setup.topo is not None else None)
+    args = _worker_args(cfg, setup, resume)
     return run_local(worker_main, cfg.run.workers, args, backend, cfg.run.timeout_s, threads=cfg.run.threads,
                      pin_workers=cfg.run.pin_workers)[0]
 
@@ -261,15 +252,14 @@ def _train_local_workers(cfg: Config, setup: Setup, resume: bool) -> dict:
 def _train_torchrun(cfg: Config, resume, env) -> dict | None:
     import torch.distributed as dist
 
-    from .distributed.launch import Signals, available_cores, fault_from_env, init_group, pick_backend, pin
+    from .distributed.launch import Signals, available_cores, init_group, pick_backend, pin
+    from .distributed.mesh import workers_per_node
 
     rank, world, local_rank = env
     if cfg.run.workers not in (1, world):
         raise ConfigError(f"{cfg.source}: key 'run.workers': {cfg.run.workers} differs from torchrun's world size "
                           f"{world}; leave it at 1 under torchrun")
-    import os
-
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    local_world = workers_per_node(world)
     setup = validate(cfg, world, local_world)
     cores = available_cores()
     if cfg.run.pin_workers and local_world * cfg.run.threads <= len(cores):
@@ -295,8 +285,7 @@ def _train_torchrun(cfg: Config, resume, env) -> dict | None:
                 from .rundir import RunDirError
 
                 raise RunDirError(f"run.out_dir: {cfg.run.out_dir}: rank 0 could not take the run directory")
-            return worker_main(rank, world, _worker_config(cfg, setup), bool(ok[1]), cfg.source, local_rank,
-                               fault_from_env(), setup.topo.source if setup.topo is not None else None)
+            return worker_main(rank, world, *_worker_args(cfg, setup, bool(ok[1]), local_rank))
     finally:
         if rundir is not None:
             rundir.__exit__(*sys.exc_info())
@@ -323,6 +312,15 @@ def worker_main(rank: int, world: int, cfg_dict: dict, resume: bool, source: str
     return _sharded_worker(rank, world, cfg, data, topo, device, resume, fault)
 
 
+def dense_model(cfg: Config, data, topo, device):
+    """``(model, table)``: the run's dense network on ``device``, with the run's backprop."""
+    model, table = build_classifier(cfg, data.n_features, data.n_outputs, topo, DTYPES[cfg.run.dtype],
+                                    data.image_shape)
+    rc = cfg.run
+    model.to(device).body.set_backprop(rc.backprop, rc.anchors, rc.reversible_state, rc.reversible_fraction_bits)
+    return model, table
+
+
 def _replicated_worker(rank, world, cfg, data, topo, device, resume, fault):
     from .distributed.exchange import Tracer
     from .distributed.mesh import ParallelDims, make_groups
@@ -330,11 +328,7 @@ def _replicated_worker(rank, world, cfg, data, topo, device, resume, fault):
     from .distributed.replicated import ReplicatedEngine
 
     groups = make_groups(ParallelDims(world, world), rank, device)  # the workers are the replicas
-    model, table = build_classifier(cfg, data.n_features, data.n_outputs, topo, DTYPES[cfg.run.dtype],
-                                    data.image_shape)
-    model = model.to(device)
-    rc = cfg.run
-    model.body.set_backprop(rc.backprop, rc.anchors, rc.reversible_state, rc.reversible_fraction_bits)
+    model, table = dense_model(cfg, data, topo, device)
     tracer = Tracer.for_rank(cfg.run.out_dir, groups) if cfg.run.trace else None
     engine = ReplicatedEngine(model, groups, device, table, cfg.model.task, tracer, fault)
     quiet_gloo()
@@ -383,29 +377,7 @@ def train_dense(cfg: Config, setup: Setup, resume: bool) -> dict:
     """Train the dense single-process model of ``cfg``; returns the summary."""
     torch.set_num_threads(cfg.run.threads)
     data = load_data(cfg)
-    model, table = build_classifier(cfg, data.n_features, data.n_outputs, setup.topo, DTYPES[cfg.run.dtype],
-                                    data.image_shape)
-    model = model.to(cfg.run.device)
-    rc = cfg.run
-    model.body.set_backprop(rc.backprop, rc.anchors, rc.reversible_state, rc.reversible_fraction_bits)
+    model, table = dense_model(cfg, data, setup.topo, cfg.run.device)
     fingerprint = setup.topo.fingerprint if setup.topo is not None else None
     engine = DenseEngine(model, cfg.run.device, table, cfg.model.task)
-    return Trainer(cfg, engine, data, resume=resume, fingerprint=fingerprint,
-                   dense_to_packed=_dense_to_packed(cfg, setup, data)).fit()
-
-
-def _dense_to_packed(cfg: Config, setup: Setup, data):
-    """Reads format-1 checkpoints of a topology run trained by the dense engine."""
-    if setup.topo is None:
-        return None
-
-    def convert(plain: dict) -> dict:
-        from .blocks import dense_packed
-
-        model, table = build_classifier(cfg, data.n_features, data.n_outputs, setup.topo, DTYPES[cfg.run.dtype],
-                                        data.image_shape)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                p.copy_(plain[n])
-        return dense_packed(table, model)
-    return convert
+    return Trainer(cfg, engine, data, resume=resume, fingerprint=fingerprint).fit()

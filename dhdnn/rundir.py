@@ -159,9 +159,7 @@ def saved_topology(out: Path):
 
 def check_same_topology(out: Path, topo, meta: dict | None) -> None:
     """On resume: the topology must be the one the run was trained on (by content)."""
-    saved_fp = (meta or {}).get("topology", "absent")
-    if saved_fp == "absent":  # format-1 checkpoints recorded no fingerprint
-        return
+    saved_fp = meta.get("topology")
     new_fp = topo.fingerprint if topo is not None else None
     if saved_fp == new_fp:
         return

@@ -19,8 +19,8 @@ from torch import Tensor
 class Task:
     name: str = "?"
     metric: str = "?"  # the headline metric reported per split (train_<metric>, test_<metric>)
-    higher_is_better: bool = True
-    loss_name: str = "loss"
+    label, fmt = "?", ".4f"  # how the metric is printed
+    score = 1  # which sum of the statistics, divided by the count, is the metric
 
     def loss(self, out: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
         raise NotImplementedError
@@ -30,19 +30,16 @@ class Task:
         raise NotImplementedError
 
     def metric_of(self, stats: Tensor) -> float:
-        raise NotImplementedError
-
-    def prediction(self, out: Tensor) -> Tensor:
-        return out
+        return float(stats[self.score] / stats[2]) if float(stats[2]) else math.nan
 
     def describe(self, value: float) -> str:
-        return f"{self.metric} {value:.4f}"
+        return f"{self.label} {value:{self.fmt}}"
 
 
 class Classify(Task):
     """Cross-entropy on integer labels; accuracy."""
 
-    name, metric, loss_name = "classify", "acc", "cross-entropy"
+    name, metric, label = "classify", "acc", "accuracy"
 
     def loss(self, out, y, reduction="mean"):
         return F.cross_entropy(out, y, reduction=reduction)
@@ -53,21 +50,12 @@ class Classify(Task):
         count = torch.tensor(float(len(y)), dtype=ce.dtype, device=ce.device)
         return torch.stack([ce, correct.to(ce.dtype), count]).cpu()
 
-    def metric_of(self, stats):
-        return float(stats[1] / stats[2]) if float(stats[2]) else math.nan
-
-    def prediction(self, out):
-        return out.argmax(1)
-
-    def describe(self, value):
-        return f"accuracy {value:.4f}"
-
 
 class Regress(Task):
     """Mean squared error on real targets ``(N, outputs)``, averaged over the outputs; the metric
-    is the mean squared error itself."""
+    is the mean squared error itself (the loss sum: the score stays 0)."""
 
-    name, metric, loss_name, higher_is_better = "regress", "mse", "mean squared error", False
+    name, metric, label, fmt, score = "regress", "mse", "mse", ".4g", 0
 
     def loss(self, out, y, reduction="mean"):
         per_sample = (out - y.view_as(out)).square().mean(1)
@@ -75,14 +63,8 @@ class Regress(Task):
 
     def stats(self, out, y):
         sse = (out.detach() - y.view_as(out)).square().mean(1).sum()
-        return torch.stack([sse, torch.zeros_like(sse), torch.tensor(float(len(y)), dtype=sse.dtype,
-                                                                       device=sse.device)]).cpu()
-
-    def metric_of(self, stats):
-        return float(stats[0] / stats[2]) if float(stats[2]) else math.nan
-
-    def describe(self, value):
-        return f"mse {value:.4g}"
+        count = torch.tensor(float(len(y)), dtype=sse.dtype, device=sse.device)
+        return torch.stack([sse, torch.zeros_like(sse), count]).cpu()
 
 
 TASKS: dict[str, Task] = {t.name: t for t in (Classify(), Regress())}

@@ -73,7 +73,7 @@ class Trainer:
     """Epoch loop, optimiser, schedule, metrics and checkpoints around an :class:`Engine`."""
 
     def __init__(self, cfg: Config, engine: Engine, data: Dataset, resume: bool = False,
-                 fingerprint: str | None = None, dense_to_packed=None, log=None, extra_summary: dict | None = None):
+                 fingerprint: str | None = None, log=None, extra_summary: dict | None = None):
         self.cfg, self.engine, self.data = cfg, engine, data
         self.extra_summary = extra_summary or {}
         # what the run's own timing says (summary.json "timing"): first step, checkpoint saves and load
@@ -89,7 +89,7 @@ class Trainer:
         # skipped (unreadable) checkpoints and the one resumed from, said once (by the main rank)
         self.log = log or (lambda msg: print(f"dhdnn: {msg}", file=sys.stderr, flush=True) if engine.is_main else None)
         if resume:
-            self._resume(dense_to_packed)
+            self._resume()
 
     # ---- checkpoints ------------------------------------------------------------------
     def _moments(self) -> tuple[str, ...]:
@@ -105,11 +105,10 @@ class Trainer:
                       self._moments())
         self.timing["checkpoint_save_seconds"].append(time.perf_counter() - t0)
 
-    def _resume(self, dense_to_packed) -> None:
+    def _resume(self) -> None:
         t0 = time.perf_counter()
-        table = getattr(self.engine, "table", None)
         meta = ckpt.resume(self.out, self.engine.entries(), self.opt, self._check_compatible, self.log,
-                           self._moments(), lambda shards: ckpt.upgrade_v1(shards, table, dense_to_packed))
+                           self._moments())
         self.epoch, self.step = int(meta["epoch"]), int(meta["step"])
         self.log(f"resumed from {self.out} at epoch {self.epoch}, step {self.step}")
         if self.engine.is_main:

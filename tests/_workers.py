@@ -12,7 +12,7 @@ import torch.distributed as dist
 from dhdnn.config import load_config
 from dhdnn.data import Dataset
 from dhdnn.distributed.engine import build_sharded_engine
-from dhdnn.distributed.exchange import Exchanger, gather, scatter_add
+from dhdnn.distributed.exchange import Exchanger
 from dhdnn.distributed.mesh import ParallelDims, make_groups
 from dhdnn.topology import load_topology
 
@@ -87,6 +87,20 @@ def held(engine, grads: bool = False) -> dict:
     return out
 
 
+def gather(x, ex: Exchanger):
+    """The halo of ``x`` (one whole gather)."""
+    halo = x.new_empty(ex.layout.halo_width, x.shape[1])
+    ex.finish_gather(ex.start_gather([x], [halo]))
+    return halo
+
+
+def scatter_add(c_halo, ex: Exchanger):
+    """What the neighbours' contributions ``c_halo`` add to my rows (one whole scatter-add)."""
+    out = c_halo.new_zeros(ex.layout.width, c_halo.shape[1])
+    ex.finish_scatter(ex.start_scatter([c_halo]), [out])
+    return out
+
+
 def exactness_worker(rank, world, topo_path, arch, layers, packed, data, out_dir, readout, steps, kernel=KERNEL,
                      device="cpu", backprop="autograd", anchors=0, replicas=1, h=0.3, state="fixed"):
     """One forward/backward + checks, then ``steps`` Adam steps; returns what the parent compares."""
@@ -114,7 +128,7 @@ def exactness_worker(rank, world, topo_path, arch, layers, packed, data, out_dir
     hr = torch.randn(ex.layout.halo_width, B, generator=g, dtype=torch.float64).to(device)
     with NoCollectives():
         lhs = (gather(xr, ex) * hr).sum() if ex.active else xr.new_zeros(())  # <G x, y>
-        rhs = (xr * scatter_add(torch.zeros_like(xr), hr, ex)).sum() if ex.active else xr.new_zeros(())
+        rhs = (xr * scatter_add(hr, ex)).sum() if ex.active else xr.new_zeros(())
     # training steps with the same optimiser the trainer uses
     opt = torch.optim.Adam(engine.optimizer_groups(cfg.train.weight_decay), lr=cfg.train.lr)
     load_packed(engine, packed)

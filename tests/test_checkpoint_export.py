@@ -77,55 +77,22 @@ def test_bad_export_file_is_reported(tmp_path, capsys):
     assert "objects other than tensors" in err and "weights_only" not in err and len(err.strip().splitlines()) == 1
 
 
-def _write_format1(run, table_of_names):
-    """Rewrite the newest checkpoint of ``run`` in format 1: one tensor per named block."""
-    d = ckpt.latest(run)
-    meta, shards = ckpt.load(d)
-    full = ckpt.assemble(shards)
-    blocks, optim = table_of_names(full, shards)
-    for s in d.glob("shard-*.pt"):
-        s.unlink()
-    torch.save({"format": "dhdnn-checkpoint", "version": 1, "blocks": blocks, "optim": optim, "extra": {}},
-               d / "shard-0.pt")
-    meta = {k: v for k, v in meta.items() if k not in ("shard_sizes", "topology", "optimizer_step")}
-    (d / "meta.json").write_text(json.dumps({**meta, "version": 1, "shards": 1}))
-    return full
-
-
-def test_format_1_checkpoints_still_load(tmp_path):
-    """Per-agent block names (sharded runs of format 1) map onto the block classes."""
-    from dhdnn.blocks import BlockTable, named
-    from dhdnn.models import ARCHITECTURES
-    from dhdnn.topology import load_topology
-
+def test_a_format_1_checkpoint_is_refused_in_one_line_naming_it(tmp_path, capsys):
+    """Format 1 (one tensor per named block, the first days' format) is no longer read: resume and
+    export say so in one line naming the file, and nothing in the run directory changes."""
     run = tmp_path / "old"
-    train_from_config(_cfg(run, 2, 1))
-    topo = load_topology("topologies/ring8.yaml")
-    table = BlockTable(topo, ARCHITECTURES["H2"].agent_layout(), 3, 2)
-
-    def by_name(full, shards):
-        vals = named(table, full)
-        moments = {k: named(table, ckpt.assemble([{"entries": {kk: {**v, "values": v["moments"][k]}
-                                                               for kk, v in s["entries"].items()}} for s in shards]))
-                   for k in ("exp_avg", "exp_avg_sq")}
-        return vals, {n: {k: moments[k][n] for k in moments} for n in vals}
-
-    _write_format1(run, by_name)
-    train_from_config(_cfg(run, 3, 2), resume=True)  # resumes on 3 workers from format 1 ...
-    assert json.loads((ckpt.latest(run) / "meta.json").read_text())["version"] == 2
-    train_from_config(_cfg(tmp_path / "straight", 2, 2))  # ... exactly where an uninterrupted run ends
-    a, b = _blocks(run), _blocks(tmp_path / "straight")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-9, atol=1e-9)
-    # and a format-1 checkpoint exports: the dense model carries the saved blocks
-    run2 = tmp_path / "old2"
-    train_from_config(_cfg(run2, 2, 1))
-    full2 = _write_format1(run2, by_name)
-    _, model2, _ = dense_model_of_run(run2)
-    from dhdnn.blocks import dense_packed
-
-    for k, v in dense_packed(table, model2).items():
-        torch.testing.assert_close(v, full2[k].to(v.dtype), rtol=0, atol=0)
+    train_from_config(_cfg(run, 1, 1))
+    d = ckpt.latest(run)
+    meta = json.loads((d / "meta.json").read_text())
+    (d / "meta.json").write_text(json.dumps({**meta, "version": 1}))
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.suffix != ".lock"}
+    sets = [a for kv in COMMON + ["train.epochs=2", "run.engine=sharded"] for a in ("--set", kv)]
+    for argv in (["train", "launch/ring8_swiss_roll.yaml", "--resume", "--out", str(run), *sets],
+                 ["export", str(run), "--out", str(tmp_path / "m.pt")]):
+        assert main(argv) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("dhdnn: error: ") and str(d / "meta.json") in last and "format 1" in last, last
+    assert {p: p.read_bytes() for p in before} == before and not (tmp_path / "m.pt").exists()
 
 
 def test_evaluate_asks_for_data_where_none_is_recorded(tmp_path, capsys):

@@ -15,9 +15,6 @@ waits (``finish_*``). Several tensors of the same layout travel together as one 
 neighbour. Receives land directly in caller-owned storage, send buffers are allocated once,
 nothing relies on tags, and a failing peer is named (:class:`PeerFailure`). With gloo, CUDA
 tensors are staged through CPU. Every message can be traced.
-
-``gather`` and ``scatter_add`` are also autograd Functions (each one's backward runs the
-other), for tests and for any code that wants the primitives on their own.
 """
 from __future__ import annotations
 
@@ -246,50 +243,3 @@ class Exchanger:
         for s, buf in p.recv.items():
             for i, out in enumerate(outs):
                 out.index_add_(0, rows[s], buf[i].to(out.device) if self.stage_cpu else buf[i])
-
-    # ---- whole exchanges --------------------------------------------------------------------
-    def gather_values(self, x: Tensor, phase: str = "forward", layer: int = -1, op: str = "gather") -> Tensor:
-        halo = x.new_empty(self.layout.halo_width, x.shape[1])
-        self.finish_gather(self.start_gather([x.contiguous()], [halo], phase, layer, op))
-        return halo
-
-    def scatter_values(self, c_local: Tensor | None, c_halo: Tensor, phase: str = "forward", layer: int = -1,
-                       op: str = "scatter_add") -> Tensor:
-        out = c_halo.new_zeros(self.layout.width, c_halo.shape[1]) if c_local is None else c_local.clone()
-        self.finish_scatter(self.start_scatter([c_halo.contiguous()], phase, layer, op), [out])
-        return out
-
-
-class Gather(torch.autograd.Function):
-    """``x -> halo``; backward: scatter-add of the halo's gradient."""
-
-    @staticmethod
-    def forward(ctx, x, ex: Exchanger, layer: int, op: str):
-        ctx.ex, ctx.layer, ctx.op = ex, layer, op
-        return ex.gather_values(x, "forward", layer, op)
-
-    @staticmethod
-    def backward(ctx, g_halo):
-        return ctx.ex.scatter_values(None, g_halo, "backward", ctx.layer, ctx.op), None, None, None
-
-
-class ScatterAdd(torch.autograd.Function):
-    """``(c_local, c_halo) -> c_local + received``; backward: gather of the gradient."""
-
-    @staticmethod
-    def forward(ctx, c_local, c_halo, ex: Exchanger, layer: int, op: str):
-        ctx.ex, ctx.layer, ctx.op = ex, layer, op
-        return ex.scatter_values(c_local, c_halo, "forward", layer, op)
-
-    @staticmethod
-    def backward(ctx, g):
-        g = g.contiguous()
-        return g, ctx.ex.gather_values(g, "backward", ctx.layer, ctx.op), None, None, None
-
-
-def gather(x: Tensor, ex: Exchanger, layer: int = -1, op: str = "gather") -> Tensor:
-    return Gather.apply(x, ex, layer, op)
-
-
-def scatter_add(c_local: Tensor, c_halo: Tensor, ex: Exchanger, layer: int = -1, op: str = "scatter_add") -> Tensor:
-    return ScatterAdd.apply(c_local, c_halo, ex, layer, op)

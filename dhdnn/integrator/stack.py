@@ -2,26 +2,18 @@
 
 A layer is its :class:`~.layer.AgentLayout`'s half-steps, ``target += h C A^T tanh(K source + b)``,
 on feature-major fields (``(rows, batch)``; a rank's fields carry its halo rows below its own).
-Three independent choices make a stack (a :class:`Plan`):
+Three independent choices make a stack (a :class:`Plan`): the **coupling** (``kernels``, ``ex``:
+assembled matrices, or a rank's block-sparse rows with their halo exchange; one process is the
+one-rank case), the **carrier** (``carriers.py``: float, or fixed point for exact reversible
+backprop) and what the forward **keeps** (``every`` state, ``anchors`` every ``anchor_every``
+layers, or ``nothing``: the backward rebuilds each state by undoing its half-step, the rebuild's
+messages riding in the adjoint's).
 
-* the **coupling** (``kernels``, ``ex``): how ``K x`` and ``A^T s`` are formed — assembled
-  matrices (the dense model, the conv network's shared per-pixel weights), or a rank's
-  block-sparse rows with their halo exchange (a process without neighbours is the one-rank case);
-* the **carrier** (``carriers.py``): the state in float, or in fixed point (exact reversible);
-* what the forward **keeps** for the backward: every state (``every``), only anchors every
-  ``anchor_every`` layers (``anchors``), or nothing (``nothing``: the backward rebuilds each
-  state by undoing the half-step, its messages riding in the adjoint's).
-
-Per half-step on a rank with neighbours: post the gather of the source's boundary rows, compute
-the local product meanwhile, wait, add the halo's (PETSc's ``MatMult_MPIAIJ`` pattern); take
-``tanh``; compute the neighbours' contributions first and post them, compute the local part
-meanwhile, wait and add. The backward is the exact discrete adjoint, overlapped the same way
-(the weight gradients fill the scatter's wait). One :class:`Integrate` call runs every layer:
-no autograd graph per layer, no per-message Python beyond posting and waiting.
-
-``tanh(u)`` is taken as ``2 sigmoid(2u) - 1``: the same function from PyTorch's vectorised
-sigmoid, ~3x faster on CPU than its ``tanh``, the factor 2 folded into the product where the
-kernel can. Pure maths: exchanges arrive as an object with ``start_*``/``finish_*`` methods.
+On a rank with neighbours each product posts its exchange, computes the local part meanwhile and
+adds the halo's after the wait (PETSc's ``MatMult_MPIAIJ`` pattern, the transpose too); the
+backward is the exact discrete adjoint, overlapped the same way. One :class:`Integrate` call runs
+every layer: no autograd graph per layer. Pure maths: exchanges arrive as an object with
+``start_*``/``finish_*`` methods (``distributed.exchange.Exchanger``).
 """
 from __future__ import annotations
 
@@ -41,13 +33,11 @@ _MINUS_ONE = torch.tensor(-1.0)  # (a 0-dim tensor: adds in the other operand's 
 
 
 class Workspace:
-    """Big buffers kept from one pass to the next: a training step's activations (hundreds of MiB
-    on a large rank) would otherwise come back as fresh pages every step, and zero-filling them
-    costs more than the arithmetic. A buffer is handed out only when nobody holds it: a forward
-    takes its buffers and the backward that consumed them gives them back (a forward whose
-    backward never runs simply leaves them to the garbage collector). A graph kept for a second
-    backward (``retain_graph``) across another forward finds its buffers reused: autograd's
-    version check then raises; ``Workspace(0)`` keeps nothing."""
+    """Big buffers kept from one pass to the next (a large rank's activations would otherwise be
+    fresh pages every step, whose zero-filling costs more than the arithmetic). A forward takes
+    its buffers and the backward that consumed them gives them back; a graph kept for a second
+    backward across another forward finds them reused (autograd's version check raises).
+    ``Workspace(0)`` keeps nothing."""
 
     def __init__(self, keep: int = 16):
         self.free: list[Tensor] = []
@@ -281,35 +271,29 @@ def _bound(plan: Plan, ops: _Operands, carrier) -> float | None:
 
 # ---- one half-step, with exchanges ------------------------------------------------------------
 def _forward_half(plan: Plan, ops: _Operands, st: _Store, carrier, k: int, j: int) -> None:
-    """Half-step ``k`` of layer ``j``: ``target += h C A^T tanh(K source + b)``."""
+    """Half-step ``k`` of layer ``j``: ``s = tanh(K X + b)`` on my rows, ``Z[:F] = A^T s`` with what
+    the neighbours send (``Z[F:]`` holds what I send them), then the target's update."""
     X, s, old, new = st.half(k, j)
+    kern, stk, ex, F, Z = plan.kernels[k], ops.st[k], plan.ex, plan.F, st.Z
     if ops.direct[k]:  # three BLAS-level calls
-        kern, stk = plan.kernels[k], ops.st[k]
         kern.mv_local(stk, j, X, s, ops.bias[k][j], 2.0)
         tanh_(s, True)
         kern.tmv_into(stk, j, s, old, new, plan.h * plan.maps[k].scale)
-    else:
-        _half_forward(plan, ops, k, j, X, s, st.Z)
-        carrier.update(st.ends[k][1], old, new, st.Z[:plan.F], plan.h, plan.maps[k], j)
-
-
-def _half_forward(plan: Plan, ops: _Operands, k: int, j: int, X: Tensor, s: Tensor, Z: Tensor) -> None:
-    """``s = tanh(K X + b)`` on my rows, ``Z[:F] = A^T s`` for my rows including what the
-    neighbours send (``Z[F:]`` holds what I sent them)."""
-    kern, st, ex, F = plan.kernels[k], ops.st[k], plan.ex, plan.F
+        return
     g_op, s_op = ops.names[k]
     pend = ex.start_gather([X[:F]], [X[F:]], "forward", j, g_op) if ex is not None else None
-    kern.mv_local(st, j, X, s, ops.bias[k][j], ops.scale[k])
+    kern.mv_local(stk, j, X, s, ops.bias[k][j], ops.scale[k])
     if pend is not None:
         ex.finish_gather(pend)
-        kern.mv_halo(st, j, X, s)
+        kern.mv_halo(stk, j, X, s)
     tanh_(s, ops.prescaled[k])
     if ex is not None:
-        kern.tmv_halo(st, j, s, Z)
+        kern.tmv_halo(stk, j, s, Z)
         pend = ex.start_scatter([Z[F:]], "forward", j, s_op)
-    kern.tmv_local(st, j, s, Z)
+    kern.tmv_local(stk, j, s, Z)
     if ex is not None:
         ex.finish_scatter(pend, [Z[:F]])
+    carrier.update(st.ends[k][1], old, new, Z[:F], plan.h, plan.maps[k], j)
 
 
 def _adjoint(plan: Plan, ops: _Operands, versions, S: Tensor, store: dict, g: dict):
