@@ -281,6 +281,7 @@ def cmd_evaluate(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .models import ARCHITECTURES
+    from .partitioner import METHODS
 
     ap = argparse.ArgumentParser(prog="dhdnn", description="Sparse Hamiltonian deep neural networks, "
                                  "trained with neighbour-only messages across processes.")
@@ -348,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "(FILE: a topology, or a run config)")
     p.add_argument("file")
     p.add_argument("--workers", type=positive_int, help="agent partitions (default with a run config: its workers / replicas)")
-    p.add_argument("--method", choices=["auto", "metis", "bisection", "exact"], default="auto")
+    p.add_argument("--method", choices=METHODS, default="auto")
     p.add_argument("--batch", type=positive_int, help="batch size per replica for the byte figures (default 125)")
     p.add_argument("--layers", type=positive_int, help="layers (default 64)")
     p.add_argument("--arch", choices=[a for a, c in ARCHITECTURES.items() if c.distributable],

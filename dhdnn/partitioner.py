@@ -7,9 +7,9 @@ number of neighbour-rank pairs (messages per exchange), under the load bound ``m
 
 Candidates: METIS k-way via pymetis minimising communication volume with several seeds,
 plus plain METIS (edge cut, seed 0) so the result is never worse than it; on small graphs
-an exact branch-and-bound search; a networkx recursive bisection when pymetis is missing.
-Each candidate is repaired (pins, empty workers, balance), refined by greedy single-agent
-moves on the real objective, and the best one wins. Every rank computes the same partition.
+an exact branch-and-bound search. Each candidate is repaired (pins, empty workers, balance),
+refined by greedy single-agent moves on the real objective, and the best one wins. Every rank
+computes the same partition.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ BALANCE = 1.1
 EXACT_AGENTS = 20  # graphs up to this size are partitioned exactly (branch and bound)
 EXACT_NODES = 2_000_000  # search nodes before the exact search settles for the best found
 REFINE_AGENTS = 50_000  # greedy refinement on graphs up to this size
+METHODS = ("auto", "metis", "exact")
 
 
 @dataclass(frozen=True, eq=False)
@@ -32,7 +33,7 @@ class Partition:
     method: str
 
     def loads(self, topo: Topology) -> list[int]:
-        return np.bincount(self.assignment, weights=topo.dims, minlength=self.workers).astype(np.int64).tolist()
+        return _loads(topo, self.assignment, self.workers)
 
     def cut_edges(self, topo: Topology) -> np.ndarray:
         e = topo.edges
@@ -111,25 +112,19 @@ def load_bound(topo: Topology, workers: int) -> float:
 
 def partition(topo: Topology, workers: int, method: str = "auto") -> Partition:
     """Assign agents to ``workers`` ranks. ``method``: auto (the best candidate, see the module
-    docstring), metis (plain METIS, edge cut), bisection (the networkx fallback), exact."""
+    docstring), metis (plain METIS, edge cut), exact."""
     check_workers(topo, workers)
-    if method not in ("auto", "metis", "bisection", "exact"):
-        raise ValueError(f"method: expected 'auto', 'metis', 'bisection' or 'exact', got {method!r}")
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {list(METHODS)}, got {method!r}")
     if workers == 1:
         return Partition(np.zeros(topo.n_agents, np.int64), 1, "single")
     if workers == topo.n_agents:
         return Partition(_one_per_worker(topo), workers, "one-per-worker")
     if method == "metis":
         return Partition(repair(topo, metis_parts(topo, workers), workers), workers, "metis")
-    if method == "bisection":
-        return Partition(repair(topo, bisection_parts(topo, workers), workers), workers, "bisection")
-    candidates = {}
-    if _has_pymetis():
-        candidates["metis"] = metis_parts(topo, workers)
-        for seed in range(_seeds(topo.n_agents)):
-            candidates[f"metis-vol{seed}"] = metis_parts(topo, workers, volume=True, seed=seed)
-    else:
-        candidates["bisection"] = bisection_parts(topo, workers)
+    candidates = {"metis": metis_parts(topo, workers)}
+    for seed in range(_seeds(topo.n_agents)):
+        candidates[f"metis-vol{seed}"] = metis_parts(topo, workers, volume=True, seed=seed)
     best = None
     for name, parts in candidates.items():
         parts = repair(topo, parts, workers)
@@ -165,14 +160,6 @@ def _seeds(n: int) -> int:
     return 8 if n <= 20_000 else 3 if n <= 200_000 else 1
 
 
-def _has_pymetis() -> bool:
-    try:
-        import pymetis  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
 def _one_per_worker(topo: Topology) -> np.ndarray:
     pins = dict(topo.pinned)
     if len(set(pins.values())) != len(pins):
@@ -206,53 +193,6 @@ def metis_parts(topo: Topology, workers: int, volume: bool = False, seed: int = 
     return np.asarray(parts, np.int64)
 
 
-def bisection_parts(topo: Topology, workers: int) -> np.ndarray:
-    """Recursive bisection: BFS-contiguous split at the target weight, refined by Kernighan-Lin."""
-    g = topo.graph.copy()
-    for i, k in g.edges:
-        g.edges[i, k]["w"] = int(topo.dims[i] + topo.dims[k])
-    parts = np.zeros(topo.n_agents, np.int64)
-    for r, nodes in enumerate(_bisect(g, list(g.nodes), workers, topo.dims)):
-        parts[nodes] = r
-    return parts
-
-
-def _bfs_order(g) -> list[int]:
-    """Nodes in BFS order from a pseudo-peripheral node, component by component."""
-    import networkx as nx
-
-    order = []
-    for comp in sorted(nx.connected_components(g), key=min):
-        sub = g.subgraph(comp)
-        start = min(comp)
-        for _ in range(2):  # two sweeps find a far-away (pseudo-peripheral) start
-            start = list(nx.bfs_tree(sub, start))[-1]
-        order += list(nx.bfs_tree(sub, start))
-    return order
-
-
-def _bisect(g, nodes: list[int], k: int, dims) -> list[list[int]]:
-    import networkx as nx
-
-    if k == 1:
-        return [sorted(nodes)]
-    sub = g.subgraph(nodes)
-    k1 = k // 2
-    target = sum(int(dims[i]) for i in nodes) * k1 / k
-    order, acc, cut = _bfs_order(sub), 0, 0
-    for cut, i in enumerate(order, 1):
-        acc += int(dims[i])
-        if acc >= target:
-            if acc - target > dims[i] / 2 and cut > 1:  # the split is closer to target without i
-                cut -= 1
-            break
-    cut = min(max(cut, k1), len(order) - (k - k1))  # every side keeps enough agents for its workers
-    a, b = set(order[:cut]), set(order[cut:])
-    if len(a) > 1 and len(b) > 1:
-        a, b = nx.algorithms.community.kernighan_lin_bisection(sub, partition=(a, b), weight="w", seed=0)
-    return _bisect(g, list(a), k1, dims) + _bisect(g, list(b), k - k1, dims)
-
-
 # ---- repair and refinement -----------------------------------------------------------------
 def repair(topo: Topology, parts: np.ndarray, workers: int) -> np.ndarray:
     """Apply pins (relabelling parts to agree with as many as possible), fill empty workers and
@@ -269,11 +209,7 @@ def repair(topo: Topology, parts: np.ndarray, workers: int) -> np.ndarray:
                 relabel[p] = w
                 used.add(w)
         free = iter(sorted(set(range(workers)) - used))
-        for p in range(workers):
-            if p not in relabel:
-                relabel[p] = next(free)
-        parts = np.array([relabel[int(p)] for p in parts], np.int64) if len(parts) < 100_000 else \
-            np.vectorize(relabel.get)(parts).astype(np.int64)
+        parts = np.array([relabel[p] if p in relabel else next(free) for p in range(workers)], np.int64)[parts]
         for i, w in pins.items():
             parts[i] = w
     movable = np.ones(topo.n_agents, bool)
