@@ -1,18 +1,12 @@
 """Per-agent parameter blocks: the partition-independent form of a topology network.
 
-Every trainable tensor of a topology run is a set of blocks, each owned by one agent (the
-row agent): block ``(i, k)`` of ``K_p`` holds the rows of agent ``i`` and the columns of
-agent ``k`` for every layer. Blocks of one parameter kind with one shape form a
-:class:`BlockClass` whose canonical order is by (row agent, column agent); a class is
-stored as one tensor — ``(layers, blocks, rows, cols)`` for matrices, ``(layers, blocks,
-width)`` for biases, ``(blocks, ...)`` otherwise — and a rank holds a subset of its blocks,
-named by their canonical indices. Checkpoints, the sharded engine and the dense model all
-speak this form, so a network is the same on any number of workers.
-
-Initial values are drawn per block from a counter-based generator keyed by ``(seed,
-parameter, row agent, column agent)``: no draw depends on which rank makes it or on
-what other agents exist. Everything is vectorised with NumPy (a million agents in seconds).
-Pure maths: no ``torch.distributed``.
+Block ``(i, k)`` of a matrix holds agent ``i``'s rows and agent ``k``'s columns for every layer;
+blocks of one kind and shape form a :class:`BlockClass` in canonical (row, column agent) order,
+stored as one tensor (``(layers, blocks, rows, cols)``, ``(layers, blocks, width)``, or
+``(blocks, ...)``), of which a rank holds a subset named by canonical indices. Checkpoints, the
+sharded engine and the dense model all speak this form. Initial values come from a counter-based
+generator keyed by ``(seed, parameter, row agent, column agent)``, so no draw depends on which
+rank makes it: the same network on any number of workers. Vectorised with NumPy; pure maths.
 """
 from __future__ import annotations
 

@@ -1,12 +1,8 @@
 """Networks from a description: :class:`NetworkSpec`, and the dense model it builds.
 
-A spec is everything that defines a network besides its topology and its weights:
-architecture, depth, step, input and output sizes, task, initialisation. A run config, a
-checkpoint's metadata, an export file and the library (:func:`build_network`,
-:func:`dhdnn.distributed.distribute`) all speak it, so one network is built the same way
-everywhere. With a topology the dense model is masked by the agent graph and initialised
-from the per-agent blocks (``blocks.py``): the same network the sharded engine builds on
-any number of workers.
+A spec is everything that defines a network besides its topology and weights; configs,
+checkpoints, exports and the library all speak it. With a topology the dense model is masked by
+the agent graph and initialised from the per-agent blocks: the network the sharded engine builds.
 """
 from __future__ import annotations
 

@@ -1,14 +1,11 @@
 """Partition-independent checkpoints whose cost is the bytes they hold.
 
-A checkpoint is a directory ``RUN/checkpoints/step-XXXXXXXX/`` holding one shard per
-parameter owner (``shard-R.pt``) and ``meta.json`` (epoch, step, config, topology
-fingerprint, shard sizes), written last. A shard stores each checkpoint entry of its rank
-as a few large tensors: the values of a block class (``K_p/8x8``: every block this rank
-holds, in one tensor) with the canonical indices of those blocks, and the optimiser moments
-in the same layout. Loading maps canonical indices to whatever blocks the loading rank
-holds, so a run saved on 4 workers resumes on 2, dense or sharded. Every file goes through
-a temp file + rename (a crash never leaves a torn file under a real name), files honour the
-umask, and loading uses ``torch.load(weights_only=True, mmap=True)``.
+``RUN/checkpoints/step-XXXXXXXX/`` holds a shard per parameter owner (``shard-R.pt``: per block
+class a few large tensors, values and optimiser moments, with the canonical indices of the
+blocks it holds) and ``meta.json``, written last. Loading maps canonical indices to the blocks
+the loading rank holds, so a run saved on any layout resumes on any other, dense or sharded.
+Every file goes through a temp file + rename and honours the umask; loading uses
+``torch.load(weights_only=True, mmap=True)``.
 """
 from __future__ import annotations
 

@@ -1,10 +1,8 @@
 """The checks of :mod:`dhdnn.testing` (locality, bytes, reductions, masks, exactness), each on
 what a run leaves; :mod:`dhdnn.verify` runs them all for a run config.
 
-Trace records are those of ``run.trace`` / ``distribute(trace=...)``: one dict per message sent
-(``step``, ``phase``, ``layer``, ``op``, ``src``, ``dst``, ``bytes``; gradient reductions as
-``op: allreduce_grad`` and the logits' all-reduce of ``run.readout: allreduce`` as
-``op: allreduce_readout``, with their ``group``). Global ranks are ``replica * P + agent partition``.
+Trace records (``run.trace``, ``distribute(trace=...)``) are one dict per message (``step``,
+``phase``, ``layer``, ``op``, ``src``, ``dst``, ``bytes``; collectives with their ``group``).
 """
 from __future__ import annotations
 

@@ -1,11 +1,6 @@
-"""Datasets: seeded 2-D generators, scikit-learn's 8x8 digits, local IDX image files, and a
-user's own data (``.npz`` / ``.npy`` arrays, CSV files, or a factory function).
-
-Everything is generated in code or read from local files: nothing is downloaded. A
-:class:`Dataset` holds float train/test features and the targets: integer labels
-(classification) or real ``(N, outputs)`` targets (regression). A user's own data is checked
-before anything trains (:func:`validate_arrays`), with one-line errors naming the file and
-the key; the readers live in ``datafiles.py``.
+"""Datasets: seeded 2-D generators, scikit-learn's 8x8 digits and local IDX image files (a user's
+own arrays: ``datafiles.py``). Nothing is downloaded. A :class:`Dataset` holds float features and
+integer labels (classification) or real ``(N, outputs)`` targets (regression).
 """
 from __future__ import annotations
 

@@ -1,13 +1,10 @@
 """A user's own data, without code: ``.npz`` files, directories of ``.npy`` arrays (memory-mapped),
 CSV files, and ``package.module:function`` factories returning arrays.
 
-Every reader returns plain arrays; :func:`validate_arrays` checks them all the same way
-before anything trains (shapes, non-finite values, labels that are not integers or out of
-range, fewer than 2 classes, test features that do not match the training ones) and turns
-them into a :class:`~dhdnn.data.Dataset`. Every error is one line naming the file (or the
-factory) and the key (array, column or config key) and what was expected
-(:class:`~dhdnn.config.ConfigError`, exit code 2). Where the data has no test split, one is
-drawn from the training arrays by ``data.train_fraction`` and ``data.seed``.
+Every reader returns arrays that :func:`validate_arrays` checks the same way before anything
+trains (shapes, non-finite values, labels, classes, matching features); every error is one line
+naming the file (or factory), the key and what was expected (exit code 2). Data without a test
+split gets one drawn by ``data.train_fraction`` and ``data.seed``.
 """
 from __future__ import annotations
 

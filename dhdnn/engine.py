@@ -1,10 +1,8 @@
-"""What the trainer needs from a model runtime, and the dense single-process runtime.
+"""What the trainer needs from a model runtime (:class:`Engine`), and the dense one-process runtime.
 
-An :class:`Engine` turns a batch into an objective to differentiate, evaluates a split,
-sums logging statistics over ranks (outside forward/backward), and lists its parameters as
-checkpoint :class:`Entry` objects in the partition-independent block form of
-``blocks.py``. :class:`DenseEngine` runs the whole (masked) network in one process; the
-sharded engine lives in ``dhdnn.distributed``. Nothing here imports ``torch.distributed``.
+An engine turns a batch into an objective, evaluates a split, sums logging statistics over
+ranks (outside forward/backward) and lists its parameters as checkpoint :class:`Entry` objects
+in ``blocks.py``'s partition-independent form. Nothing here imports ``torch.distributed``.
 """
 from __future__ import annotations
 

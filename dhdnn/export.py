@@ -1,11 +1,5 @@
-"""Export a run as one dense, partition-free file, and load it back.
-
-The file (``torch.save`` of plain tensors, numbers, strings, lists and dicts, so it loads
-with ``torch.load(weights_only=True)``) holds the dense masked network: architecture,
-``h``, layers, the per-layer matrices assembled from every agent's blocks, biases, fixed
-matrices and masks, the input placement with its embeddings, and the readout ``W``, ``mu``
-(or, for the image network, its convolution, image shape and linear readout).
-The schema is in the README.
+"""Export a run as one dense, partition-free file (plain tensors and data: it loads with
+``torch.load(weights_only=True)``; the schema is in the README), and load it back.
 """
 from __future__ import annotations
 

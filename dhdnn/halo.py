@@ -1,11 +1,8 @@
 """The halo plan: what every rank sends and receives in each exchange, fixed for the whole run.
 
-Built once from a topology and a partition (like PETSc's scatter context): per rank, its
-agents in canonical order; per neighbour rank, the send list (my agents adjacent to some
-agent of theirs, by global index) and the receive list (theirs adjacent to mine); and its
-place in a spanning tree of the rank graph, along which the readout's partial logits travel.
-:class:`RankRows` turns a plan into row indices of the rank's fields. Sizes are static, so
-message buffers are allocated once. Everything is vectorised (a million agents in seconds).
+Per rank (like PETSc's scatter context): its agents, per neighbour rank the agents it sends and
+receives, and its place in the spanning tree the readout travels; :class:`RankRows` turns it into
+rows of the rank's fields. Sizes are static; everything is vectorised.
 """
 from __future__ import annotations
 

@@ -1,15 +1,11 @@
 """Agents -> workers: a partition that minimises what is sent.
 
-The objective is the halo volume of an exchange, ``sum_a n_a * |{ranks other than a's own
-among a's neighbours' ranks}|`` (proportional to the bytes per training step), then the
-number of neighbour-rank pairs (messages per exchange), under the load bound ``max load <=
-1.1 x mean`` where integrality allows, with no worker left empty and pins respected.
-
-Candidates: METIS k-way via pymetis minimising communication volume with several seeds,
-plus plain METIS (edge cut, seed 0) so the result is never worse than it; on small graphs
-an exact branch-and-bound search. Each candidate is repaired (pins, empty workers, balance),
-refined by greedy single-agent moves on the real objective, and the best one wins. Every rank
-computes the same partition.
+The objective is the halo volume of an exchange, ``sum_a n_a * |{ranks other than a's own among
+a's neighbours' ranks}|`` (proportional to the bytes per step), then the neighbour-rank pairs,
+under ``max load <= 1.1 x mean`` where integrality allows, no worker empty, pins respected.
+Candidates: METIS k-way on communication volume with several seeds, and plain METIS (so the
+result is never worse than it); on small graphs an exact branch-and-bound search. Each is
+repaired, refined by single-agent moves on the real objective, and the best one wins.
 """
 from __future__ import annotations
 

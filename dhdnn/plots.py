@@ -1,21 +1,8 @@
-"""Pictures of a run, each one answering one question.
-
-* ``curves.png``: did training converge, and does the test split follow? Loss and accuracy per
-  epoch, train and test.
-* ``grad_norms.png``: do gradients vanish or explode across depth? ``||dloss/dy_j||`` per layer
-  and recorded iteration, on a log colour scale that ignores exact zeros.
-* ``decision_boundary.png`` (2-D data): what did the classifier learn? The plane coloured by
-  prediction, the test points on top, the split and its accuracy in the title.
-* ``confusion.png`` and ``misclassified.png`` (images): which classes are confused (named,
-  where the dataset names them), and how do the failures look?
-* ``predictions.png`` (regression): how close is each predicted output to its target?
-  ``vector_field.png`` (regression from 2 inputs to 2 outputs): the learned field beside the
-  true one.
-* ``topology.png`` (a topology run) and ``partition.png`` (one on several agent partitions):
-  which agent reads the inputs and feeds the readout, where do the agents live, what does each
-  worker carry, which edges cross workers?
-
-Uses matplotlib's file-only Agg backend.
+"""Pictures of a run, each one answering one question: did training converge (``curves.png``), do
+gradients vanish across depth (``grad_norms.png``), what did the classifier learn
+(``decision_boundary.png``; images: ``confusion.png``, ``misclassified.png``; regression:
+``predictions.png``, ``vector_field.png``), and where do the agents live (``topology.png``,
+``partition.png``). matplotlib's file-only Agg backend.
 """
 from __future__ import annotations
 

@@ -1,10 +1,7 @@
 """What a run will need and what this machine has: memory per rank, cores.
 
-The estimate counts what a rank holds: parameters, their gradients and optimiser moments,
-the activations the backward keeps (per-layer states and tanh outputs of its own agents and
-halo, or a few buffers in reversible mode), an evaluation chunk and the dataset. It is used
-to refuse a run that cannot fit before any worker starts, and reported by the scale benchmark
-against measured peaks.
+The estimate counts parameters, gradients and optimiser moments, the activations the backward
+keeps, and the dataset; a run that cannot fit is refused before any worker starts.
 """
 from __future__ import annotations
 

@@ -1,15 +1,11 @@
 """A run directory: owned by one run at a time, and enough on its own to resume, export,
 evaluate and plot the run from any working directory.
 
-* **Ownership.** The run that writes a directory holds an exclusive ``flock`` on
-  ``.dhdnn.lock`` (the launcher, or rank 0 under torchrun) and every worker a shared one on
-  ``.dhdnn-workers.lock``. A second run exits naming the holder; the locks die with their
-  processes, so a crashed run never blocks the next, and a new run cannot start while any
-  worker of an old one is still alive.
-* **Self-contained.** ``config.yaml`` is the resolved config with ``topology: topology.yaml``
-  and the topology (as it was given: a generator or explicit lists) beside it; topology
-  identity is by content (:attr:`~dhdnn.topology.Topology.fingerprint`), so an edited
-  topology is refused on resume with what changed.
+The run writing it holds an exclusive ``flock`` on ``.dhdnn.lock`` (the launcher, or rank 0 under
+torchrun) and every worker a shared one on ``.dhdnn-workers.lock``: a second run exits naming the
+holder, and the locks die with their processes. ``config.yaml`` is the resolved config with the
+topology beside it (``topology.yaml``, as given); topology identity is by content, so an edited
+topology is refused on resume with what changed.
 """
 from __future__ import annotations
 

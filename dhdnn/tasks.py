@@ -1,11 +1,6 @@
-"""What a network is trained to do: the loss, the statistics summed over batches and ranks,
-and the metrics reported from them, for classification and regression.
-
-One registry, one dispatch (``TASKS[cfg.model.task]``); engines, the trainer, evaluation,
-pictures and export ask the task instead of testing its name. Statistics are three sums that
-add across batches and ranks: ``[loss, score, count]`` (the score is the number of correct
-predictions for classification; regression keeps 0 there and reports the loss, the mean
-squared error, as its metric).
+"""What a network is trained to do: the loss, the statistics summed over batches and ranks
+(``[loss, score, count]``) and the metric reported from them, for classification and regression.
+One registry (``TASKS[cfg.model.task]``): nothing else tests a task's name.
 """
 from __future__ import annotations
 

@@ -1,15 +1,9 @@
 """Topologies of agents: the YAML format, generators, validation and masks.
 
-A topology is an undirected connected graph of agents. Agent ``i`` owns ``p^[i]`` and
-``q^[i]`` of ``n_i`` entries each; the global state is ordered
-``(p^[1], ..., p^[M], q^[1], ..., q^[M])`` in the topology's agent order. The YAML
-format (see the README) names agents and edges, or a generator; which input features
-enter which agent; readout agents; optional pinned workers.
-
-Graphs are held as NumPy arrays (an edge list and its CSR adjacency), so a topology of a
-million agents loads in seconds; a networkx view is built only on demand (pictures,
-small-graph algorithms). Every error names the file, the key and what was expected;
-loading either returns a whole :class:`Topology` or raises.
+A topology is an undirected connected graph of agents; agent ``i`` owns ``p^[i]`` and ``q^[i]``
+of ``n_i`` entries each, and the state is ``(p^[1], ..., p^[M], q^[1], ..., q^[M])``. Graphs are
+NumPy arrays (an edge list and its CSR adjacency: a million agents load in seconds), networkx
+only on demand. Every error names the file, the key and what was expected.
 """
 from __future__ import annotations
 

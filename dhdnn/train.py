@@ -1,10 +1,7 @@
-"""One training loop for every engine.
-
-The :class:`Trainer` owns epochs, batches, the optimiser, the learning-rate schedule,
-metrics, checkpoints and resume; what differs between the dense single-process model and
-the sharded multi-process one lives behind :class:`~dhdnn.engine.Engine`. A non-finite loss
-or gradient stops training at that step (:class:`NonFiniteError`) before the optimiser
-touches the parameters, so nothing non-finite is ever saved.
+"""One training loop for every engine: the :class:`Trainer` owns epochs, batches, the optimiser,
+the schedule, metrics, checkpoints and resume; what differs between runtimes is behind
+:class:`~dhdnn.engine.Engine`. A non-finite loss or gradient stops training before the optimiser
+touches the parameters (:class:`NonFiniteError`), so nothing non-finite is ever saved.
 """
 from __future__ import annotations
 

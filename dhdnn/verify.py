@@ -1,16 +1,11 @@
 """``dhdnn verify``: prove, for a run config, that its network sharded on workers is the
 one-process network and talks only to graph neighbours.
 
-The config's network trains ``steps`` steps in float64 (the same batches, optimiser and
-regulariser as ``dhdnn train``) in this process, then sharded on each worker count with tracing
-(local gloo workers). Per worker count the checks of :mod:`dhdnn.testing` run: locality (every
-message between ranks owning adjacent agents, one per neighbour rank per exchange), bytes (per
-exchange, phase and step, equal to the halo plan), exactness (every parameter block after the
-steps, the distributed logits and the shards loaded back as one dense model, against the
-one-process model; before them, the first step's gradients, which a uniformly scaled gradient
-cannot pass as Adam's steps can), masks (no weight outside the graph's blocks, in the shards'
-storage and in the loaded model) and reductions (gradient sums only in the backward, on the
-replica groups).
+The network trains ``steps`` steps in float64 (the trainer's batches, optimiser and regulariser)
+here, then sharded with tracing on each worker count, where the checks of :mod:`dhdnn.testing`
+run: locality and bytes against the halo plan, reductions, masks, and exactness (the first
+step's gradients, which a uniformly scaled gradient cannot pass as Adam's steps can; every
+parameter block after the steps; the logits; the shards loaded back as one dense model).
 """
 from __future__ import annotations
 

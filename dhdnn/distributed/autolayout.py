@@ -1,23 +1,13 @@
 """``run.replicas: auto``: choose agent partitions x replicas (and on several nodes where the agent
-groups sit) from a cost model measured at start-up.
+groups sit) from a cost model measured at start-up; rank 0 decides and tells the others.
 
-Every rank takes part (collectives at setup, on the default group); rank 0 decides and tells
-the others. Per training step of a layout (P, R, placement):
-
-* compute: a one-rank engine's step at batch ``ceil(B / R)`` is timed on rank 0, ``t(b)``, and
-  at batch 8, ``t0`` (the per-step overhead that does not shrink with the work); with P
-  partitions a rank does ``t0 + (t(b) - t0) / P``, and ranks with neighbours run the
-  overlapped path, ``NEIGHBOUR_PATH_FACTOR`` times the one-rank path's overhead;
-* exchanges (P > 1): ``2 x layers x exchanges per layer + 2`` (readout) neighbour exchanges of
-  the halo plan's largest message, at the latency and per-byte cost measured between two ranks
-  of one node, or of two nodes where the agent groups span nodes;
-* gradient averaging (R > 1): a ring all-reduce of the shard's gradient bytes, ``2 (R - 1)``
-  steps of ``1/R`` of it, at the cost between nodes where the replica groups span them.
-
-On one node the placement is ``packed``; on several, both are predicted: agent groups inside a
-node (replicas across nodes) or across nodes (replicas side by side). The model is small on
-purpose; ``benchmarks/bench_layouts.py`` and ``benchmarks/bench_two_nodes.py`` print its
-predictions beside measured times.
+Per training step of a layout (P, R, placement): compute, a one-rank step at batch ``ceil(B / R)``
+``t(b)`` and its fixed part ``t0`` (batch 8), ``t0 + (t(b) - t0) / P`` (``t0`` times
+``NEIGHBOUR_PATH_FACTOR`` on the overlapped path of ranks with neighbours); halo exchanges (P > 1),
+``2 x layers x exchanges per layer + 2`` of the plan's largest message at the latency and per-byte
+cost measured inside a node, or between nodes where agent groups span them; gradient averaging
+(R > 1), a ring all-reduce of the shard's bytes, likewise. ``benchmarks/bench_layouts.py`` and
+``benchmarks/bench_two_nodes.py`` print its predictions beside measured times.
 """
 from __future__ import annotations
 

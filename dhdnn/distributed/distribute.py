@@ -14,17 +14,11 @@
         opt.step()
     net.save("ckpt", opt)                                # shards, loadable as one dense model: load_exported
 
-:func:`distribute` partitions the topology (or takes a saved assignment), keeps this rank's
-agent blocks with the model's current weights and returns a :class:`DistributedNetwork`:
-its ``parameters()`` are this rank's shard, its forward takes the global batch and returns
-the logits of this replica's slice on every rank of the agent group (the partial sums go up
-and back down a spanning tree of neighbour ranks; the backward averages the ranks' logit
-gradients the same way, so the same loss on every rank gives exactly one process's
-gradient). With replicas (a ``("replica", "agent")`` mesh) each replica takes its slice of
-the global batch and gradients are averaged over the replica group when the backward ends,
-as DistributedDataParallel does. The CLI's sharded engine is a client of the same object
-(:func:`~dhdnn.distributed.network.build_shard`, :class:`DistributedNetwork`): one setup, one
-step preamble, one replica slice, one gradient reducer and one checkpoint protocol.
+:func:`distribute` keeps this rank's agent blocks with the model's current weights; the
+:class:`DistributedNetwork` it returns computes the logits of this replica's slice on every rank
+of the agent group (the same loss on every rank gives exactly one process's gradient) and, with
+replicas, averages gradients over the replica group as DistributedDataParallel does. The CLI's
+sharded engine is a client of the same object: one setup, step, reducer and checkpoint protocol.
 """
 from __future__ import annotations
 

@@ -1,11 +1,6 @@
-"""The engine of one rank of a sharded run, and how it is built from a run config.
-
-:func:`build_sharded_engine` partitions the topology (every rank computes the same
-partition; a setup-time check confirms it), builds this rank's halo plan and
-:class:`~dhdnn.distributed.network.ShardedNet` from per-agent initial blocks, and wraps it
-in a :class:`ShardedEngine`, the trainer's interface: objective (the root computes the
-loss from the tree-reduced logits), evaluation, logging reductions (outside
-forward/backward), barriers and checkpoint entries.
+"""The engine of one rank of a sharded run, built from a run config: a client of the library's
+:class:`~dhdnn.distributed.DistributedNetwork`, with the trainer's interface (objective, evaluation,
+logging reductions outside forward/backward, barriers, checkpoint entries).
 """
 from __future__ import annotations
 

@@ -1,20 +1,13 @@
 """Neighbour exchanges: ``gather`` and ``scatter_add``, each the other's adjoint.
 
-A rank's *field* is an ``(F, B)`` tensor whose rows are its agents' entries (its slices of
-``p``, ``q`` or ``y``) and whose columns are the batch: feature-major, so every message is
-a set of whole rows. Its *halo* is an ``(H, B)`` tensor of the neighbours' rows it reads,
-laid out neighbour rank by neighbour rank (ascending), agent by agent.
-
-* gather: send each neighbour rank the rows of my agents it reads; receive theirs;
-* scatter-add: send each neighbour the contributions I computed for its agents (halo rows);
-  add the ones I receive for mine.
-
-An :class:`Exchanger` runs both on one rank's static :class:`FieldLayout`: it posts every
-receive and send (``start_*``), lets the caller compute while messages are in flight, and
-waits (``finish_*``). Several tensors of the same layout travel together as one message per
-neighbour. Receives land directly in caller-owned storage, send buffers are allocated once,
-nothing relies on tags, and a failing peer is named (:class:`PeerFailure`). With gloo, CUDA
-tensors are staged through CPU. Every message can be traced.
+A rank's *field* is ``(F, B)``: its agents' rows by the batch (feature-major, so a message is a
+set of whole rows); its *halo* ``(H, B)`` holds the neighbours' rows it reads, neighbour rank by
+rank, agent by agent. A gather sends each neighbour rank the rows of my agents it reads; a
+scatter-add sends each the contributions I computed for its agents and adds those I receive.
+An :class:`Exchanger` posts every receive and send (``start_*``), lets the caller compute, and
+waits (``finish_*``); several tensors travel as one message per neighbour, receives land in the
+caller's storage, send buffers are allocated once, a failing peer is named (:class:`PeerFailure`),
+CUDA tensors are staged through the CPU with gloo, and every message can be traced.
 """
 from __future__ import annotations
 

@@ -1,20 +1,11 @@
 """Processes: process groups, local workers on 127.0.0.1, torchrun's environment.
 
-``run_local`` starts ``world`` worker processes (forkserver with torch preloaded), joins them
-through a ``FileStore`` in a fresh temp directory (no port guessing; gloo on the loopback
-interface only), and watches them:
-
-* a worker never outlives its launcher: it asks the kernel for SIGKILL when its parent dies
-  and a watchdog thread checks the launcher's pid twice a second;
-* SIGINT, SIGTERM and SIGHUP to the launcher stop every worker at once (:class:`Interrupted`);
-* when a worker fails, the others fail too (a dead peer closes its sockets; a hung one trips
-  the process-group timeout), leftovers are killed after a short grace, and
-  :class:`WorkerFailure` names the first failure: its traceback, its one-line message for
-  a user error, or "stopped answering" for a worker that hung.
-
-Under ``torchrun`` the same worker code reads ``RANK``/``WORLD_SIZE`` and joins through the
-agent's store, under a prefix per restart attempt so that a restart never reads the previous
-attempt's addresses.
+``run_local`` starts ``world`` workers (forkserver, torch preloaded), joins them through a
+``FileStore`` in a fresh temp directory (no port guessing; gloo on loopback only) and watches
+them: a worker never outlives its launcher (a parent-death signal and a watchdog thread); SIGINT,
+SIGTERM and SIGHUP stop every worker (:class:`Interrupted`); when one fails the others follow,
+leftovers are killed after a grace, and :class:`WorkerFailure` names the first failure. Under
+``torchrun`` the workers join through the agent's store, under a prefix per restart attempt.
 """
 from __future__ import annotations
 

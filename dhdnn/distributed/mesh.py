@@ -1,11 +1,8 @@
 """The 2-D layout of a run: agent partitions × data-parallel replicas.
 
-``world = agents × replicas``, validated by :func:`check_layout` and nowhere else (the CLI
-before any worker starts, ``dhdnn partition`` and :func:`~dhdnn.distributed.distribute` call it;
-its :class:`LayoutError` names the config key). Rank ``r`` holds agent partition ``r % agents``
-of replica ``r // agents`` (a row-major ``("replica", "agent")`` ``DeviceMesh``): halo exchanges
-and the readout tree run inside the ``agent`` group of a replica, gradient averaging inside
-the ``replica`` group of a partition.
+``world = agents × replicas``, validated by :func:`check_layout` and nowhere else (its
+:class:`LayoutError` names the config key). Halo exchanges and the readout tree run inside a
+replica's ``agent`` group, gradient averaging inside a partition's ``replica`` group.
 """
 from __future__ import annotations
 

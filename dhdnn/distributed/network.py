@@ -1,12 +1,9 @@
 """One rank's share of a topology network: its agents' inputs, layers and readout.
 
-The rank holds every parameter block whose row agent is one of its agents, in the block
-classes of ``blocks.py`` (one tensor per class; matrix blocks with local column agents
-first), its agents' embeddings and readout blocks, and ``mu`` if it owns the first readout
-agent. The forward places the inputs into the rank's fields, runs
-:class:`~dhdnn.distributed.stack.ShardedStack` and sums the partial logits over the readout
-tree. Nothing here depends on which architecture runs: its
-:class:`~dhdnn.models.hamiltonian.AgentLayout` says which fields exist and what a layer does.
+The rank holds every block whose row agent is one of its agents (``blocks.py``'s classes), its
+agents' embeddings and readout blocks, and ``mu`` with the first readout agent. The forward
+places the inputs into the rank's fields, runs the integrator and sums the partial logits over
+the readout tree; the architecture's :class:`~dhdnn.integrator.AgentLayout` says what a layer is.
 """
 from __future__ import annotations
 

@@ -1,13 +1,10 @@
 """The readout's messages: partial logits to the root, and their gradient back.
 
-Every rank computes ``sum_i W^[i] y_L^[i]`` over its readout agents. With the default
-``tree`` readout the partial sums travel up a BFS spanning tree of the rank graph (one
-message per tree edge, neighbour ranks only) to rank 0, which computes the loss; the logits'
-gradient travels back down (:class:`TreeReduce`, what the trainer uses). For a user's own
-loop every rank gets the logits (:class:`TreeAllReduce`): the sum goes up and back down the
-same tree, and the backward averages the ranks' gradients of the logits the same way, so
-the same loss computed on every rank gives exactly one process's gradient. ``allreduce`` is
-the explicit collective alternative; it is never chosen silently.
+With the ``tree`` readout every rank's ``sum_i W^[i] y_L^[i]`` travels up a BFS spanning tree of
+the rank graph to rank 0 and the gradient comes back down (:class:`TreeReduce`, the trainer's);
+for a user's loop the sum also comes back down to every rank and the backward averages the
+ranks' logit gradients the same way (:class:`TreeAllReduce`). ``allreduce`` is the explicit
+collective alternative, never chosen silently.
 """
 from __future__ import annotations
 

@@ -1,18 +1,11 @@
-"""A training step on a worker: its start (:func:`begin_step`), and data-parallel replicas of a
-shard whose gradients are summed over the replica group, overlapped.
+"""A training step on a worker (:func:`begin_step`), and the gradient sum of a shard's replicas.
 
-Every replica of an agent partition computes the same parameters' gradients on its own slice
-of the global batch, with the loss normalised by the *global* batch size, so the sum of the
-replicas' gradients is the gradient of the whole batch, exactly as one process computes it.
-Parameters are grouped into buckets (about ``BUCKET_BYTES``, in reverse registration order,
-roughly the order backward produces them); when the last gradient of a bucket has been
-accumulated, a hook copies the bucket into one flat buffer and starts an asynchronous
-``all_reduce`` on the replica group, so reductions overlap the rest of the backward (as
-DistributedDataParallel's buckets do). :meth:`GradReducer.finish` waits and writes the sums
-back (or, with ``average``, the means, as DDP does for a user's loop whose replicas each
-normalise their loss by their own slice); with ``auto_finish`` it runs by itself when the
-backward ends (queued on the autograd engine, as DDP does), so a user's loop needs no call.
-Every reduction can be traced (op ``allreduce_grad``, its bytes, the group's ranks).
+Each replica of an agent partition computes its gradients on its slice of the global batch with
+the loss normalised by the *global* batch, so their sum is one process's gradient. As
+DistributedDataParallel does, parameters form buckets (~``BUCKET_BYTES``, in reverse order);
+a bucket's last gradient starts an asynchronous ``all_reduce`` on the replica group, overlapping
+the rest of the backward, and :meth:`GradReducer.finish` writes the sums (or means) back, by
+itself when the backward ends with ``auto_finish``. Every reduction can be traced.
 """
 from __future__ import annotations
 

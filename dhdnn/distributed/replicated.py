@@ -1,13 +1,8 @@
-"""The dense network on every worker: data-parallel replicas of a network without agents.
-
-Networks that do not split into agents (the conv image network, a dense state network)
-still use every worker: each worker holds the whole model, takes its slice of every global
-batch, and the gradients are summed over the workers by :class:`~.replicas.GradReducer`
-(bucketed asynchronous all-reduces overlapped with the backward, as DistributedDataParallel
-does). The loss of a slice is normalised by the *global* batch, so the summed gradient is
-exactly one process's, whatever the slices' sizes, and the optimiser steps identically on
-every worker. Checkpoints are written by rank 0 alone, in the dense engine's format, so a run
-resumes on any number of workers or in one process.
+"""The dense network on every worker: data-parallel replicas of a network without agents (the
+conv image network, a dense state network). Each worker takes its slice of every global batch,
+its loss normalised by the global batch, and :class:`~.replicas.GradReducer` sums the gradients:
+exactly one process's. Rank 0 writes checkpoints in the dense engine's format, so a run resumes
+on any number of workers or in one process.
 """
 from __future__ import annotations
 

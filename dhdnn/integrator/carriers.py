@@ -1,19 +1,13 @@
 """The state's carrier: float, or fixed point (exact reversible backprop), and the certificate.
 
-A carrier owns how a half-step's increment reaches the state and how the reversible backward
-takes it away again:
-
-* :class:`FloatCarrier`: ``new = old + alpha C z`` in the run's dtype; undoing subtracts it, so a
-  rebuilt state drifts by round-off (measured by the certificate).
-* :class:`FixedCarrier`: the state is an integer grid ``2^-F`` (int64; or float64 holding the
-  same integers where the weights bound every state below 2^53 grid units, an optimisation of
-  the same carrier: PyTorch adds float64 about 3x faster than int64). The increment is computed
-  in the run's dtype from the dequantised other field, rounded to the grid and added as an
-  integer; the backward recomputes the same increment from the same bits and subtracts it, so
-  every rebuilt state equals the forward's bit for bit, at any depth. The adjoint is that of this
-  forward with the rounding passed straight through. Overflow is ``|state| >= 2^(62 - F)``.
-
-Pure maths.
+:class:`FloatCarrier` adds ``alpha C z`` in the run's dtype; undoing subtracts it, so a rebuilt
+state drifts by round-off (the certificate measures it). :class:`FixedCarrier` holds the state
+on the integer grid ``2^-F`` (int64; or float64 holding the same integers where the weights bound
+every state below 2^53 grid units: PyTorch adds float64 ~3x faster). Each increment is computed
+in the run's dtype from the dequantised other field, rounded to the grid and added as an integer;
+the backward recomputes it from the same bits and subtracts it, so every rebuilt state is the
+forward's bit for bit at any depth (the adjoint passes the rounding straight through). Overflow
+is ``|state| >= 2^(62 - F)``. Pure maths.
 """
 from __future__ import annotations
 

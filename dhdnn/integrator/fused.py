@@ -1,22 +1,14 @@
 """The fused block kernel: a rank's block-sparse products compiled with numba, one pass per block row.
 
-At small blocks (8x8: 8 + 8 state entries per agent) PyTorch's batched products cost more in
-calls and in separate sweeps (gather, product, scatter-add, bias) than in arithmetic. Here every
-product is one loop nest over the graph, compiled for the block shape:
-
-* ``K X + b``: per row agent, the bias and then each neighbour block's product accumulate into
-  the agent's rows of the output, which stay in cache (written to memory once);
-* ``K^T s``: per column agent likewise, from every block in its column;
-* the weight gradient ``gu X^T + s GZ^T``: per block, both terms in one pass over the batch.
-
-Blocks must be contiguous in the field (an agent's rows next to each other, as the engine lays
-them out); a class that is not goes through :class:`~.kernels.BlockKernel`'s gathers. Kernels
-are compiled per block shape and dtype on first use (shapes that carry little of the work share
-one nest whose shape is read when it runs: a graph of many agent dims compiles a few loop sets,
-not one per pair of dims) and cached on disk by numba (``NUMBA_CACHE_DIR``, else ``__pycache__``
-beside this file): a second run loads them.
-:data:`COMPILE` says how long this process spent compiling or loading them. CPU only; where numba
-is missing, :func:`available` says why and ``auto`` keeps to the PyTorch kernels. Pure maths.
+At small blocks PyTorch's batched products cost more in calls and separate sweeps (gather,
+product, scatter-add, bias) than in arithmetic. Here each product is one loop nest over the graph,
+compiled for the block shape: ``K X + b`` per row agent (bias, then every neighbour block, into
+rows that stay in cache), ``K^T s`` per column agent, the weight gradient per block. Blocks must
+be contiguous rows of the field (a class that is not goes through ``BlockKernel``'s gathers).
+Shapes that carry little of the work share one nest that reads the shape at run time, so a graph
+of many agent dims compiles a few loop sets; numba caches them on disk (``NUMBA_CACHE_DIR``, else
+``__pycache__``), and :data:`COMPILE` says how long this process spent. CPU only; where numba is
+missing, :func:`available` says why. Pure maths.
 """
 from __future__ import annotations
 

@@ -1,23 +1,13 @@
 """The coupling's local products: a matrix's rows times a field, split for overlap.
 
-A rank (or one process: the one-rank case) holds the row blocks of its agents for every layer. Against its *extended* field
-``X = [x_local; x_halo]`` (``(E, B)``, local rows ``[0, F)`` first) a kernel computes, per
-layer ``j`` (every method overwrites its output unless it says "add"):
-
-* ``mv_local(st, j, X, out, bias)``: ``out = K_local X (+ bias)`` — blocks whose column agent
-  is mine, computable before the halo arrives; ``mv_halo(st, j, X, out)`` adds the rest;
-* ``tmv_halo(st, j, s, Z)``: ``Z[F:] = K_halo^T s``, the contributions neighbours must
-  receive; ``tmv_local(st, j, s, Z)``: ``Z[:F] = K_local^T s``;
-* ``grad(st, G, j, gu, X, s, GZ)``: the weight gradient of ``s = tanh(K X + b)``,
-  ``z = K^T s``: ``dK += gu X^T + s GZ^T`` on the blocks only.
-
-:class:`MatrixKernel` works on assembled ``(layers, F, E)`` matrices (the dense model, the conv
-network, small or dense ranks: one BLAS call per product); :class:`BlockKernel` multiplies block
-by block with chunked ``bmm`` (cost follows the non-zero blocks, so a rank of 30,000 ring agents
-never forms a 30,000-agent matrix); :class:`DiagonalKernel` stores blocks along graph offsets.
-All take the parameter tensors as arguments, so the integrator's autograd Function owns the
-gradients. ``prepare`` builds per-pass state (views per layer), so a product costs one call, not
-an indexing chain. :data:`KERNELS` is the registry ``run.local_kernel`` names. Pure maths.
+A rank (one process is the one-rank case) holds its agents' row blocks for every layer. Against
+its extended field ``X = [x_local; x_halo]`` (``(E, B)``, local rows ``[0, F)`` first) a kernel
+computes per layer ``j``: ``mv_local`` (``K_local X + bias``: blocks whose column agent is mine,
+computable before the halo arrives) and ``mv_halo`` (adds the rest); ``tmv_halo`` (``Z[F:] =
+K_halo^T s``, what the neighbours receive) and ``tmv_local`` (``Z[:F] = K_local^T s``); ``grad``
+(``dK += gu X^T + s GZ^T`` on the blocks only). Every method overwrites its output unless it says
+"add"; parameters come in as arguments, so the integrator's autograd Function owns the gradients.
+:data:`KERNELS` is the registry ``run.local_kernel`` names. Pure maths.
 """
 from __future__ import annotations
 

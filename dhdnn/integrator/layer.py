@@ -1,10 +1,8 @@
 """What one layer of an H-DNN is, as the integrator runs it: fields, half-steps, local maps.
 
-A layer is a list of half-steps, each ``target <- target + h C K^T tanh(K source + b)``: ``K``
-(the half-step's ``matrix``) acts on the ``source`` field, ``b`` (its ``bias``) is per row and
-``C`` (its ``map``) is a fixed agent-local map of the target. An architecture declares its
-layer as an :class:`AgentLayout`; everything the engines need is derived from it (exchanges per
-layer, invertibility, matrices, biases). Pure maths.
+A layer is a list of half-steps ``target <- target + h C K^T tanh(K source + b)``; an
+architecture declares it as an :class:`AgentLayout`, and the engines derive what they need from
+it (exchanges per layer, invertibility, matrices, biases). Pure maths.
 """
 from __future__ import annotations
 

@@ -1,13 +1,10 @@
 """The paper's image network: a 3x3 convolution, an H-DNN on every pixel, a linear readout.
 
-``image (1, H, W) -> conv 3x3 (padding 1) -> (C, H, W)``; every pixel's ``C``-channel vector
-is a state ``y_0`` of the same H-DNN (weights shared across pixels); the final states of all
-pixels, ``(C * H * W)``, go through a linear layer to the classes. It follows the
-:class:`~dhdnn.models.network.Classifier` protocol (``initial_state``, ``body``, ``readout``),
-so every engine, regulariser and gradient-norm record works with it unchanged. The forward
-itself keeps the pixel states feature-major (``(C, B * H * W)``: one column per pixel), where
-the H-DNN runs as fused ``(C/2, C/2) x (C/2, pixels)`` products instead of a batch-major
-stack of tiny rows. Pure maths.
+Every pixel's ``C`` channels are a state of the same H-DNN; the final states of all pixels go
+through a linear layer to the classes. It follows the :class:`~dhdnn.models.network.Classifier`
+protocol (``initial_state``, ``body``, ``readout``); its own forward keeps the pixel states
+feature-major (``(C, B * H * W)``), where the H-DNN runs as ``(C/2, C/2) x (C/2, pixels)``
+products instead of a batch-major stack of tiny rows. Pure maths.
 """
 from __future__ import annotations
 

@@ -1,13 +1,9 @@
 """H-DNN layer stacks: the shared ODE-network base, H1, H2 and the registry.
 
-Every architecture is a stack of ``layers`` residual steps of size ``h``. A class declares
-its per-layer parameters and supplies ``step`` (the readable step-by-step oracle); the base
-class owns initialisation, masking, the layer loop and the smoothness regulariser. A class
-that declares its :attr:`~ODENet.layout` (H1, H2) runs on the one integrator
-(``dhdnn.integrator``) in one process as on every rank; its facts (integrated, invertible,
-distributable) are derived from that layout, never from its name.
-
-Pure maths: this module never imports ``torch.distributed``.
+A class declares its per-layer parameters and ``step`` (the readable step-by-step oracle); the
+base class owns initialisation, masks, the layer loop and the regulariser. A class that declares
+its :attr:`~ODENet.layout` (H1, H2) runs on the one integrator, in one process as on every rank,
+and its facts (invertible, distributable) follow from that layout. Pure maths.
 """
 from __future__ import annotations
 

@@ -1,10 +1,9 @@
 """Network kinds around an H-DNN, and the state network: input placement, the stack, a readout.
 
-``logits = W y_L + mu`` where ``y_0`` holds the input features at fixed state indices
-(zero elsewhere), optionally plus learned linear embeddings of feature slices (one per
-agent, for image patches). Every network kind registers in :data:`NETWORKS` and declares what
-the engines need (``has_agents``: a topology splits its state into agents; ``needs_images``),
-how it is built from a spec and how it is exported; no other module names a kind. Pure maths.
+``logits = W y_L + mu``, ``y_0`` holding the input features at fixed state indices, plus learned
+embeddings of feature slices (one per agent: image patches). Every kind registers in
+:data:`NETWORKS` and declares what the engines need (``has_agents``, ``needs_images``), how it is
+built from a spec and exported; no other module names a kind. Pure maths.
 """
 from __future__ import annotations
 

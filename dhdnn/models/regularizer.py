@@ -1,9 +1,6 @@
-"""The smoothness regulariser across depth, ``sum_j ||P_{j+1} - P_j||^2``, without a graph.
-
-Its value and its gradient are computed chunk by chunk over the layers (no memory beyond a
-chunk at any depth), for all of a stack's parameters at once (multi-tensor ``_foreach`` ops: a
-few calls per step instead of a few per parameter); the dense model and every rank's shard use
-these two functions. Pure maths.
+"""The smoothness regulariser across depth, ``sum_j ||P_{j+1} - P_j||^2``, without a graph: value
+and gradient chunk by chunk over the layers, all of a stack's parameters at once (``_foreach``
+ops), for the dense model and every shard. Pure maths.
 """
 from __future__ import annotations
 
