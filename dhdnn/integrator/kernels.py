@@ -57,12 +57,10 @@ def contiguous(c: ClassRows) -> bool:
         bool((cols == cols[:, :1] + np.arange(cols.shape[1])).all())
 
 
-@dataclass
-class MatrixState:
-    """One pass's operands of :class:`MatrixKernel`: per layer, ``loc``/``halo`` (the matrix ``mv``
-    multiplies with, local and halo columns) and ``tloc``/``thalo`` (transposed views of the
-    matrix ``tmv`` multiplies with). Forward: ``K`` and ``A^T``; :meth:`MatrixKernel.adjoint`
-    swaps them for the backward (``A`` and ``K^T``)."""
+class MatrixState(NamedTuple):
+    """One pass's operands of :class:`MatrixKernel`: per layer the matrix ``mv`` multiplies with
+    (``loc``, ``halo``: local and halo columns) and the transposed views ``tmv`` multiplies with
+    (``tloc``, ``thalo``). Forward: ``K`` and ``A^T``; :meth:`MatrixKernel.adjoint` swaps them."""
 
     K: Tensor
     A: Tensor
@@ -88,10 +86,7 @@ class MatrixKernel:
         self.mask = None
         if classes is not None:  # a rank's blocks: flat positions of every block entry, class by class
             self.flat = [(c.rows[:, :, None] * E + c.cols[:, None, :]).reshape(-1) for c in classes]
-            mask = torch.zeros(F * E, dtype=torch.bool)
-            for f in self.flat:
-                mask[f] = True
-            self.mask = mask.view(F, E)
+            self.mask = torch.zeros(F * E, dtype=torch.bool).index_fill_(0, torch.cat(self.flat), True).view(F, E)
 
     @property
     def direct(self) -> bool:
@@ -186,10 +181,7 @@ class _BlockProducts:
         return None
 
     def mv_local(self, Ws, j, X, out, bias=None, scale=1.0):
-        if bias is None:
-            out.zero_()
-        else:
-            out.copy_(bias.expand_as(out))
+        out.zero_() if bias is None else out.copy_(bias.expand_as(out))
         self._mv(Ws, j, X, out, "local")
 
     def mv_halo(self, Ws, j, X, out):
