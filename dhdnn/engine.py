@@ -135,6 +135,18 @@ def eval_chunk(bytes_per_sample: int) -> int:
     return max(1, EVAL_BYTES // max(1, bytes_per_sample))
 
 
+@torch.no_grad()
+def chunked_stats(task: Task, forward, x: Tensor, y: Tensor, chunk: int, device, counts: bool = True) -> Tensor:
+    """``task``'s statistics of ``forward`` over a split, ``chunk`` samples at a time (every rank runs
+    every chunk; only where ``counts`` are they added)."""
+    out = torch.zeros(3, dtype=torch.float64)
+    for i in range(0, len(x), chunk):
+        logits = forward(x[i:i + chunk].to(device))
+        if counts:
+            out += task.stats(logits, y[i:i + chunk].to(device)).double()
+    return out
+
+
 class DenseEngine(Engine):
     """The reference: the whole (masked) network in one process."""
 
@@ -181,14 +193,9 @@ class DenseEngine(Engine):
     def set_anchor_every(self, k):
         self.model.body.set_anchor_every(k)
 
-    @torch.no_grad()
     def eval_stats(self, x, y):
         chunk = min(eval_chunk(self.model.activation_bytes(1, x.dtype)), getattr(self.model, "eval_batch", len(x)) or 1)
-        out = torch.zeros(3, dtype=torch.float64)
-        for i in range(0, len(x), chunk):
-            xb, yb = x[i:i + chunk].to(self.device), y[i:i + chunk].to(self.device)
-            out += self.task.stats(self.model(xb), yb).double()
-        return out
+        return chunked_stats(self.task, self.model, x, y, chunk, self.device)
 
     def entries(self):
         if self.table is None:

@@ -60,10 +60,10 @@ def make_optimizer(groups, tc) -> torch.optim.Optimizer:
         return torch.optim.Adam(groups, lr=tc.lr, foreach=True)
 
 
-def finite_json(record: dict) -> str:
+def finite_json(record: dict, indent: int | None = None) -> str:
     """Strict JSON: non-finite numbers become null."""
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-    return json.dumps(clean, allow_nan=False)
+    return json.dumps(clean, allow_nan=False, indent=indent)
 
 
 class Trainer:
@@ -288,9 +288,7 @@ class Trainer:
                    "memory": {"peak_rss_per_rank": self._peak_rss_per_rank()}, **self.extra_summary,
                    "config": cfg.to_dict()}
         if main:
-            ckpt.atomic_write_text(self.out / "summary.json", json.dumps(
-                {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()},
-                indent=1, allow_nan=False))
+            ckpt.atomic_write_text(self.out / "summary.json", finite_json(summary, indent=1))
         return summary
 
     def _peak_rss_per_rank(self) -> list[int]:

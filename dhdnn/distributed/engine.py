@@ -7,16 +7,16 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..engine import EVAL_BYTES, Engine, StepOut
+from ..engine import EVAL_BYTES, Engine, StepOut, chunked_stats
 from ..tasks import TASKS
 from ..topology import Topology
 from .distribute import DistributedNetwork
-from .exchange import FAULT, Tracer
+from .exchange import FAULT, Tracer, WorldReductions, evaluating
 from .mesh import Groups
 from .network import build_shard
 
 
-class ShardedEngine(Engine):
+class ShardedEngine(WorldReductions, Engine):
     """The :class:`~dhdnn.engine.Engine` of one rank of a sharded run: a client of the library's
     :class:`~dhdnn.distributed.DistributedNetwork` (its step preamble, replica slice, reducer)."""
 
@@ -73,43 +73,18 @@ class ShardedEngine(Engine):
         if self._alpha:
             self.net.add_regularizer_grad(self._alpha)  # identical on every replica: added after the sum
 
-    @torch.no_grad()
     def eval_stats(self, x, y):
         """Each replica evaluates its own slice; the root of each replica's agent group counts it."""
         x, y = self.groups.local(x), self.groups.local(y)
-        out = torch.zeros(3, dtype=torch.float64)
-        chunk = max(1, min(len(x), self._eval_chunk_size))
-        if self.tracer is not None:
-            self.tracer.evaluating = True
-        try:
-            for i in range(0, len(x), chunk):
-                logits = self.net(x[i:i + chunk].to(self.device))
-                if self.groups.agent_rank == 0:
-                    out += self.task.stats(logits, y[i:i + chunk].to(self.device)).double()
-        finally:
-            if self.tracer is not None:
-                self.tracer.evaluating = False
-        return out
+        with evaluating(self.tracer):
+            return chunked_stats(self.task, self.net, x, y, max(1, min(len(x), self._eval_chunk_size)), self.device,
+                                 self.groups.agent_rank == 0)
 
     def _agreed_eval_chunk(self) -> int:
         """Evaluation chunks sized by memory, agreed by every rank (they exchange per chunk):
         a setup-time collective."""
         mine = torch.tensor([float(self._eval_chunk_size)])
         return max(1, int(self._reduce(mine, dist.ReduceOp.MIN, dist.group.WORLD).item()))
-
-    def _reduce(self, t, op, group):
-        t = t.to(self.device if dist.get_backend(group) == "nccl" else "cpu").clone()
-        dist.all_reduce(t, op=op, group=group)  # logging and setup only: outside forward/backward
-        return t.cpu()
-
-    def reduce_sum(self, t):
-        return self._reduce(t, dist.ReduceOp.SUM, dist.group.WORLD)
-
-    def reduce_max(self, t):
-        return self._reduce(t, dist.ReduceOp.MAX, dist.group.WORLD)
-
-    def barrier(self):
-        dist.barrier()
 
     def entries(self):
         return self.net.entries()

@@ -11,6 +11,7 @@ CUDA tensors are staged through the CPU with gloo, and every message can be trac
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -65,6 +66,38 @@ class Tracer:
             for r in self.records:
                 f.write(json.dumps(r) + "\n")
         self.records.clear()
+
+
+@contextlib.contextmanager
+def evaluating(tracer: Tracer | None):
+    """Messages sent inside are traced as phase ``eval``."""
+    if tracer is not None:
+        tracer.evaluating = True
+    try:
+        yield
+    finally:
+        if tracer is not None:
+            tracer.evaluating = False
+
+
+class WorldReductions:
+    """An engine's logging and setup reductions over every rank (outside forward/backward)."""
+
+    device: torch.device
+
+    def _reduce(self, t, op, group=None):
+        t = t.to(self.device if dist.get_backend(group) == "nccl" else "cpu").clone()
+        dist.all_reduce(t, op=op, group=group)
+        return t.cpu()
+
+    def reduce_sum(self, t):
+        return self._reduce(t, dist.ReduceOp.SUM)
+
+    def reduce_max(self, t):
+        return self._reduce(t, dist.ReduceOp.MAX)
+
+    def barrier(self):
+        dist.barrier()
 
 
 @dataclass

@@ -10,12 +10,12 @@ import torch
 import torch.distributed as dist
 
 from ..engine import DenseEngine, StepOut
-from .exchange import Tracer
+from .exchange import Tracer, WorldReductions, evaluating
 from .mesh import Groups
 from .replicas import GradReducer, begin_step
 
 
-class ReplicatedEngine(DenseEngine):
+class ReplicatedEngine(WorldReductions, DenseEngine):
     def __init__(self, model, groups: Groups, device: str = "cpu", table=None, task: str = "classify",
                  tracer: Tracer | None = None, fault=None):
         super().__init__(model, device, table, task)
@@ -56,26 +56,6 @@ class ReplicatedEngine(DenseEngine):
         self.reducer.finish()
         super().after_backward()  # the regulariser's gradient: identical on every worker, added after the sum
 
-    @torch.no_grad()
     def eval_stats(self, x, y):
-        if self.tracer is not None:
-            self.tracer.evaluating = True
-        try:
+        with evaluating(self.tracer):
             return super().eval_stats(self.groups.local(x), self.groups.local(y))
-        finally:
-            if self.tracer is not None:
-                self.tracer.evaluating = False
-
-    def _reduce(self, t, op):
-        t = t.clone() if dist.get_backend() == "gloo" else t.to(self.device)
-        dist.all_reduce(t, op=op)  # logging only: outside forward/backward
-        return t.cpu()
-
-    def reduce_sum(self, t):
-        return self._reduce(t, dist.ReduceOp.SUM)
-
-    def reduce_max(self, t):
-        return self._reduce(t, dist.ReduceOp.MAX)
-
-    def barrier(self):
-        dist.barrier()
