@@ -153,7 +153,7 @@ def saved_topology(out: Path):
     return topology_from_dict(yaml.safe_load(path.read_text()), str(path))
 
 
-def check_same_topology(out: Path, topo, meta: dict | None) -> None:
+def check_same_topology(out: Path, topo, meta: dict) -> None:
     """On resume: the topology must be the one the run was trained on (by content)."""
     saved_fp = meta.get("topology")
     new_fp = topo.fingerprint if topo is not None else None

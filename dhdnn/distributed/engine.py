@@ -11,9 +11,10 @@ from ..engine import EVAL_BYTES, Engine, StepOut, chunked_stats
 from ..tasks import TASKS
 from ..topology import Topology
 from .distribute import DistributedNetwork
-from .exchange import FAULT, Tracer, WorldReductions, evaluating
+from .exchange import FAULT, Tracer, evaluating
 from .mesh import Groups
 from .network import build_shard
+from .replicas import WorldReductions
 
 
 class ShardedEngine(WorldReductions, Engine):

@@ -80,26 +80,6 @@ def evaluating(tracer: Tracer | None):
             tracer.evaluating = False
 
 
-class WorldReductions:
-    """An engine's logging and setup reductions over every rank (outside forward/backward)."""
-
-    device: torch.device
-
-    def _reduce(self, t, op, group=None):
-        t = t.to(self.device if dist.get_backend(group) == "nccl" else "cpu").clone()
-        dist.all_reduce(t, op=op, group=group)
-        return t.cpu()
-
-    def reduce_sum(self, t):
-        return self._reduce(t, dist.ReduceOp.SUM)
-
-    def reduce_max(self, t):
-        return self._reduce(t, dist.ReduceOp.MAX)
-
-    def barrier(self):
-        dist.barrier()
-
-
 @dataclass
 class CommStats:
     """Time spent posting and waiting on exchanges, bytes and messages sent (benchmarks)."""

@@ -1,4 +1,5 @@
-"""A training step on a worker (:func:`begin_step`), and the gradient sum of a shard's replicas.
+"""A training step on a worker (:func:`begin_step`), the engines' reductions over every rank, and the
+gradient sum of a shard's replicas.
 
 Each replica of an agent partition computes its gradients on its slice of the global batch with
 the loss normalised by the *global* batch, so their sum is one process's gradient. As
@@ -43,6 +44,26 @@ def begin_step(owner) -> None:
     owner.steps += 1
     if owner.reducer is not None:
         owner.reducer.start_step()
+
+
+class WorldReductions:
+    """An engine's logging and setup reductions over every rank (outside forward/backward)."""
+
+    device: torch.device
+
+    def _reduce(self, t, op, group=None):
+        t = t.to(self.device if dist.get_backend(group) == "nccl" else "cpu").clone()
+        dist.all_reduce(t, op=op, group=group)
+        return t.cpu()
+
+    def reduce_sum(self, t):
+        return self._reduce(t, dist.ReduceOp.SUM)
+
+    def reduce_max(self, t):
+        return self._reduce(t, dist.ReduceOp.MAX)
+
+    def barrier(self):
+        dist.barrier()
 
 
 class GradReducer:

@@ -10,9 +10,9 @@ import torch
 import torch.distributed as dist
 
 from ..engine import DenseEngine, StepOut
-from .exchange import Tracer, WorldReductions, evaluating
+from .exchange import Tracer, evaluating
 from .mesh import Groups
-from .replicas import GradReducer, begin_step
+from .replicas import GradReducer, WorldReductions, begin_step
 
 
 class ReplicatedEngine(WorldReductions, DenseEngine):

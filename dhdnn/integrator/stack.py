@@ -274,13 +274,13 @@ def _forward_half(plan: Plan, ops: _Operands, st: _Store, carrier, k: int, j: in
     """Half-step ``k`` of layer ``j``: ``s = tanh(K X + b)`` on my rows, ``Z[:F] = A^T s`` with what
     the neighbours send (``Z[F:]`` holds what I send them), then the target's update."""
     X, s, old, new = st.half(k, j)
-    kern, stk, ex, F, Z = plan.kernels[k], ops.st[k], plan.ex, plan.F, st.Z
+    kern, stk = plan.kernels[k], ops.st[k]
     if ops.direct[k]:  # three BLAS-level calls
         kern.mv_local(stk, j, X, s, ops.bias[k][j], 2.0)
         tanh_(s, True)
         kern.tmv_into(stk, j, s, old, new, plan.h * plan.maps[k].scale)
         return
-    g_op, s_op = ops.names[k]
+    ex, F, Z, (g_op, s_op) = plan.ex, plan.F, st.Z, ops.names[k]
     pend = ex.start_gather([X[:F]], [X[F:]], "forward", j, g_op) if ex is not None else None
     kern.mv_local(stk, j, X, s, ops.bias[k][j], ops.scale[k])
     if pend is not None:
