@@ -58,22 +58,29 @@ def _expect(cond: bool, key: str, expected: str, got) -> None:
         raise ValueError(f"{key}: expected {expected}, got {got!r}")
 
 
-def _pos_int(key, v):
-    _expect(isinstance(v, int) and not isinstance(v, bool) and v > 0, key, "a positive integer", v)
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _nonneg(key, v):
-    _expect(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0,
-            key, "a non-negative number", v)
+def _int(key, v, lo: int = 1, hi: int | None = None, also=()) -> None:
+    """An integer in ``[lo, hi]`` (or one of the words ``also``)."""
+    what = "a positive integer" if lo == 1 and hi is None else f"an integer >= {lo}" if hi is None \
+        else f"an integer in [{lo}, {hi}]"
+    _expect(v in also or (_is_int(v) and lo <= v <= (hi if hi is not None else v)), key,
+            " or ".join([what, *map(repr, also)]), v)
 
 
-def _pos(key, v):
-    _expect(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
-            key, "a positive number", v)
+def _number(key, v, positive: bool = True) -> None:
+    _expect(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > 0 or not positive
+            and v >= 0), key, "a positive number" if positive else "a non-negative number", v)
 
 
 def _choice(key, v, options):
     _expect(v in options, key, f"one of {list(options)}", v)
+
+
+def _flag(key, v, auto: bool = False):
+    _expect(isinstance(v, bool) or (auto and v == "auto"), key, "true, false or auto" if auto else "true or false", v)
 
 
 @dataclass
@@ -96,13 +103,12 @@ class ModelConfig:
         _choice("arch", self.arch, list(ARCHITECTURES))
         _choice("task", self.task, list(TASKS))
         _choice("network", self.network, list(NETWORKS))
-        _pos_int("channels", self.channels)
-        _pos_int("dim", self.dim)
-        _pos_int("layers", self.layers)
-        _pos("h", self.h)
+        for key in ("channels", "dim", "layers"):
+            _int(key, getattr(self, key))
+        _number("h", self.h)
         _choice("J", self.J, ("J1", "J2"))
         if self.init_std is not None:
-            _pos("init_std", self.init_std)
+            _number("init_std", self.init_std)
         if self.feature_index is not None:
             _expect(isinstance(self.feature_index, list)
                     and all(isinstance(i, int) and 0 <= i < self.dim for i in self.feature_index),
@@ -140,22 +146,21 @@ class DataConfig:
         _expect(self.keys is None or (isinstance(self.keys, dict) and set(self.keys) <= {
             "x_train", "y_train", "x_test", "y_test"} and all(isinstance(v, str) for v in self.keys.values())),
             "keys", "a mapping from x_train/y_train/x_test/y_test to array names", self.keys)
-        _expect(self.header in (True, False, "auto"), "header", "true, false or auto", self.header)
+        _flag("header", self.header, auto=True)
         _expect(isinstance(self.delimiter, str) and len(self.delimiter) == 1, "delimiter", "one character",
                 self.delimiter)
         _expect(self.options is None or isinstance(self.options, dict), "options", "a mapping of keyword arguments",
                 self.options)
         if self.n_classes is not None:
-            _expect(isinstance(self.n_classes, int) and not isinstance(self.n_classes, bool) and self.n_classes >= 2,
-                    "n_classes", "an integer >= 2", self.n_classes)
+            _int("n_classes", self.n_classes, 2)
         _expect(self.class_names is None or (isinstance(self.class_names, list)
                                              and all(isinstance(c, str) for c in self.class_names)),
                 "class_names", "a list of strings", self.class_names)
-        _pos_int("n_samples", self.n_samples)
+        _int("n_samples", self.n_samples)
         _expect(isinstance(self.train_fraction, (int, float)) and 0 < self.train_fraction < 1,
                 "train_fraction", "a number strictly between 0 and 1", self.train_fraction)
-        _nonneg("noise", self.noise)
-        _expect(isinstance(self.seed, int), "seed", "an integer", self.seed)
+        _number("noise", self.noise, positive=False)
+        _expect(_is_int(self.seed), "seed", "an integer", self.seed)
         self._check_read()
 
     def _check_read(self) -> None:
@@ -192,19 +197,16 @@ class TrainConfig:
     checkpoint_every: int = 1  # epochs between checkpoints; 0 = only at the end
 
     def __post_init__(self):
-        _pos_int("epochs", self.epochs)
-        _pos_int("batch_size", self.batch_size)
+        _int("epochs", self.epochs)
+        _int("batch_size", self.batch_size)
         _choice("optimizer", self.optimizer, ("adam", "sgd"))
-        _pos("lr", self.lr)
-        _expect(isinstance(self.lr_step, int) and self.lr_step >= 0, "lr_step", "an integer >= 0", self.lr_step)
-        _pos("lr_gamma", self.lr_gamma)
-        _nonneg("alpha", self.alpha)
-        _nonneg("weight_decay", self.weight_decay)
-        _expect(isinstance(self.seed, int), "seed", "an integer", self.seed)
-        _expect(isinstance(self.grad_norm_every, int) and self.grad_norm_every >= 0,
-                "grad_norm_every", "an integer >= 0", self.grad_norm_every)
-        _expect(isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 0,
-                "checkpoint_every", "an integer >= 0", self.checkpoint_every)
+        for key in ("lr", "lr_gamma"):
+            _number(key, getattr(self, key))
+        for key in ("alpha", "weight_decay"):
+            _number(key, getattr(self, key), positive=False)
+        _expect(_is_int(self.seed), "seed", "an integer", self.seed)
+        for key in ("lr_step", "grad_norm_every", "checkpoint_every"):
+            _int(key, getattr(self, key), 0)
 
 
 @dataclass
@@ -236,13 +238,13 @@ class RunConfig:
     tensorboard: bool | str = "auto"  # metrics also as TensorBoard scalars (RUN/tensorboard); auto: if installed
 
     def __post_init__(self):
-        _pos_int("workers", self.workers)
+        _int("workers", self.workers)
         _choice("engine", self.engine, ("auto", "dense", "sharded"))
         _choice("dtype", self.dtype, ("float32", "float64"))
         _expect(isinstance(self.device, str) and (self.device == "cpu" or self.device.startswith("cuda")),
                 "device", "'cpu' or 'cuda'", self.device)
         _choice("backend", self.backend, ("auto", "gloo", "nccl"))
-        _pos("timeout_s", self.timeout_s)
+        _number("timeout_s", self.timeout_s)
         _choice("readout", self.readout, ("tree", "allreduce"))
         from .integrator import CARRIERS, KERNELS, fused
 
@@ -250,27 +252,19 @@ class RunConfig:
         if self.local_kernel == "fused":
             why = fused.available(self.device)
             _expect(why is None, "local_kernel", f"a kernel that runs here ({why})", self.local_kernel)
-        _expect(isinstance(self.trace, bool), "trace", "true or false", self.trace)
-        _pos_int("threads", self.threads)
-        _expect(self.replicas == "auto" or (isinstance(self.replicas, int) and not isinstance(self.replicas, bool)
-                                            and self.replicas > 0), "replicas", "a positive integer or 'auto'",
-                self.replicas)
+        _flag("trace", self.trace)
+        _int("threads", self.threads)
+        _int("replicas", self.replicas, also=("auto",))
         _choice("placement", self.placement, ("auto", "packed", "spread"))
         _choice("backprop", self.backprop, ("autograd", "reversible"))
         _choice("reversible_state", self.reversible_state, CARRIERS)
-        _expect(self.reversible_anchor_every == "auto" or (
-            isinstance(self.reversible_anchor_every, int) and not isinstance(self.reversible_anchor_every, bool)
-            and self.reversible_anchor_every >= 0), "reversible_anchor_every", "an integer >= 0 or auto",
-            self.reversible_anchor_every)
+        _int("reversible_anchor_every", self.reversible_anchor_every, 0, also=("auto",))
         if self.reversible_fraction_bits is not None:
-            _expect(isinstance(self.reversible_fraction_bits, int) and not isinstance(self.reversible_fraction_bits, bool)
-                    and 8 <= self.reversible_fraction_bits <= 60, "reversible_fraction_bits",
-                    "an integer in [8, 60]", self.reversible_fraction_bits)
+            _int("reversible_fraction_bits", self.reversible_fraction_bits, 8, 60)
         if self.reversible_tolerance is not None:
-            _pos("reversible_tolerance", self.reversible_tolerance)
-        _expect(isinstance(self.pin_workers, bool), "pin_workers", "true or false", self.pin_workers)
-        _expect(self.tensorboard in (True, False, "auto"), "tensorboard", "true, false or auto", self.tensorboard)
-
+            _number("reversible_tolerance", self.reversible_tolerance)
+        _flag("pin_workers", self.pin_workers)
+        _flag("tensorboard", self.tensorboard, auto=True)
 
     @property
     def anchors(self) -> int:
@@ -322,7 +316,7 @@ def _section(source: str, name: str, cls, raw) -> Any:
 
 def _coerce(v, hint):
     """Accept ints where floats are expected (YAML writes 1 for 1.0)."""
-    if hint in (float, float | None) and isinstance(v, int) and not isinstance(v, bool):
+    if hint in (float, float | None) and _is_int(v):
         return float(v)
     return v
 

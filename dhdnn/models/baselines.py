@@ -79,26 +79,24 @@ class ResNet(ODENet):
     masked = {"W": "W"}
     smooth_params = ("W", "b")
     default_std = None
+    residual = True  # (MLP: no skip connection)
+
+    def _out(self, y, u):
+        return y + self.h * u if self.residual else u
 
     def step(self, y, j, P):
-        return y + self.h * torch.tanh(y @ P["W"][j].T + P["b"][j])
+        return self._out(y, torch.tanh(y @ P["W"][j].T + P["b"][j]))
 
     def forward_fm(self, Y):
         """Feature-major (``(dim, N)``): the same steps as products on contiguous rows (autograd)."""
         P = self.per_layer()
         for j in range(self.layers):
-            Y = Y + self.h * torch.tanh(torch.addmm(P["b"][j].unsqueeze(1), P["W"][j], Y))
+            Y = self._out(Y, torch.tanh(torch.addmm(P["b"][j].unsqueeze(1), P["W"][j], Y)))
         return Y
 
 
 @register("MLP")
-class MLP(ODENet):
+class MLP(ResNet):
     """``y <- tanh(W y + b)`` (``h`` is unused); torch.nn.Linear's default initialisation."""
 
-    param_shapes = {"W": ("n", "n"), "b": ("n",)}
-    masked = {"W": "W"}
-    smooth_params = ("W", "b")
-    default_std = None
-
-    def step(self, y, j, P):
-        return torch.tanh(y @ P["W"][j].T + P["b"][j])
+    residual = False
