@@ -35,12 +35,15 @@ class ConvClassifier(nn.Module):
     def W(self) -> nn.Parameter:
         return self.linear.weight
 
-    def initial_state(self, x: Tensor) -> Tensor:
-        """``(B, features)`` images -> ``(B * H * W, C)`` pixel states."""
+    def _features(self, x: Tensor) -> Tensor:
+        """``(B, features)`` images -> ``(B, C, H, W)`` convolution features."""
         if x.dim() != 2 or x.shape[1] != self.n_features:
             raise ValueError(f"input: expected (batch, {self.n_features}) flattened images, got {tuple(x.shape)}")
-        f = self.conv(x.view(-1, *self.image_shape))  # (B, C, H, W)
-        return f.permute(0, 2, 3, 1).reshape(-1, self.body.dim)
+        return self.conv(x.view(-1, *self.image_shape))
+
+    def initial_state(self, x: Tensor) -> Tensor:
+        """``(B, features)`` images -> ``(B * H * W, C)`` pixel states."""
+        return self._features(x).permute(0, 2, 3, 1).reshape(-1, self.body.dim)
 
     def readout(self, yL: Tensor) -> Tensor:
         _, H, W = self.image_shape
@@ -48,10 +51,7 @@ class ConvClassifier(nn.Module):
 
     def pixel_states(self, x: Tensor) -> Tensor:
         """``(B, features)`` images -> ``(C, B * H * W)`` feature-major pixel states."""
-        if x.dim() != 2 or x.shape[1] != self.n_features:
-            raise ValueError(f"input: expected (batch, {self.n_features}) flattened images, got {tuple(x.shape)}")
-        f = self.conv(x.view(-1, *self.image_shape))  # (B, C, H, W)
-        return f.transpose(0, 1).reshape(self.body.dim, -1)
+        return self._features(x).transpose(0, 1).reshape(self.body.dim, -1)
 
     def readout_fm(self, Y: Tensor) -> Tensor:
         """Logits from ``(C, B * H * W)`` final pixel states (the linear layer reads pixel after
