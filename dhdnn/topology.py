@@ -314,7 +314,7 @@ def _grid_edges(rows: int, cols: int, periodic: bool) -> np.ndarray:
 
 def _gen_graph(kind: str, spec: dict, src: str) -> tuple[int, np.ndarray]:
     """(number of agents, edge array) of a generated graph; ids are 0..n-1."""
-    def need(key, cond=lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, what="a positive integer"):
+    def need(key, cond=lambda v: _is_int(v) and v > 0, what="a positive integer"):
         if key not in spec:
             raise TopologyError(f"{src}: key 'generator.{key}': missing; {kind} needs {what}")
         v = spec[key]
@@ -365,9 +365,10 @@ class _Parser:
     def err(self, key: str, msg: str) -> TopologyError:
         return TopologyError(f"{self.src}: key '{key}': {msg}")
 
-    def posint(self, key, v):
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise self.err(key, f"expected a positive integer, got {v!r}")
+    def integer(self, key, v, lo: int = 1, hi: int | None = None, what: str = "a positive integer") -> int:
+        """``v``, an integer in ``[lo, hi)``, named at ``key``."""
+        if not (_is_int(v) and lo <= v and (hi is None or v < hi)):
+            raise self.err(key, f"expected {what}, got {v!r}")
         return v
 
     def agent(self, key: str, index: "_Index", a) -> int:
@@ -387,7 +388,7 @@ class _Parser:
         defaults = raw.get("defaults") or {}
         if not isinstance(defaults, dict) or set(defaults) - {"dim"}:
             raise self.err("defaults", "expected a mapping with key 'dim'")
-        default_dim = self.posint("defaults.dim", defaults.get("dim", 1))
+        default_dim = self.integer("defaults.dim", defaults.get("dim", 1))
         ids, dims, pins, edges = self._agents_and_edges(raw, default_dim)
         index = _Index(ids)
         inputs = self._inputs(raw.get("inputs") or [], index, dims)
@@ -459,12 +460,9 @@ class _Parser:
         if extra:
             raise self.err(f"{key}.{sorted(extra)[0]}", "unknown key; expected id, dim, worker")
         if "dim" in a:
-            dims[i] = self.posint(f"{key}.dim", a["dim"])
+            dims[i] = self.integer(f"{key}.dim", a["dim"])
         if "worker" in a:
-            w = a["worker"]
-            if isinstance(w, bool) or not isinstance(w, int) or w < 0:
-                raise self.err(f"{key}.worker", f"expected a worker index >= 0, got {w!r}")
-            pins[i] = w
+            pins[i] = self.integer(f"{key}.worker", a["worker"], 0, what="a worker index >= 0")
 
     def _edges(self, edges, index) -> np.ndarray:
         if not isinstance(edges, list):
@@ -492,9 +490,7 @@ class _Parser:
             extra = set(f) - {"feature", "agent", "part", "index"}
             if extra:
                 raise self.err(f"{key}.{sorted(extra)[0]}", "unknown key; expected feature, agent, part, index")
-            feat = f["feature"]
-            if isinstance(feat, bool) or not isinstance(feat, int) or feat < 0:
-                raise self.err(f"{key}.feature", f"expected a feature index >= 0, got {feat!r}")
+            feat = self.integer(f"{key}.feature", f["feature"], 0, what="a feature index >= 0")
             if feat in seen:
                 raise self.err(f"{key}.feature", f"feature {feat} is already fed by inputs[{seen[feat]}]; "
                                                  "expected each feature at most once")
@@ -503,10 +499,8 @@ class _Parser:
             part = f.get("part", "p")
             if part not in ("p", "q"):
                 raise self.err(f"{key}.part", f"expected 'p' or 'q', got {part!r}")
-            idx = f.get("index", 0)
-            if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < dims[i]:
-                raise self.err(f"{key}.index", f"expected an entry in [0, {dims[i]}) of agent {f['agent']!r}'s "
-                                               f"{part}, got {idx!r}")
+            idx = self.integer(f"{key}.index", f.get("index", 0), 0, dims[i],
+                               f"an entry in [0, {dims[i]}) of agent {f['agent']!r}'s {part}")
             feeds.append(InputFeed(feat, i, part, idx))
         slots = [(f.agent, f.part, f.index) for f in feeds]
         if len(set(slots)) != len(slots):
@@ -531,7 +525,7 @@ class _Parser:
             if isinstance(feats, dict) and set(feats) == {"start", "stop"}:
                 feats = list(range(feats["start"], feats["stop"]))
             if (not isinstance(feats, list) or not feats
-                    or not all(isinstance(f, int) and not isinstance(f, bool) and f >= 0 for f in feats)):
+                    or not all(_is_int(f) and f >= 0 for f in feats)):
                 raise self.err(f"{key}.features", "expected a non-empty list of feature indices or {start, stop}")
             out.append(AgentEmbedding(i, tuple(feats)))
         return tuple(out)
@@ -546,8 +540,7 @@ class _Parser:
         gen = top.get("generator") or {}
         if gen.get("kind") not in ("grid", "torus"):
             raise self.err("embeddings.patches", "expected a grid or torus generator (agents laid out in rows)")
-        pair = lambda v: isinstance(v, list) and len(v) == 2 and all(  # noqa: E731
-            isinstance(t, int) and not isinstance(t, bool) and t > 0 for t in v)
+        pair = lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(t) and t > 0 for t in v)  # noqa: E731
         for key in ("image", "patch"):
             if not pair(spec.get(key)):
                 raise self.err(f"embeddings.patches.{key}", f"expected [rows, cols] of positive integers, "
@@ -591,10 +584,14 @@ class _Index:
     def __contains__(self, a):
         if self.map is not None:
             return a in self.map
-        return isinstance(a, int) and not isinstance(a, bool) and a in self.ids
+        return _is_int(a) and a in self.ids
 
     def __getitem__(self, a):
         return self.map[a] if self.map is not None else self.ids.index(a)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _canonical_edges(e: np.ndarray) -> np.ndarray:
