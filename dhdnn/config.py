@@ -58,7 +58,8 @@ def _expect(cond: bool, key: str, expected: str, got) -> None:
         raise ValueError(f"{key}: expected {expected}, got {got!r}")
 
 
-def _is_int(v) -> bool:
+def is_int(v) -> bool:
+    """An integer and not a bool (YAML's true is an int to Python)."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -66,13 +67,13 @@ def _int(key, v, lo: int = 1, hi: int | None = None, also=()) -> None:
     """An integer in ``[lo, hi]`` (or one of the words ``also``)."""
     what = "a positive integer" if lo == 1 and hi is None else f"an integer >= {lo}" if hi is None \
         else f"an integer in [{lo}, {hi}]"
-    _expect(v in also or (_is_int(v) and lo <= v <= (hi if hi is not None else v)), key,
+    _expect(v in also or (is_int(v) and v >= lo and (hi is None or v <= hi)), key,
             " or ".join([what, *map(repr, also)]), v)
 
 
 def _number(key, v, positive: bool = True) -> None:
-    _expect(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > 0 or not positive
-            and v >= 0), key, "a positive number" if positive else "a non-negative number", v)
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > 0 if positive else v >= 0)
+    _expect(ok, key, "a positive number" if positive else "a non-negative number", v)
 
 
 def _choice(key, v, options):
@@ -160,7 +161,7 @@ class DataConfig:
         _expect(isinstance(self.train_fraction, (int, float)) and 0 < self.train_fraction < 1,
                 "train_fraction", "a number strictly between 0 and 1", self.train_fraction)
         _number("noise", self.noise, positive=False)
-        _expect(_is_int(self.seed), "seed", "an integer", self.seed)
+        _expect(is_int(self.seed), "seed", "an integer", self.seed)
         self._check_read()
 
     def _check_read(self) -> None:
@@ -204,7 +205,7 @@ class TrainConfig:
             _number(key, getattr(self, key))
         for key in ("alpha", "weight_decay"):
             _number(key, getattr(self, key), positive=False)
-        _expect(_is_int(self.seed), "seed", "an integer", self.seed)
+        _expect(is_int(self.seed), "seed", "an integer", self.seed)
         for key in ("lr_step", "grad_norm_every", "checkpoint_every"):
             _int(key, getattr(self, key), 0)
 
@@ -316,7 +317,7 @@ def _section(source: str, name: str, cls, raw) -> Any:
 
 def _coerce(v, hint):
     """Accept ints where floats are expected (YAML writes 1 for 1.0)."""
-    if hint in (float, float | None) and _is_int(v):
+    if hint in (float, float | None) and is_int(v):
         return float(v)
     return v
 

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .config import ConfigError, is_int, read_yaml
 from .models.network import Embedding, InputPlacement
 
 
@@ -314,7 +315,7 @@ def _grid_edges(rows: int, cols: int, periodic: bool) -> np.ndarray:
 
 def _gen_graph(kind: str, spec: dict, src: str) -> tuple[int, np.ndarray]:
     """(number of agents, edge array) of a generated graph; ids are 0..n-1."""
-    def need(key, cond=lambda v: _is_int(v) and v > 0, what="a positive integer"):
+    def need(key, cond=lambda v: is_int(v) and v > 0, what="a positive integer"):
         if key not in spec:
             raise TopologyError(f"{src}: key 'generator.{key}': missing; {kind} needs {what}")
         v = spec[key]
@@ -367,7 +368,7 @@ class _Parser:
 
     def integer(self, key, v, lo: int = 1, hi: int | None = None, what: str = "a positive integer") -> int:
         """``v``, an integer in ``[lo, hi)``, named at ``key``."""
-        if not (_is_int(v) and lo <= v and (hi is None or v < hi)):
+        if not (is_int(v) and lo <= v and (hi is None or v < hi)):
             raise self.err(key, f"expected {what}, got {v!r}")
         return v
 
@@ -525,7 +526,7 @@ class _Parser:
             if isinstance(feats, dict) and set(feats) == {"start", "stop"}:
                 feats = list(range(feats["start"], feats["stop"]))
             if (not isinstance(feats, list) or not feats
-                    or not all(_is_int(f) and f >= 0 for f in feats)):
+                    or not all(is_int(f) and f >= 0 for f in feats)):
                 raise self.err(f"{key}.features", "expected a non-empty list of feature indices or {start, stop}")
             out.append(AgentEmbedding(i, tuple(feats)))
         return tuple(out)
@@ -540,7 +541,7 @@ class _Parser:
         gen = top.get("generator") or {}
         if gen.get("kind") not in ("grid", "torus"):
             raise self.err("embeddings.patches", "expected a grid or torus generator (agents laid out in rows)")
-        pair = lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(t) and t > 0 for t in v)  # noqa: E731
+        pair = lambda v: isinstance(v, list) and len(v) == 2 and all(is_int(t) and t > 0 for t in v)  # noqa: E731
         for key in ("image", "patch"):
             if not pair(spec.get(key)):
                 raise self.err(f"embeddings.patches.{key}", f"expected [rows, cols] of positive integers, "
@@ -584,14 +585,10 @@ class _Index:
     def __contains__(self, a):
         if self.map is not None:
             return a in self.map
-        return _is_int(a) and a in self.ids
+        return is_int(a) and a in self.ids
 
     def __getitem__(self, a):
         return self.map[a] if self.map is not None else self.ids.index(a)
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _canonical_edges(e: np.ndarray) -> np.ndarray:
@@ -608,8 +605,6 @@ def load_topology(spec: str | Path | dict) -> Topology:
     """A topology from a YAML file path, or from an inline mapping (as in a run config)."""
     if isinstance(spec, dict):
         return topology_from_dict(spec, "<inline topology>")
-    from .config import ConfigError, read_yaml
-
     try:
         raw = read_yaml(spec)
     except ConfigError as e:
