@@ -15,7 +15,7 @@ each run is a fresh process of its checkout (a git worktree, run from its own di
 Reports per case the median seconds of each side over the repeats, the ratio landed / this
 (above 1: this code is faster) and every repeat's ratio (the spread).
 
-    python benchmarks/bench_vs_landed.py [--cases ...] [--repeat 3] [--commit 1824fcf]
+    python benchmarks/bench_vs_landed.py [--cases ...] [--repeat 3] [--commit 1824fcf] [--name vs_landed]
 """
 from __future__ import annotations
 
@@ -66,6 +66,7 @@ def main():
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--commit", default="1824fcf")
+    ap.add_argument("--name", default="vs_landed", help="results file: benchmarks/results/NAME.json")
     args = ap.parse_args()
     if "conv2" in args.cases and not Path(FASHION).is_dir():
         print(f"conv2: no Fashion-MNIST files in {FASHION} (apt-get install dataset-fashion-mnist); skipped")
@@ -85,7 +86,7 @@ def main():
             rows.append(row)
             print(f"{case:12} landed {row['landed_s']:.4f} s  this {row['this_s']:.4f} s  landed/this "
                   f"{row['ratio']:.2f}x  (per repeat: {', '.join(f'{r:.2f}' for r in ratios)})", flush=True)
-    print(f"wrote {write_result('vs_landed', {'commit': args.commit, 'repeat': args.repeat, 'rows': rows})}")
+    print(f"wrote {write_result(args.name, {'commit': args.commit, 'repeat': args.repeat, 'rows': rows})}")
 
 
 if __name__ == "__main__":

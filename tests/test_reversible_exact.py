@@ -62,6 +62,34 @@ def test_every_rebuilt_state_is_the_forward_state_at_depth_4096(dtype):
     assert rel(got, ref) <= RELATIVE[dtype]
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_either_tanh_form_matches_the_step_model_and_rebuilds_exactly(native, monkeypatch):
+    """The integrator's tanh is torch's or ``2 sigmoid(2u) - 1``, whichever this CPU runs faster
+    (``NATIVE_TANH``, fixed per machine), so each form is tested here on every machine: autograd
+    mode equals the step-by-step model (float32: 1e-5, the forms differ by < 2e-7 per tanh), and
+    the exact rebuild is bit for bit, its gradient the fixed-point forward's."""
+    monkeypatch.setattr("dhdnn.integrator.stack.NATIVE_TANH", native)
+    calls = {"tanh_": 0, "sigmoid_": 0}
+    for name in calls:  # count which form runs
+        def spy(t, *a, _f=getattr(torch.Tensor, name), _n=name):
+            calls[_n] += 1
+            return _f(t, *a)
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    torch.manual_seed(0)
+    model = build_model("H2", 16, 64, 0.05, init_std=0.5).float()
+    y = torch.randn(16, 16)
+    assert rel(grads(model, y), grads(model, y, lambda m, yy: m.trajectory(yy)[-1])) <= RELATIVE[torch.float32]
+    model.set_backprop("reversible", state="fixed")
+    model.certificate.states = {"forward": [], "rebuilt": []}
+    got = grads(model, y)
+    fwd, back = model.certificate.states["forward"], model.certificate.states["rebuilt"]
+    assert len(fwd) == len(back) == 2 * 64
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(fwd, reversed(back)))
+    assert rel(got, grads(model, y, lambda m, yy: fixed_point_autograd(m, yy, FRACTION_BITS[torch.float32]))) <= 1e-5
+    # every half-step in the chosen form: the autograd forward's, the reversible forward's, the rebuild's
+    assert calls["tanh_" if native else "sigmoid_"] == 3 * 128 and calls["sigmoid_" if native else "tanh_"] == 0
+
+
 @pytest.mark.parametrize("dtype,layers", [(torch.float64, 8), (torch.float32, 256)])
 def test_the_float64_carrier_holds_the_same_integers_as_int64(dtype, layers, monkeypatch):
     """Where the weights bound every state below 2^53 grid units the integers are carried in

@@ -17,6 +17,7 @@ every layer: no autograd graph per layer. Pure maths: exchanges arrive as an obj
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +31,25 @@ KEEPS = ("every", "anchors", "nothing")
 CARRIERS = ("float", "fixed")
 DEFER_BELOW = 1 << 16  # entries of a field below which a one-process backward batches its weight gradients
 _MINUS_ONE = torch.tensor(-1.0)  # (a 0-dim tensor: adds in the other operand's dtype, on its device)
+
+
+def _fast_cpu_tanh() -> bool:
+    """Whether ``torch.tanh_`` beats ``2 sigmoid(2u) - 1`` on this machine's CPU. Torch's CPU tanh
+    goes through MKL's vector library where torch has MKL: fast on Intel's CPUs, slow on others
+    (one thread, 32 x 1024 float32: a Xeon (Sapphire Rapids) 9.4 vs 16.1 us, an AMD EPYC 83 vs 16).
+    Fixed per machine, never timed (a run's bits must not depend on a timing); ``DHDNN_TANH=native``
+    or ``sigmoid`` overrides."""
+    if os.environ.get("DHDNN_TANH") in ("native", "sigmoid"):
+        return os.environ["DHDNN_TANH"] == "native"
+    try:
+        with open("/proc/cpuinfo") as f:
+            intel = "GenuineIntel" in f.read(4096)
+    except OSError:  # (not Linux: the form that is never far from the best)
+        intel = False
+    return intel and torch.backends.mkl.is_available()
+
+
+NATIVE_TANH = _fast_cpu_tanh()  # on the CPU; other devices take the sigmoid form (one fused add)
 
 
 class Workspace:
@@ -103,24 +123,25 @@ class Plan:
         for c in self.maps:
             c.move(fn)
 
-    def facts(self, exact: bool) -> tuple:
-        """Per half-step, for a pass on the fixed (``exact``) or float carrier: whether it updates the
-        state in the product's own call (no exchange, assembled matrices, float carrier, scalar
-        map: ``direct``); whether the kernel folds tanh's factor 2 into the product, and that
-        factor (``mv_local``'s ``scale``); its exchanges' names. Computed once per plan."""
-        key = (exact, self.ex is None, self.E == self.F)
+    def facts(self, exact: bool, device: str) -> tuple:
+        """Per half-step, for a pass on the fixed (``exact``) or float carrier on ``device``'s type:
+        whether it updates the state in the product's own call (no exchange, assembled matrices,
+        float carrier, scalar map: ``direct``); whether the kernel folds the sigmoid form's factor 2
+        into the product, and that factor (``mv_local``'s ``scale``); its exchanges' names; and
+        whether tanh is torch's own (:data:`NATIVE_TANH`). Computed once per plan."""
+        key = (exact, self.ex is None, self.E == self.F, device)
         if getattr(self, "_facts", (None,))[0] != key:
-            steps = range(len(self.kernels))
+            steps, native = range(len(self.kernels)), NATIVE_TANH and device == "cpu"
             direct = [self.ex is None and not exact and self.kernels[k].direct and self.maps[k].scalar for k in steps]
-            pre = [self.kernels[k].scales_mv and self.E == self.F for k in steps]
+            pre = [not native and self.kernels[k].scales_mv and self.E == self.F for k in steps]
             names = [(f"gather_{hs.source}", f"scatter_{hs.source}") for hs in self.layout.half_steps]
-            self._facts = (key, (direct, pre, [2.0 if p else 1.0 for p in pre], names))
+            self._facts = (key, (direct, pre, [2.0 if p else 1.0 for p in pre], names, native))
         return self._facts[1]
 
 
 class _Operands:
     """One pass's prepared operands per half-step: kernel state, its adjoint, bias columns per
-    layer; and what the plan says of it (direct, tanh's factor, the exchanges' names)."""
+    layer; and what the plan says of it (direct, tanh's factor, the exchanges' names, tanh's form)."""
 
     def __init__(self, plan: Plan, params, exact: bool):
         self.st, self.adj, self.bias, at = [], [], [], 0
@@ -130,12 +151,15 @@ class _Operands:
             self.adj.append(kern.adjoint(st))
             self.bias.append(params[at + n].unsqueeze(2).unbind(0))
             at += n + 1
-        self.direct, self.prescaled, self.scale, self.names = plan.facts(exact)
+        self.direct, self.prescaled, self.scale, self.names, self.native = plan.facts(exact, params[0].device.type)
 
 
-def tanh_(s: Tensor, prescaled: bool) -> Tensor:
-    """``s`` holds ``u`` (``2u`` when ``prescaled``) -> ``tanh(u) = 2 sigmoid(2u) - 1`` in place (an
-    absolute error below 2e-7 in float32, 1e-16 in float64; its derivative is still ``1 - tanh^2``)."""
+def tanh_(s: Tensor, prescaled: bool, native: bool = False) -> Tensor:
+    """``s`` holds ``u`` (``2u`` when ``prescaled``) -> ``tanh(u)`` in place: torch's (``native``), or
+    ``2 sigmoid(2u) - 1`` (an absolute error below 2e-7 in float32, 1e-16 in float64; its
+    derivative is still ``1 - tanh^2``)."""
+    if native:
+        return s.tanh_()
     if not prescaled:
         s.mul_(2)
     return torch.add(_MINUS_ONE, s.sigmoid_(), alpha=2, out=s)
@@ -191,7 +215,7 @@ class Integrate(torch.autograd.Function):
             ctx.save_for_backward(*params)
             return Y.clone()
         names = plan.layout.field_names
-        fields = dict(zip(names, (Y.T if transposed else Y).split(plan.F, 0)))
+        fields = dict(zip(names, (Y.T if transposed else Y).chunk(len(names), 0)))  # (chunk: split, minus a wrapper)
         grad = any(ctx.needs_input_grad)  # (forward itself runs with grad mode off)
         keep = plan.keep if grad else "nothing"  # no gradient: in place, keep nothing
         like = fields[names[0]]
@@ -207,7 +231,7 @@ class Integrate(torch.autograd.Function):
             for k in range(len(plan.kernels)):
                 _forward_half(plan, ops, st, carrier, k, j)
         out = torch.cat(list(st.now().values()), 0)
-        outs = out.split(plan.F, 0)
+        outs = out.chunk(len(names), 0)
         plan.ws.give(st.Z)
         ctx.keep, ctx.ops = keep, ops
         if keep == "every":
@@ -233,7 +257,7 @@ class Integrate(torch.autograd.Function):
         n_p = sum(plan.n_tensors) + len(plan.kernels)
         # a copy (the backward adds into it in place) whose fields are contiguous row blocks
         gin = (gY.T if ctx.transposed else gY).clone(memory_format=torch.contiguous_format)
-        g = dict(zip(names, gin.split(plan.F, 0)))
+        g = dict(zip(names, gin.chunk(len(names), 0)))
         _note(plan, g)
         if ctx.keep == "every":
             S, store = saved[n_p], dict(zip(names, saved[n_p + 1:]))
@@ -276,8 +300,8 @@ def _forward_half(plan: Plan, ops: _Operands, st: _Store, carrier, k: int, j: in
     X, s, old, new = st.half(k, j)
     kern, stk = plan.kernels[k], ops.st[k]
     if ops.direct[k]:  # three BLAS-level calls
-        kern.mv_local(stk, j, X, s, ops.bias[k][j], 2.0)
-        tanh_(s, True)
+        kern.mv_local(stk, j, X, s, ops.bias[k][j], ops.scale[k])
+        tanh_(s, ops.prescaled[k], ops.native)
         kern.tmv_into(stk, j, s, old, new, plan.h * plan.maps[k].scale)
         return
     ex, F, Z, (g_op, s_op) = plan.ex, plan.F, st.Z, ops.names[k]
@@ -286,7 +310,7 @@ def _forward_half(plan: Plan, ops: _Operands, st: _Store, carrier, k: int, j: in
     if pend is not None:
         ex.finish_gather(pend)
         kern.mv_halo(stk, j, X, s)
-    tanh_(s, ops.prescaled[k])
+    tanh_(s, ops.prescaled[k], ops.native)
     if ex is not None:
         kern.tmv_halo(stk, j, s, Z)
         pend = ex.start_scatter([Z[F:]], "forward", j, s_op)
@@ -313,10 +337,12 @@ def _adjoint(plan: Plan, ops: _Operands, versions, S: Tensor, store: dict, g: di
         gb = [S.new_empty(L, F) for _ in steps]
     for j in reversed(range(L)):
         for k in reversed(range(nhs)):
-            if defer:  # this layer's slots, and 1 - s^2 of every layer computed at once
+            if defer:  # this layer's slots, and 1 - s^2 of every layer computed at once; no X, s needed
                 sc.update(gz=GZv[k * L + j], gu=GUv[k * L + j], D=Dv[j * nhs + k])
-            _adjoint_half(plan, ops, sc, g, None if defer else G[k], gb[k], store[steps[k].source][versions[j][k]],
-                          S[j, k], k, j, squared=defer)
+                X = s = None
+            else:
+                X, s = store[steps[k].source][versions[j][k]], S[j, k]
+            _adjoint_half(plan, ops, sc, g, None if defer else G[k], gb[k], X, s, k, j, squared=defer)
         _note(plan, g)
     if not defer:
         ws.give(*sc.values())
@@ -410,7 +436,7 @@ def _reverse_half(plan: Plan, ops: _Operands, sc: dict, cur: dict, g: dict, G, g
         ex.finish_gather(pend)
         kern.mv_halo(st, j, X, S)
         kern.mv_halo(sa, j, GZ, GU)
-    tanh_(S, ops.prescaled[k])
+    tanh_(S, ops.prescaled[k], ops.native)
     torch.mul(S, S, out=D)
     GU.addcmul_(GU, D, value=-1)  # (1 - s^2) dL/ds
     if ex is not None:
