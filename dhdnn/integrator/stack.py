@@ -34,19 +34,20 @@ _MINUS_ONE = torch.tensor(-1.0)  # (a 0-dim tensor: adds in the other operand's 
 
 
 def _fast_cpu_tanh() -> bool:
-    """Whether ``torch.tanh_`` beats ``2 sigmoid(2u) - 1`` on this machine's CPU. Torch's CPU tanh
-    goes through MKL's vector library where torch has MKL: fast on Intel's CPUs, slow on others
-    (one thread, 32 x 1024 float32: a Xeon (Sapphire Rapids) 9.4 vs 16.1 us, an AMD EPYC 83 vs 16).
-    Fixed per machine, never timed (a run's bits must not depend on a timing); ``DHDNN_TANH=native``
-    or ``sigmoid`` overrides."""
-    if os.environ.get("DHDNN_TANH") in ("native", "sigmoid"):
-        return os.environ["DHDNN_TANH"] == "native"
+    """Whether ``tanh_`` beats ``2 sigmoid(2u) - 1`` on this CPU: torch's CPU tanh is MKL's where torch
+    has MKL, fast on Intel's CPUs only (one thread, 32 x 1024 float32: a Xeon 9.4 vs 16.1 us, an AMD
+    EPYC 83 vs 16). Fixed per machine, never timed (a run's bits must not depend on a timing);
+    ``DHDNN_TANH=native`` or ``sigmoid`` overrides."""
+    env = os.environ.get("DHDNN_TANH")
+    if env:
+        if env not in ("native", "sigmoid"):
+            raise ValueError(f"environment variable DHDNN_TANH: expected native or sigmoid, got {env!r}")
+        return env == "native"
     try:
         with open("/proc/cpuinfo") as f:
-            intel = "GenuineIntel" in f.read(4096)
+            return "GenuineIntel" in f.read(4096) and torch.backends.mkl.is_available()
     except OSError:  # (not Linux: the form that is never far from the best)
-        intel = False
-    return intel and torch.backends.mkl.is_available()
+        return False
 
 
 NATIVE_TANH = _fast_cpu_tanh()  # on the CPU; other devices take the sigmoid form (one fused add)
