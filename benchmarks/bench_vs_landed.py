@@ -11,6 +11,7 @@ each run is a fresh process of its checkout (a git worktree, run from its own di
   exact_dense  ``bench_reversible.py``'s dense exact-reversible point (H2, dim 64, batch 1024,
                256 layers): best of three training steps
   exact_2w     its 2-worker point (the 8-agent ring of 4 + 4 dims), the slower rank
+  body         ``bench_body.py``: the main job's H-DNN body alone, forward + backward (median seconds)
 
 Reports per case the median seconds of each side over the repeats, the ratio landed / this
 (above 1: this code is faster) and every repeat's ratio (the spread).
@@ -54,11 +55,13 @@ def run_case(case: str, root: Path, env: dict) -> float:
     if case == "grid8":
         return _child("bench_kernels.py", ["--child", "auto", "--case", "grid8", "--steps", "3"], root,
                       {**env, "OMP_NUM_THREADS": "1"})["seconds"]
+    if case == "body":
+        return _child("bench_body.py", [], root, env)["seconds"]
     engine = "dense" if case == "exact_dense" else "sharded"
     return _child("bench_reversible.py", ["--child", engine, "256", "exact", "time"], root, env)["step_s"]
 
 
-CASES = ("main", "conv2", "grid8", "exact_dense", "exact_2w")
+CASES = ("main", "conv2", "grid8", "exact_dense", "exact_2w", "body")
 
 
 def main():
@@ -84,7 +87,7 @@ def main():
                    "this_s": statistics.median(times["this"]), "times": times, "ratios": ratios}
             row["ratio"] = row["landed_s"] / row["this_s"]
             rows.append(row)
-            print(f"{case:12} landed {row['landed_s']:.4f} s  this {row['this_s']:.4f} s  landed/this "
+            print(f"{case:12} landed {row['landed_s']:.4g} s  this {row['this_s']:.4g} s  landed/this "
                   f"{row['ratio']:.2f}x  (per repeat: {', '.join(f'{r:.2f}' for r in ratios)})", flush=True)
     print(f"wrote {write_result(args.name, {'commit': args.commit, 'repeat': args.repeat, 'rows': rows})}")
 
