@@ -32,8 +32,10 @@ def _set_arg(p: argparse.ArgumentParser, help: str) -> None:
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
+    from .config import DTYPE_NAMES
+
     _set_arg(p, "override any config key, e.g. --set train.lr=1e-3 (repeatable)")
-    p.add_argument("--dtype", choices=["float32", "float64"], help="shorthand for --set run.dtype=...")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help="shorthand for --set run.dtype=...")
     p.add_argument("--workers", type=int, help="shorthand for --set run.workers=N (local gloo workers)")
     p.add_argument("--out", help="shorthand for --set run.out_dir=DIR")
 
@@ -280,6 +282,7 @@ def cmd_evaluate(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .config import BACKPROPS, DTYPE_NAMES
     from .models import ARCHITECTURES
     from .partitioner import METHODS
 
@@ -309,9 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--h", type=float, default=0.1)
     p.add_argument("--J", default="J1")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backprop", choices=["autograd", "reversible"], default="autograd",
+    p.add_argument("--backprop", choices=BACKPROPS, default="autograd",
                    help="reversible: the float and the exact (fixed-point) rebuild against float64 autograd")
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="(--backprop reversible)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="(--backprop reversible)")
     p.add_argument("--batch", type=positive_int, default=256, help="(--backprop reversible)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_analyze)
@@ -354,8 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=positive_int, help="layers (default 64)")
     p.add_argument("--arch", choices=[a for a, c in ARCHITECTURES.items() if c.distributable],
                    help="architecture (default H2)")
-    p.add_argument("--dtype", choices=["float32", "float64"])
-    p.add_argument("--backprop", choices=["autograd", "reversible"])
+    p.add_argument("--dtype", choices=DTYPE_NAMES)
+    p.add_argument("--backprop", choices=BACKPROPS)
     _set_arg(p, "override keys of a run config")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--plot", metavar="OUT.png", help="agents coloured by worker, cut edges dashed")

@@ -17,6 +17,11 @@ from typing import Any
 import yaml
 
 
+DTYPE_NAMES = ("float32", "float64")  # run.dtype and the CLI's --dtype (train.DTYPES maps them to torch dtypes)
+BACKPROPS = ("autograd", "reversible")  # run.backprop and the CLI's --backprop
+PLACEMENTS = ("packed", "spread")  # run.placement besides auto (distributed.mesh.ParallelDims)
+
+
 class ConfigError(ValueError):
     """A bad config value; the message names the source, the key and what was expected."""
 
@@ -241,7 +246,7 @@ class RunConfig:
     def __post_init__(self):
         _int("workers", self.workers)
         _choice("engine", self.engine, ("auto", "dense", "sharded"))
-        _choice("dtype", self.dtype, ("float32", "float64"))
+        _choice("dtype", self.dtype, DTYPE_NAMES)
         _expect(isinstance(self.device, str) and (self.device == "cpu" or self.device.startswith("cuda")),
                 "device", "'cpu' or 'cuda'", self.device)
         _choice("backend", self.backend, ("auto", "gloo", "nccl"))
@@ -256,8 +261,8 @@ class RunConfig:
         _flag("trace", self.trace)
         _int("threads", self.threads)
         _int("replicas", self.replicas, also=("auto",))
-        _choice("placement", self.placement, ("auto", "packed", "spread"))
-        _choice("backprop", self.backprop, ("autograd", "reversible"))
+        _choice("placement", self.placement, ("auto", *PLACEMENTS))
+        _choice("backprop", self.backprop, BACKPROPS)
         _choice("reversible_state", self.reversible_state, CARRIERS)
         _int("reversible_anchor_every", self.reversible_anchor_every, 0, also=("auto",))
         if self.reversible_fraction_bits is not None:

@@ -16,12 +16,12 @@ import torch
 from torch import Tensor
 
 from . import checkpoint as ckpt
-from .config import Config, ConfigError
+from .config import DTYPE_NAMES, Config, ConfigError
 from .data import FILE_DATASETS, Dataset, load_dataset
 from .engine import Engine
 from .integrator import fused
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # run.dtype -> torch dtype
 
 
 class NonFiniteError(RuntimeError):

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from ..config import PLACEMENTS
 from .mesh import candidates
 
 NEIGHBOUR_PATH_FACTOR = 1.6  # measured here: per-half-step overhead of the overlapped path / the short path
@@ -112,7 +113,7 @@ def choose(cfg, data, topo, log=print) -> Layout:
     best, lines, predicted = None, [], {}
     for i, (P, R) in enumerate(cands):
         tb = float(numbers[2 + i])
-        for placement in ("packed", "spread") if world > per_node and 1 < P < world else ("packed",):
+        for placement in PLACEMENTS if world > per_node and 1 < P < world else ("packed",):
             facts = ParallelDims(world, R, placement).facts(per_node)
             t = t0 * (NEIGHBOUR_PATH_FACTOR if P > 1 else 1.0) + max(0.0, tb - t0) / P
             if P > 1:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..config import PLACEMENTS
+
 
 class LayoutError(ValueError):
     """A layout that cannot be: ``key`` is the config key to change, ``reason`` what is wrong."""
@@ -33,8 +35,8 @@ class ParallelDims:
         if self.world < 1 or self.replicas < 1:
             raise LayoutError("run.replicas", f"expected a positive number of replicas and workers, got "
                                               f"{self.replicas} replicas of {self.world} workers")
-        if self.placement not in ("packed", "spread"):
-            raise LayoutError("run.placement", f"expected packed or spread, got {self.placement!r}")
+        if self.placement not in PLACEMENTS:
+            raise LayoutError("run.placement", f"expected one of {list(PLACEMENTS)}, got {self.placement!r}")
         if self.world % self.replicas:
             raise LayoutError("run.replicas", f"{self.replicas} replicas do not divide {self.world} workers; "
                                               "expected workers = agent partitions x replicas")
