@@ -367,11 +367,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .checkpoint import CheckpointError
-    from .distributed.exchange import PeerFailure
-    from .distributed.launch import DISK_ERRNOS, Interrupted, WorkerFailure
-    from .rundir import RunDirError
-    from .train import NonFiniteError
+    try:  # a module that reads an environment variable refuses a bad value when imported (DHDNN_TANH)
+        from .checkpoint import CheckpointError
+        from .distributed.exchange import PeerFailure
+        from .distributed.launch import DISK_ERRNOS, Interrupted, WorkerFailure
+        from .rundir import RunDirError
+        from .train import NonFiniteError
+    except ValueError as e:
+        print(f"dhdnn: error: {e}", file=sys.stderr)
+        return 2
 
     args = build_parser().parse_args(argv)
     try:

@@ -1,5 +1,6 @@
 """Layer 1: the trainer end to end (dense engine), checkpoints, resume, plots and the CLI."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -154,7 +155,6 @@ def test_the_readmes_pictures_are_what_plot_writes(tmp_path):
     """The README's list of pictures equals what ``dhdnn plot`` writes for the runs it describes:
     a 2-D topology run with gradient norms (one process), a regression on 2 workers, images."""
     import re
-    from pathlib import Path
 
     from dhdnn.plots import plot_run
 
@@ -192,6 +192,21 @@ def test_import_dhdnn_imports_no_torch_and_every_public_name_resolves():
                  "print(before, dhdnn.partition is dhdnn.partitioner.partition, callable(dhdnn.distributed.distribute),"
                  " names, set(dhdnn.__all__) <= set(dir(dhdnn)), hasattr(dhdnn, 'no_such_name'))")
     assert out == "False True True [] True False"
+
+
+def test_a_bad_dhdnn_tanh_is_a_one_line_error_of_the_command():
+    """``DHDNN_TANH`` is read when the integrator is imported; the command refuses a bad value in
+    one line (exit 2), as any bad input, instead of a traceback."""
+    import os
+    import subprocess
+    import sys
+
+    topo = Path(__file__).resolve().parent.parent / "topologies" / "grid4x4_patches.yaml"
+    out = subprocess.run([sys.executable, "-m", "dhdnn", "topology", "show", str(topo)], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "DHDNN_TANH": "fast"})
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "dhdnn: error: environment variable DHDNN_TANH: expected native or sigmoid, got 'fast'"]
 
 
 @pytest.mark.parametrize("argv,started", [(["train", "CFG", "--workers", "2"], True),
