@@ -100,6 +100,12 @@ def check_workers(topo: Topology, workers: int, key: str = "run.workers") -> Non
         if w >= workers:
             raise TopologyError(f"{topo.source}: key 'agents[{i}].worker': agent {topo.ids[i]!r} is pinned to "
                                 f"worker {w}, expected a worker in [0, {workers})")
+    # no worker may be empty: the workers no pin names need an unpinned agent each
+    unpinned, unnamed = topo.n_agents - len(topo.pinned), workers - len({w for _, w in topo.pinned})
+    if unnamed > unpinned:
+        raise TopologyError(f"{topo.source}: key 'agents': {unnamed} of the {workers} workers have no pinned agent "
+                            f"but only {unpinned} agents are unpinned; expected an agent on every worker (pin fewer "
+                            "agents to one worker, or use fewer workers)")
 
 
 def load_bound(topo: Topology, workers: int) -> float:
@@ -157,10 +163,7 @@ def _seeds(n: int) -> int:
 
 
 def _one_per_worker(topo: Topology) -> np.ndarray:
-    pins = dict(topo.pinned)
-    if len(set(pins.values())) != len(pins):
-        raise TopologyError(f"{topo.source}: key 'agents': with one agent per worker, two agents cannot be "
-                            "pinned to the same worker")
+    pins = dict(topo.pinned)  # (distinct workers: check_workers)
     free = iter(sorted(set(range(topo.n_agents)) - set(pins.values())))
     return np.array([pins[i] if i in pins else next(free) for i in range(topo.n_agents)], np.int64)
 
@@ -217,7 +220,9 @@ def repair(topo: Topology, parts: np.ndarray, workers: int) -> np.ndarray:
         heavy = int(np.argmax(state.loads))
         if not empty and state.loads[heavy] <= bound:
             break
-        src = heavy if not empty else int(np.argmax(state.count))
+        # an empty worker takes from the fullest worker that has an agent free to move (not pinned)
+        spare = np.bincount(state.parts[movable], minlength=workers) > 0
+        src = heavy if not empty else int(np.argmax(np.where(spare, state.count, 0)))
         if state.count[src] <= 1:
             break
         move = state.best_move_from(src, empty or [r for r in range(workers) if r != src], movable,

@@ -345,6 +345,20 @@ def test_pinned_worker_out_of_range_is_reported_before_spawning(tmp_path, capsys
     assert "key 'agents[0].worker'" in err and len(err.strip().splitlines()) == 1
 
 
+def test_pins_no_layout_can_honour_are_refused_before_verify_runs_any_layout(tmp_path, capsys):
+    """Two of four agents pinned to one worker: 2 workers can hold them, 4 (one agent each) cannot.
+    verify refuses the config before running the 2-worker layout (found by fuzz_verify seed 312,
+    where the refusal came from inside the 4 workers)."""
+    topo = tmp_path / "t.yaml"
+    topo.write_text("agents: [a, {id: b, worker: 1}, c, {id: d, worker: 1}]\nedges: [[a, b], [b, c], [c, d], [d, a]]\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"topology: {topo}\nmodel: {{arch: H2, layers: 2}}\ndata: {{n_samples: 400}}\ntrain: {{batch_size: 13}}\n")
+    assert main(["verify", str(cfg), "--workers", "2", "4", "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"dhdnn: error: {topo}: key 'agents': 3 of the 4 workers have no pinned agent "
+                                        "but only 2 agents are unpinned; expected an agent on every worker (pin "
+                                        "fewer agents to one worker, or use fewer workers)"], err
+
 def test_a_graph_too_large_for_the_dense_engine_is_pointed_to_the_sharded_one(tmp_path, capsys, monkeypatch):
     """One process takes the dense engine, whose matrices grow with the square of the state; where
     it does not fit but the sharded engine (the graph's blocks only) would, the error names the key

@@ -4,6 +4,7 @@ import itertools
 import random
 
 import networkx as nx
+import numpy as np
 import pytest
 import torch
 
@@ -11,7 +12,7 @@ from dhdnn import build_model
 from dhdnn.halo import build_plans, predicted_bytes
 from dhdnn.models import ARCHITECTURES
 from dhdnn.models.hamiltonian import NotDistributable
-from dhdnn.partitioner import partition
+from dhdnn.partitioner import partition, repair
 from dhdnn.topology import TopologyError, dense_masks, load_topology, topology_from_dict
 
 FILES = sorted(glob.glob("topologies/*.yaml"))
@@ -145,6 +146,22 @@ def test_partitioner_special_cases_and_pins():
         part = partition(pinned, 3, method)
         assert part.assignment[0] == 2 and part.assignment[6] == 0 and part.assignment[7] == 0
         assert min(part.loads(pinned)) > 0 and part.imbalance(pinned) <= 1.1 + 1e-9
+
+
+def test_pins_that_leave_a_worker_without_an_agent_are_refused_and_feasible_pins_are_filled():
+    """Three of five ring agents pinned to worker 1: two unpinned agents can fill workers 0 and 2
+    but not 0, 2 and 3. Repair fills an empty worker from one that has an unpinned agent, even when
+    the fullest worker holds pinned agents only (it used to give up there)."""
+    ring = topology_from_dict({"generator": {"kind": "ring", "agents": 5},
+                               "agents": [{"id": i, "worker": 1} for i in (1, 3, 4)]})
+    assert repair(ring, np.array([0, 1, 0, 1, 1]), 3).tolist() == [2, 1, 0, 1, 1]
+    for workers in (3, 2):
+        part = partition(ring, workers).assignment
+        assert part[[1, 3, 4]].tolist() == [1, 1, 1] and sorted(set(part.tolist())) == list(range(workers))
+    for workers, free in ((4, 3), (5, 4)):
+        with pytest.raises(TopologyError, match=rf"key 'agents': {free} of the {workers} workers have no pinned "
+                                                r"agent but only 2 agents are unpinned; expected an agent on every"):
+            partition(ring, workers)
 
 
 def _random_topology(rng, n):
