@@ -12,7 +12,8 @@ refused, with their one-line message.
     python benchmarks/fuzz_verify.py --seeds 0 200     # 267-302 s on this 2-core machine (40 seeds: ~1 min)
 Writes benchmarks/results/fuzz_verify.json (one record per seed) and prints a line per seed.
 This found the allreduce readout's stride bug, its 1 x R bug, the short last batch's crash and the
-diagonal kernel's misplaced bands (2026-12-04).
+diagonal kernel's misplaced bands (2026-12-04), and pins that leave a later layout's worker empty
+passing the up-front check (seed 312, 2026-12-08).
 """
 from __future__ import annotations
 
