@@ -359,6 +359,7 @@ def test_pins_no_layout_can_honour_are_refused_before_verify_runs_any_layout(tmp
                                         "but only 2 agents are unpinned; expected an agent on every worker (pin "
                                         "fewer agents to one worker, or use fewer workers)"], err
 
+
 def test_a_graph_too_large_for_the_dense_engine_is_pointed_to_the_sharded_one(tmp_path, capsys, monkeypatch):
     """One process takes the dense engine, whose matrices grow with the square of the state; where
     it does not fit but the sharded engine (the graph's blocks only) would, the error names the key

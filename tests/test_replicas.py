@@ -12,6 +12,7 @@ import torch
 
 from dhdnn import checkpoint as ckpt
 from dhdnn.config import load_config
+from dhdnn.distributed.mesh import LayoutError, candidates, check_layout
 from dhdnn.models import ARCHITECTURES
 from dhdnn.partitioner import partition
 from dhdnn.run import train_from_config
@@ -96,3 +97,30 @@ def test_a_last_batch_shorter_than_the_replicas_trains_the_one_process_network(t
     for P, R in ((1, 2), (2, 2)):
         run(tmp_path / f"p{P}r{R}", P, R)
         _same(_params(tmp_path / f"p{P}r{R}"), _params(tmp_path / "one"))
+
+
+def test_replicas_auto_takes_only_a_layout_that_holds_the_pins(tmp_path):
+    """Two of four agents pinned to worker 1: as 4 x 1 three partitions would share two unpinned
+    agents and 1 x 4 has no worker 1, so of 4 workers only 2 x 2 holds the pins. ``run.replicas:
+    auto`` takes it and trains what ``run.replicas: 2`` trains (before, the up-front check took
+    4 x 1 and refused the run, and the start-up measurement built the one-rank network under the
+    pins and failed inside the workers); where no layout holds them it is one error naming
+    ``run.replicas``."""
+    (tmp_path / "t.yaml").write_text("agents: [a, {id: b, worker: 1}, c, {id: d, worker: 1}]\n"
+                                     "edges: [[a, b], [b, c], [c, d], [d, a]]\n")
+    topo = load_topology(tmp_path / "t.yaml")
+    assert candidates(4, topo, 50) == [(2, 2)] and check_layout(4, "auto", topo, 50).replicas == 2
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("topology: t.yaml\nmodel: {arch: H2, layers: 2, h: 0.4}\ndata: {name: double_moons, n_samples: 200}\n"
+                   "train: {batch_size: 20}\nrun: {dtype: float64, progress: false, timeout_s: 60}\n")
+    for replicas in ("auto", 2):
+        _run(cfg, tmp_path / str(replicas), 4, replicas)
+    layout = json.loads((tmp_path / "auto" / "summary.json").read_text())["layout"]
+    assert (layout["agents"], layout["replicas"]) == (2, 2)
+    _same(_params(tmp_path / "auto"), _params(tmp_path / "2"))
+
+    (tmp_path / "all.yaml").write_text("agents: [{id: a, worker: 0}, {id: b, worker: 1}, {id: c, worker: 2}]\n"
+                                       "edges: [[a, b], [b, c]]\n")
+    with pytest.raises(LayoutError) as e:
+        check_layout(2, "auto", load_topology(tmp_path / "all.yaml"), 50)
+    assert e.value.key == "run.replicas" and "fits the 3 agents of" in e.value.reason and "and their pins" in e.value.reason

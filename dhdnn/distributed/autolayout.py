@@ -68,6 +68,7 @@ def _link_costs(per_node: int) -> dict[str, tuple[float, float]]:
 def _step_time(cfg, data, topo, batch: int, steps: int = 5) -> float:
     """Seconds per training step of the whole network on one rank (no exchanges) at ``batch``."""
     import copy
+    import dataclasses
 
     from .engine import build_sharded_engine
     from .mesh import Groups, ParallelDims
@@ -75,7 +76,8 @@ def _step_time(cfg, data, topo, batch: int, steps: int = 5) -> float:
     cfg = copy.deepcopy(cfg)
     cfg.run.trace, cfg.run.replicas = False, 1
     lone = Groups(ParallelDims(1), 0, _LoneGroup(), None)
-    eng = build_sharded_engine(cfg, data, lone, topo, collectives=False)
+    whole = dataclasses.replace(topo, pinned=())  # (pins place agents on workers; this one rank holds them all)
+    eng = build_sharded_engine(cfg, data, lone, whole, collectives=False)
     opt = torch.optim.Adam(eng.optimizer_groups(0.0), lr=1e-6, foreach=True)
     x, y = data.x_train[:batch], data.y_train[:batch]
 
@@ -98,7 +100,7 @@ def choose(cfg, data, topo, log=print) -> Layout:
 
     world, rank = dist.get_world_size(), dist.get_rank()
     per_node, B = workers_per_node(world), cfg.train.batch_size
-    cands = candidates(world, topo.n_agents, B)
+    cands = candidates(world, topo, B)
     links = _link_costs(per_node)
     numbers = torch.zeros(2 + len(cands), dtype=torch.float64)
     if rank == 0:

@@ -76,25 +76,44 @@ def workers_per_node(world: int) -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", world))
 
 
-def candidates(world: int, n_agents: int, batch: int) -> list[tuple[int, int]]:
-    """Every (P, R) with P x R = world, P <= agents and at least one sample per replica; the most
-    agent partitions (the smallest share of memory per rank) first."""
-    return [(world // r, r) for r in range(1, world + 1) if world % r == 0 and world // r <= n_agents and batch >= r]
+def candidates(world: int, topo, batch: int) -> list[tuple[int, int]]:
+    """Every (P, R) with P x R = world, P partitions that ``topo`` can take (P <= agents, every
+    pinned agent's worker among them, no partition empty; None: a network without agents, P = 1)
+    and at least one sample per replica; the most agent partitions (the smallest share of memory
+    per rank) first."""
+    return [(world // r, r) for r in range(1, world + 1) if world % r == 0 and batch >= r and _fits(topo, world // r)]
+
+
+def _fits(topo, partitions: int) -> bool:
+    if topo is None:
+        return partitions == 1
+    from ..partitioner import check_workers
+    from ..topology import TopologyError
+
+    try:
+        check_workers(topo, partitions)
+    except TopologyError:
+        return False
+    return True
 
 
 def check_layout(world: int, replicas: int | str = 1, topo=None, batch: int | None = None,
                  placement: str = "packed") -> ParallelDims:
     """The one validation of a layout: ``world`` workers as agent partitions x ``replicas``
     (``auto``: the candidate with the most partitions, which a start-up measurement may change),
-    no more partitions than ``topo`` has agents (and its pins in range), at least one sample of
+    no more partitions than ``topo`` has agents (and its pins honoured), at least one sample of
     ``batch`` per replica. Raises :class:`LayoutError` (or the topology's error for a pin)."""
     if isinstance(world, bool) or not isinstance(world, int) or world < 1:
         raise LayoutError("run.workers", f"expected a positive integer, got {world!r}")
-    n_agents = topo.n_agents if topo is not None else 1
     if replicas == "auto":
-        cands = candidates(world, n_agents, batch if batch is not None else world)
+        cands = candidates(world, topo, batch if batch is not None else world)
         if not cands:
-            raise LayoutError("run.replicas", f"no layout of {world} workers fits {n_agents} agents and batch {batch}")
+            what = "a network without agents" if topo is None else f"the {topo.n_agents} agents of {topo.source}"
+            pins = topo is not None and topo.pinned
+            raise LayoutError("run.replicas", f"no layout P x R of {world} workers fits {what}"
+                              f"{' and their pins' if pins else ''} and batch {batch}; expected "
+                              f"{'P partitions that hold the pins (each pinned worker < P, none empty) and ' if pins else ''}"
+                              "at least one sample per replica")
         replicas = cands[0][1]
     dims = ParallelDims(world, replicas, "spread" if placement == "spread" else "packed")
     if topo is not None:
