@@ -446,11 +446,15 @@ def _start_workers_early(argv: list[str]) -> None:
 def run() -> None:
     """The console entry point: ``main()``'s exit code as the process's."""
     _start_workers_early(sys.argv[1:])
-    code = main()
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:  # whoever read stdout stopped (`dhdnn partition ... | head`): exit quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 1
     # leave without interpreter finalisation: by now every file is written and closed, and the
     # workers are gone. Tearing down torch's modules would take another ~1 s for nothing, and in
     # a torchrun worker the destructors of communication threads at exit can abort ("terminate
     # called ..."), which is why multiprocessing's workers leave this way too.
-    sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

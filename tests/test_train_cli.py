@@ -209,6 +209,24 @@ def test_a_bad_dhdnn_tanh_is_a_one_line_error_of_the_command():
         "dhdnn: error: environment variable DHDNN_TANH: expected native or sigmoid, got 'fast'"]
 
 
+def test_a_reader_that_stops_early_ends_the_command_without_a_traceback():
+    """``dhdnn partition ... | head``: once the reader has gone, writing to stdout fails; the command
+    exits 1 with nothing on stderr (a traceback there read as a crash of dhdnn)."""
+    import os
+    import subprocess
+    import sys
+
+    topo = Path(__file__).resolve().parent.parent / "topologies" / "ring8.yaml"
+    read, write = os.pipe()
+    os.close(read)  # (the reader is gone before the first line)
+    try:
+        out = subprocess.run([sys.executable, "-m", "dhdnn", "partition", str(topo), "--workers", "2"], stdout=write,
+                             stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert (out.returncode, out.stderr) == (1, "")
+
+
 @pytest.mark.parametrize("argv,started", [(["train", "CFG", "--workers", "2"], True),
                                           (["train", "CFG", "--set", "run.workers=3"], True),
                                           (["train", "CFG"], False),  # the file says 1 worker
