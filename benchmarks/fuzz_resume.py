@@ -18,6 +18,7 @@ that it resumes twice, to 2 epochs, on A and on B. Checks, on the runs loaded as
 Layouts the product refuses for the config count as refused.
 
     python benchmarks/fuzz_resume.py --seeds 0 100      # 567 s on this 2-core machine
+    python benchmarks/fuzz_resume.py --auto ...          # B may also be run.replicas: auto
 Writes benchmarks/results/fuzz_resume.json (one record per seed) and prints a line per seed.
 """
 from __future__ import annotations
@@ -48,6 +49,7 @@ from dhdnn.train import load_data  # noqa: E402
 
 SAME_TOL, OTHER_TOL = 1e-12, 1e-6
 LAYOUTS = [(1, 1), (2, 1), (3, 1), (4, 1), (2, 2), (4, 2)]  # (workers, replicas); (1, 1): one process
+AUTO = [(2, "auto"), (3, "auto"), (4, "auto")]  # --auto: layout B may leave (P, R) to run.replicas: auto
 
 
 def _cfg(raw: dict, seed: int, out: Path, layout: tuple[int, int], epochs: int):
@@ -64,11 +66,11 @@ def _train(cfg, resume: bool = False) -> None:
         train_from_config(cfg, resume=resume)
 
 
-def one(seed: int, reg: str, tmp: Path) -> dict:
+def one(seed: int, reg: str, tmp: Path, auto: bool = False) -> dict:
     raw, workers, replicas = case(seed, reg)
     r = random.Random(1000 + seed)
     a = (workers[0], replicas)
-    b = r.choice([lay for lay in LAYOUTS if lay != a])
+    b = r.choice([lay for lay in LAYOUTS + (AUTO if auto else []) if lay != a])
     rec = {"seed": seed, "a": a, "b": b}
     try:
         _train(_cfg(raw, seed, tmp / "full_a", a, 2))
@@ -81,6 +83,8 @@ def one(seed: int, reg: str, tmp: Path) -> dict:
         return dict(rec, result=f"refused: {str(e).splitlines()[0]}")
     except Exception as e:  # a crash is a finding
         return dict(rec, result=f"FAILED ({type(e).__name__}) {str(e).splitlines()[0] if str(e) else ''}")
+    if b[1] == "auto":  # the (P, R) it chose
+        rec["b_chosen"] = [json.loads((tmp / k / "summary.json").read_text())["layout"]["agents"] for k in ("full_b", "cut_b")]
     m = {k: dense_model_of_run(tmp / k)[1] for k in ("full_a", "full_b", "cut_a", "cut_b")}
     probe = load_data(_cfg(raw, seed, tmp / "full_a", a, 2)).x_test[:16].to(next(m["full_a"].parameters()).dtype)
     lr = raw["train"]["lr"]
@@ -103,6 +107,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs=2, default=[0, 40], metavar=("FIRST", "END"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/fuzz_resume.json"))
+    ap.add_argument("--auto", action="store_true", help="layout B may also be 2-4 workers with run.replicas: auto "
+                    "(another draw of B per seed than without it)")
     args = ap.parse_args()
     records = []
     with tempfile.TemporaryDirectory(prefix="dhdnn-fuzz-resume-") as tmp:
@@ -110,7 +116,7 @@ def main() -> None:
         for seed in range(*args.seeds):
             t0 = time.perf_counter()
             with tempfile.TemporaryDirectory(dir=tmp) as d:
-                rec = one(seed, reg, Path(d))
+                rec = one(seed, reg, Path(d), args.auto)
             rec["seconds"] = round(time.perf_counter() - t0, 1)
             records.append(rec)
             nums = ", ".join(f"{k} {rec[k]:.2g}" for k in ("same", "layouts", "other") if isinstance(rec.get(k), float))
