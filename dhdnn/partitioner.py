@@ -193,6 +193,12 @@ def metis_parts(topo: Topology, workers: int, volume: bool = False, seed: int = 
 
 
 # ---- repair and refinement -----------------------------------------------------------------
+def _fullest_with_unpinned(state: "_MoveState", movable: np.ndarray, workers: int) -> int:
+    """The worker an empty worker takes from: the fullest that has an agent free to move."""
+    spare = np.bincount(state.parts[movable], minlength=workers) > 0
+    return int(np.argmax(np.where(spare, state.count, 0)))
+
+
 def repair(topo: Topology, parts: np.ndarray, workers: int) -> np.ndarray:
     """Apply pins (relabelling parts to agree with as many as possible), fill empty workers and
     rebalance with boundary moves that cost the least volume."""
@@ -220,9 +226,7 @@ def repair(topo: Topology, parts: np.ndarray, workers: int) -> np.ndarray:
         heavy = int(np.argmax(state.loads))
         if not empty and state.loads[heavy] <= bound:
             break
-        # an empty worker takes from the fullest worker that has an agent free to move (not pinned)
-        spare = np.bincount(state.parts[movable], minlength=workers) > 0
-        src = heavy if not empty else int(np.argmax(np.where(spare, state.count, 0)))
+        src = heavy if not empty else _fullest_with_unpinned(state, movable, workers)
         if state.count[src] <= 1:
             break
         move = state.best_move_from(src, empty or [r for r in range(workers) if r != src], movable,

@@ -97,6 +97,15 @@ def _fits(topo, partitions: int) -> bool:
     return True
 
 
+def _no_layout(world: int, topo, batch) -> LayoutError:
+    what, need = "a network without agents", "at least one sample per replica"
+    if topo is not None:
+        what = f"the {topo.n_agents} agents of {topo.source}"
+    if topo is not None and topo.pinned:
+        what, need = f"{what} and their pins", f"P partitions that hold the pins (each pinned worker < P, none empty) and {need}"
+    return LayoutError("run.replicas", f"no layout P x R of {world} workers fits {what} and batch {batch}; expected {need}")
+
+
 def check_layout(world: int, replicas: int | str = 1, topo=None, batch: int | None = None,
                  placement: str = "packed") -> ParallelDims:
     """The one validation of a layout: ``world`` workers as agent partitions x ``replicas``
@@ -108,12 +117,7 @@ def check_layout(world: int, replicas: int | str = 1, topo=None, batch: int | No
     if replicas == "auto":
         cands = candidates(world, topo, batch if batch is not None else world)
         if not cands:
-            what = "a network without agents" if topo is None else f"the {topo.n_agents} agents of {topo.source}"
-            pins = topo is not None and topo.pinned
-            raise LayoutError("run.replicas", f"no layout P x R of {world} workers fits {what}"
-                              f"{' and their pins' if pins else ''} and batch {batch}; expected "
-                              f"{'P partitions that hold the pins (each pinned worker < P, none empty) and ' if pins else ''}"
-                              "at least one sample per replica")
+            raise _no_layout(world, topo, batch)
         replicas = cands[0][1]
     dims = ParallelDims(world, replicas, "spread" if placement == "spread" else "packed")
     if topo is not None:
